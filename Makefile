@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
+EXTRAS ?= test,plot,sevennet,chgnet,xtb
+
+.PHONY: demo test test-core test-mace lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned to the CPU wheel on disk, so no extra can pull a CUDA build
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[$(EXTRAS)]" "torch==2.13.0"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/skntk demo --out demo_out
+
+test: test-core test-mace
+
+test-core: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
+
+# MACE pins e3nn==0.4.4, SevenNet needs e3nn>=0.5: MACE gets its own virtualenv.
+test-mace:
+	$(MAKE) VENV=.venv-mace EXTRAS=test,mace .venv-mace/.installed
+	.venv-mace/bin/python -m pytest tests/models/test_mace.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/pip -q install ruff && $(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .venv-mace demo_out
