@@ -1,0 +1,159 @@
+"""Structure sources in, labels out: lists, extxyz files (streamed), ASE databases.
+
+Only this module and :mod:`skntk.atoms` touch ``ase.Atoms``. A *source* is an ``ase.Atoms``, an
+iterable of them, a path to a file ASE can read (extended XYZ, ASE trajectory, ...) or a path to an
+ASE database (``.db``). Labels are read from the attached calculator (``SinglePointCalculator``
+from an extxyz file) or from ``info``/``arrays`` under a key such as ``REF_energy``/``REF_forces``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+logger = logging.getLogger(__name__)
+
+#: Keys tried, in order, for labels stored in ``info`` / ``arrays`` (after the calculator).
+ENERGY_KEYS = ("energy", "REF_energy", "dft_energy", "DFT_energy")
+FORCES_KEYS = ("forces", "REF_forces", "dft_forces", "DFT_forces")
+
+
+def iter_structures(source, index=":") -> Iterator[Atoms]:
+    """Yield the structures of ``source`` one at a time (files are streamed with ``ase.io.iread``).
+
+    Parameters
+    ----------
+    source : ase.Atoms, iterable of ase.Atoms, str or os.PathLike
+        Structures, or a path to a file ASE can read, or to an ASE database (``*.db``).
+    index : str or int or slice, default=":"
+        Frames to read from a file (ASE's index syntax); ignored for in-memory sources.
+
+    Yields
+    ------
+    atoms : ase.Atoms
+    """
+    if isinstance(source, Atoms):
+        yield source
+        return
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"no structure file at {str(path)!r}.")
+        if path.suffix == ".db":
+            import ase.db
+
+            with ase.db.connect(path) as db:
+                for row in db.select():
+                    yield row.toatoms(add_additional_information=True)
+            return
+        import ase.io
+
+        yield from ase.io.iread(path, index=index)
+        return
+    if not isinstance(source, Iterable):
+        raise TypeError(
+            "expected ase.Atoms, an iterable of ase.Atoms or a path to a structure file; "
+            f"got {type(source).__name__}."
+        )
+    for i, atoms in enumerate(source):
+        if not isinstance(atoms, Atoms):
+            raise TypeError(f"structure {i} is a {type(atoms).__name__}, not an ase.Atoms.")
+        yield atoms
+
+
+def read_structures(source, index=":") -> list[Atoms]:
+    """All structures of ``source`` as a list (see :func:`iter_structures`).
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> [a.get_chemical_formula() for a in read_structures([molecule("H2O"), molecule("CH4")])]
+    ['H2O', 'CH4']
+    """
+    return list(iter_structures(source, index=index))
+
+
+def _lookup(atoms: Atoms, prop: str, keys, key):
+    keys = (key,) if key is not None else keys
+    calc = atoms.calc
+    if key is None and calc is not None and prop in getattr(calc, "results", {}):
+        return calc.results[prop]
+    store = atoms.info if prop == "energy" else atoms.arrays
+    for k in keys:
+        if k in store:
+            return store[k]
+    return None
+
+
+def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=False):
+    """Energies and forces stored with ``structures``.
+
+    Parameters
+    ----------
+    structures : list of ase.Atoms of length n_structures
+    energy_key, forces_key : str or None, default=None
+        Key in ``atoms.info`` / ``atoms.arrays``; ``None`` tries the calculator, then
+        :data:`ENERGY_KEYS` / :data:`FORCES_KEYS`.
+    require_forces : bool, default=False
+        Raise when a structure has no forces (else its entry is None).
+
+    Returns
+    -------
+    energies : ndarray of shape (n_structures,)
+        Total energies in eV.
+    forces : list of (ndarray of shape (n_atoms_i, 3) or None)
+        Forces in eV/Å.
+    """
+    energies, forces = [], []
+    for i, atoms in enumerate(structures):
+        e = _lookup(atoms, "energy", ENERGY_KEYS, energy_key)
+        if e is None:
+            raise ValueError(
+                f"structure {i} ({atoms.get_chemical_formula()}) has no energy label "
+                f"(looked in its calculator and info keys {[energy_key] if energy_key else list(ENERGY_KEYS)})."
+            )
+        f = _lookup(atoms, "forces", FORCES_KEYS, forces_key)
+        if f is None and require_forces:
+            raise ValueError(f"structure {i} ({atoms.get_chemical_formula()}) has no forces label.")
+        if f is not None:
+            f = np.asarray(f, dtype=float)
+            if f.shape != (len(atoms), 3):
+                raise ValueError(
+                    f"structure {i} ({atoms.get_chemical_formula()}) has forces of shape "
+                    f"{f.shape}; expected ({len(atoms)}, 3)."
+                )
+        energies.append(float(e))
+        forces.append(f)
+    return np.asarray(energies), forces
+
+
+def example_path(name: str = "oc20_demo.extxyz") -> Path:
+    """Path of a data file bundled with skntk (``skntk/data``).
+
+    ``oc20_demo.extxyz`` holds OC20 S2EF relaxation frames (CC-BY-4.0, Chanussot et al. 2021),
+    with ``sid`` and ``frame`` in ``info`` and RPBE energies/forces.
+    """
+    path = resources.files("skntk") / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no bundled data file {name!r} in skntk/data.")
+    return Path(str(path))
+
+
+def split_by(structures, key: str, groups) -> tuple[list[int], list[int]]:
+    """Indices of structures whose ``info[key]`` is in ``groups`` and of the rest.
+
+    Use it to split correlated frames (one relaxation = one ``sid``) without leakage.
+    """
+    groups = set(groups)
+    inside, outside = [], []
+    for i, atoms in enumerate(structures):
+        if key not in atoms.info:
+            raise KeyError(f"structure {i} has no info[{key!r}] to split on.")
+        (inside if atoms.info[key] in groups else outside).append(i)
+    return inside, outside
