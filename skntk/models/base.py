@@ -19,11 +19,150 @@ instead of catching a failure later. The handle is never deep-copied by :func:`s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+
+__all__ = ["MLIP", "forces_from_energy", "replaced_parameters", "module_state"]
+
+
+def forces_from_energy(energy: torch.Tensor, positions: torch.Tensor, *,
+                       create_graph: bool = False) -> torch.Tensor:
+    """Forces ``F = -dE/dR`` by autograd.
+
+    Parameters
+    ----------
+    energy : Tensor of shape (n_structures,)
+        Total energies in eV, computed from ``positions``.
+    positions : Tensor of shape (n_atoms, 3)
+        Positions in Å (``requires_grad=True``).
+    create_graph : bool, default=False
+        Keep the graph so the forces can be differentiated again (e.g. with respect to parameters).
+
+    Returns
+    -------
+    forces : Tensor of shape (n_atoms, 3)
+        Forces in eV/Å (zeros for atoms the energy does not depend on).
+
+    Examples
+    --------
+    >>> R = torch.tensor([[0.0, 0, 0], [0, 0, 2.0]], requires_grad=True)
+    >>> E = ((R[1] - R[0]).norm() - 1.0).pow(2).reshape(1)
+    >>> forces_from_energy(E, R)[:, 2].tolist()
+    [2.0, -2.0]
+    """
+    (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph,
+                                  allow_unused=True)
+    if grad is None:  # energy independent of positions (e.g. isolated atoms)
+        return torch.zeros_like(positions)
+    return -grad
+
+
+def _owner(module: torch.nn.Module, name: str):
+    *path, leaf = name.split(".")
+    return (module.get_submodule(".".join(path)) if path else module), leaf
+
+
+@contextlib.contextmanager
+def replaced_parameters(module: torch.nn.Module, tensors: dict) -> Iterator[None]:
+    """Temporarily replace named parameters of ``module`` by plain tensors.
+
+    Used to evaluate a network at ``θ + ε v`` or with forward-mode dual tensors without touching
+    the stored parameters; the original :class:`torch.nn.Parameter` objects are put back (in
+    their original order) in a ``finally`` block.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    tensors : dict of str to Tensor
+        Parameter name (as in ``named_parameters``) to replacement of the same shape.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(1, 1)
+    >>> with replaced_parameters(lin, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)}):
+    ...     lin(torch.tensor([[3.0]])).item()
+    3.0
+    >>> isinstance(lin.weight, torch.nn.Parameter)
+    True
+    """
+    originals = dict(module.named_parameters())
+    unknown = sorted(set(tensors) - set(originals))
+    if unknown:
+        raise KeyError(f"{unknown} are not parameters of {type(module).__name__}.")
+    try:
+        for name, t in tensors.items():
+            if tuple(t.shape) != tuple(originals[name].shape):
+                raise ValueError(f"replacement for {name!r} has shape {tuple(t.shape)}; the "
+                                 f"parameter has {tuple(originals[name].shape)}.")
+            mod, leaf = _owner(module, name)
+            mod._parameters[leaf] = t
+        yield
+    finally:
+        for name in tensors:
+            mod, leaf = _owner(module, name)
+            mod._parameters[leaf] = originals[name]
+
+
+@contextlib.contextmanager
+def module_state(module: torch.nn.Module, *, device=None, dtype=None, train: bool = False,
+                 requires_grad=None) -> Iterator[torch.nn.Module]:
+    """Put ``module`` on ``device``/``dtype``, in train/eval mode, with chosen ``requires_grad``
+    flags, and restore all of it exactly in ``finally``.
+
+    ``.to()``, ``.eval()`` and ``requires_grad_()`` act in place, so a caller that borrows a user's
+    network must undo them; the original parameter storage is kept, so a float64 → float32 → float64
+    round trip is lossless.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    device : str or torch.device or None, default=None
+        Target device (``None``: unchanged).
+    dtype : torch.dtype or None, default=None
+        Target floating dtype (``None``: unchanged).
+    train : bool, default=False
+        Training mode during the block.
+    requires_grad : collection of str or None, default=None
+        Names of parameters that should require grad during the block (all others do not);
+        ``None`` leaves the flags unchanged.
+
+    Examples
+    --------
+    >>> lin = torch.nn.Linear(2, 1).double()
+    >>> with module_state(lin, dtype=torch.float32, requires_grad={"bias"}):
+    ...     lin.weight.dtype, lin.weight.requires_grad
+    (torch.float32, False)
+    >>> lin.weight.dtype, lin.weight.requires_grad, lin.training
+    (torch.float64, True, True)
+    """
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    saved_data = {n: p.data for n, p in params.items()}
+    saved_buf = {n: b.data for n, b in buffers.items()}
+    saved_flags = {n: p.requires_grad for n, p in params.items()}
+    saved_modes = {name: m.training for name, m in module.named_modules()}
+    try:
+        if device is not None or dtype is not None:
+            module.to(device=device, dtype=dtype)
+        module.train(train)
+        if requires_grad is not None:
+            wanted = set(requires_grad)
+            for n, p in params.items():
+                p.requires_grad_(n in wanted)
+        yield module
+    finally:
+        for n, p in params.items():
+            p.data = saved_data[n]
+            p.requires_grad_(saved_flags[n])
+        for n, b in buffers.items():
+            b.data = saved_buf[n]
+        for name, m in module.named_modules():
+            if name in saved_modes:
+                m.training = saved_modes[name]
 
 
 class MLIP(ABC):
@@ -63,13 +202,40 @@ class MLIP(ABC):
     def collate(self, atoms: Sequence, device: torch.device | str = "cpu"):
         """Batch for ``atoms`` (validated ``list[ase.Atoms]``) on ``device``; exposes ``ptr``."""
 
-    @abstractmethod
     def energy_and_forces(self, batch, *, create_graph: bool = False):
-        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å."""
+        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
+
+        The default differentiates :meth:`energy` with respect to ``batch.positions`` (made a
+        leaf requiring grad if it is not one already). Backends override either this method or
+        :meth:`energy` (or both).
+        """
+        if type(self).energy is MLIP.energy:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement energy(batch) or energy_and_forces(batch)."
+            )
+        pos = batch.positions
+        if not pos.requires_grad:
+            batch.positions = pos = pos.detach().requires_grad_(True)
+        energy = self.energy(batch)
+        return energy, forces_from_energy(energy, pos, create_graph=create_graph)
 
     def energy(self, batch) -> torch.Tensor:
-        """Energies (n_structures,) in eV; default drops the forces."""
+        """Energies (n_structures,) in eV; the default drops the forces of
+        :meth:`energy_and_forces`."""
+        if type(self).energy_and_forces is MLIP.energy_and_forces:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement energy(batch) or energy_and_forces(batch)."
+            )
         return self.energy_and_forces(batch, create_graph=False)[0]
+
+    @property
+    def supports_torch_func(self) -> bool:
+        """Whether forward-mode AD through the network works (forward-over-reverse NTK route).
+
+        Backends whose operations lack forward-mode derivatives (custom CUDA kernels, in-place
+        tricks) set the class attribute ``functional = False``.
+        """
+        return bool(getattr(type(self), "functional", False))
 
     def embeddings(self, batch) -> torch.Tensor:
         """Invariant per-atom features of shape (n_atoms_total, n_embedding)."""
