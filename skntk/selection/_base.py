@@ -1,0 +1,261 @@
+"""Shared base of all selectors: input validation, ``n_to_select``, ``selected_idx_``, ``score``.
+
+Subclasses implement ``fit`` and ``_select(X, candidates, n_to_select)``; the base class owns the
+bookkeeping (validate, restrict to a carried shortlist, resolve the budget, record the picks).
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval, RealNotInt
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from skntk.blocks import FeatureBlocks
+from skntk.linalg import chunk_n_rows, gen_structure_chunks
+
+__all__ = ["BaseSelector", "resolve_n_to_select", "selection_score", "SCORE_SIGMA2"]
+
+#: Ridge penalty (relative to the mean squared train row norm) used by :func:`selection_score`.
+SCORE_SIGMA2 = 1e-3
+
+
+def resolve_n_to_select(n_to_select, n_candidates):
+    """Turn ``n_to_select`` into a count for ``n_candidates`` candidates.
+
+    Parameters
+    ----------
+    n_to_select : int, float in (0, 1) or None
+        A count; a fraction of the candidates; or ``None`` for half of them (at least one).
+    n_candidates : int
+
+    Returns
+    -------
+    n : int
+
+    Raises
+    ------
+    ValueError
+        If the value has the wrong type or range, or exceeds the candidates.
+
+    Examples
+    --------
+    >>> from skntk.selection._base import resolve_n_to_select
+    >>> resolve_n_to_select(None, 7), resolve_n_to_select(0.5, 10), resolve_n_to_select(3, 10)
+    (3, 5, 3)
+    """
+    if n_to_select is None:
+        n = max(1, n_candidates // 2)
+    elif isinstance(n_to_select, Integral) and not isinstance(n_to_select, bool):
+        n = int(n_to_select)
+        if n < 1:
+            raise ValueError(f"n_to_select must be >= 1; got n_to_select={n}.")
+    elif isinstance(n_to_select, Real) and 0 < n_to_select < 1:
+        n = max(1, int(n_to_select * n_candidates))
+    else:
+        raise ValueError(
+            "n_to_select must be None (half the candidates), an int >= 1 or a float in (0, 1); "
+            f"got {n_to_select!r}."
+        )
+    if n > n_candidates:
+        raise ValueError(f"n_to_select={n} exceeds the {n_candidates} candidates in X.")
+    return n
+
+
+def row_indices(offsets, idx):
+    """Row indices of structures ``idx`` (in that order) for block ``offsets``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skntk.selection._base import row_indices
+    >>> row_indices(np.array([0, 1, 4, 6]), np.array([2, 0])).tolist()
+    [4, 5, 0]
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    starts, m = offsets[idx], offsets[idx + 1] - offsets[idx]
+    new = np.concatenate([[0], np.cumsum(m)]).astype(np.int64)
+    return np.repeat(starts - new[:-1], m) + np.arange(new[-1])
+
+
+def _targets_as_rows(X, y):
+    """Rows with one target each: ``(FeatureBlocks, y_rows)`` from structures and their targets.
+
+    ``y`` is one float per structure (energies; for joint blocks only the energy rows are used) or a
+    sequence of per-structure arrays with one target per row (energies and forces, eV and eV/Å).
+    """
+    n = len(X)
+    m = X.n_rows_per_structure
+    y_arr = np.asarray(y, dtype=object) if not isinstance(y, np.ndarray) else y
+    if y_arr.dtype != object and y_arr.ndim == 1:
+        if y_arr.shape[0] != n:
+            raise ValueError(f"y has {y_arr.shape[0]} values; X has {n} structures.")
+        y_num = y_arr.astype(np.float64)
+        if np.all(m == 1):
+            return X, y_num
+        if X.kind == "joint":
+            rows = X.rows[X.offsets[:-1]]
+            return FeatureBlocks(rows, np.arange(n + 1), kind="energy"), y_num
+        raise ValueError(
+            f"y has one value per structure but X has multi-row blocks of kind={X.kind!r}; pass "
+            "one array of per-row targets per structure."
+        )
+    if len(y_arr) != n:
+        raise ValueError(f"y has {len(y_arr)} entries; X has {n} structures.")
+    parts = []
+    for i, yi in enumerate(y_arr):
+        yi = np.asarray(yi, dtype=np.float64).reshape(-1)
+        if yi.shape[0] != m[i]:
+            raise ValueError(f"y[{i}] has {yi.shape[0]} targets; structure {i} of X has {m[i]} rows.")
+        parts.append(yi)
+    return X, np.concatenate(parts) if parts else np.empty(0)
+
+
+def selection_score(X, y, selected_idx, *, sigma2=SCORE_SIGMA2):
+    """Minus the RMSE on the unselected structures of a ridge model fitted on the selected ones.
+
+    The ridge model is the posterior mean of the linearised GP on the features ``X`` (normalised so
+    the mean squared row norm of the selected rows is 1, penalty ``sigma2``). Larger is better; the
+    value measures how informative the selected batch is about the rest of ``X`` at a fixed budget.
+
+    Parameters
+    ----------
+    X : FeatureBlocks
+    y : ndarray of shape (n_structures,) or sequence of ndarray of shape (m_i,)
+        Per-structure energies (eV), or per-row targets (energies and forces) for each block.
+    selected_idx : ndarray of int
+    sigma2 : float, default=SCORE_SIGMA2
+
+    Returns
+    -------
+    score : float
+    """
+    from skntk.selection._posterior import FeaturePosterior
+
+    Xr, yr = _targets_as_rows(X, y)
+    n = len(Xr)
+    rest = np.setdiff1d(np.arange(n), selected_idx)
+    if rest.size == 0:
+        raise ValueError(
+            f"score needs unselected structures to evaluate on; all {n} structures were selected "
+            "(lower n_to_select)."
+        )
+
+    sel_rows = row_indices(Xr.offsets, selected_idx)
+    rest_rows = row_indices(Xr.offsets, rest)
+    post = FeaturePosterior(sigma2, normalize=True)
+    sel_X = FeatureBlocks(Xr.rows[sel_rows], np.arange(sel_rows.size + 1))
+    if not np.any(sel_X.rows):
+        pred = np.zeros(rest_rows.size)
+    else:
+        post.fit(sel_X, yr[sel_rows])
+        pred = post.predict(FeatureBlocks(Xr.rows[rest_rows], np.arange(rest_rows.size + 1)))
+    return -float(np.sqrt(np.mean((pred - yr[rest_rows]) ** 2)))
+
+
+class BaseSelector(BaseEstimator):
+    """Base class of skntk selectors (not for direct use).
+
+    Subclasses implement ``fit(X, y=None)`` (call :meth:`_check_X` with ``reset=True``) and
+    ``_select(X, candidates, n_to_select) -> indices into X``. :meth:`select` validates ``X``,
+    restricts candidates to a shortlist carried by ``X`` (:attr:`FeatureBlocks.shortlist`), resolves
+    the budget and stores ``selected_idx_``.
+
+    Parameters
+    ----------
+    n_to_select : int, float or None, default=None
+        Default budget of :meth:`select`: a count, a fraction of the candidates, or half of them.
+    working_memory : float or None, default=None
+        MiB budget for chunked temporaries; ``None`` uses ``sklearn.get_config()``.
+    """
+
+    _parameter_constraints: dict = {
+        "n_to_select": [Interval(Integral, 1, None, closed="left"),
+                        Interval(RealNotInt, 0, 1, closed="neither"), None],
+        "working_memory": [Interval(Real, 0, None, closed="neither"), None],
+    }
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_X(self, X, *, reset):
+        """``X`` as float-valued, finite, non-empty :class:`FeatureBlocks` with the fitted width."""
+        name = type(self).__name__
+        if not isinstance(X, FeatureBlocks):
+            X = validate_data(self, X, reset=reset, dtype=np.float64)
+            return FeatureBlocks.from_array(X)
+        if len(X) == 0:
+            raise ValueError(f"X has 0 structures; {name} needs at least one.")
+        if not (np.issubdtype(X.rows.dtype, np.floating) or np.issubdtype(X.rows.dtype, np.integer)):
+            raise ValueError(f"X rows must be numeric; got dtype {X.rows.dtype}.")
+        d = X.n_features
+        if reset:
+            self.n_features_in_ = d
+        elif d != self.n_features_in_:
+            raise ValueError(
+                f"X has {d} features, but {name} is expecting {self.n_features_in_} features as "
+                "input."
+            )
+        max_rows = chunk_n_rows(max(d, 1), max_n_rows=max(X.n_rows, 1),
+                                working_memory=getattr(self, "working_memory", None))
+        for sl in gen_structure_chunks(X.offsets, max_rows):
+            rows = X.rows[X.offsets[sl.start]:X.offsets[sl.stop]]
+            bad = ~np.isfinite(rows)
+            if np.any(bad):
+                r = int(np.flatnonzero(bad.any(axis=1))[0]) + int(X.offsets[sl.start])
+                s = int(np.searchsorted(X.offsets, r, side="right")) - 1
+                raise ValueError(f"X contains NaN or infinity: structure {s} (row {r}).")
+        return X
+
+    # -- selection -----------------------------------------------------------------------------
+    def select(self, X, n_to_select=None):
+        """Pick structures of ``X`` to label next.
+
+        Parameters
+        ----------
+        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+            Candidate pool. If it carries a ``shortlist``, only those structures are candidates.
+        n_to_select : int, float or None, default=None
+            Overrides the ``n_to_select`` parameter for this call.
+
+        Returns
+        -------
+        selected_idx : ndarray of int of shape (n_to_select,)
+            Indices into ``X`` in selection order (also stored as ``selected_idx_``).
+        """
+        check_is_fitted(self)
+        X = self._check_X(X, reset=False)
+        candidates = np.arange(len(X)) if X.shortlist is None else np.asarray(X.shortlist)
+        n = resolve_n_to_select(self.n_to_select if n_to_select is None else n_to_select,
+                                len(candidates))
+        idx = np.asarray(self._select(X, candidates, n), dtype=np.int64)
+        self.selected_idx_ = idx
+        return idx
+
+    def _select(self, X, candidates, n_to_select):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def score(self, X, y):
+        """Selection quality at the fixed budget ``n_to_select`` (one float, larger is better).
+
+        Selects from ``X``, fits the linearised-GP / ridge posterior mean on the selected structures'
+        features and targets, and returns minus the RMSE on the unselected rest of ``X`` (see
+        :func:`selection_score`). Usable as the objective of ``GridSearchCV``.
+
+        Parameters
+        ----------
+        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+        y : ndarray of shape (n_structures,) or sequence of per-structure arrays
+            Energies (eV) per structure, or per-row targets for each block (energy and forces).
+
+        Returns
+        -------
+        score : float
+        """
+        idx = self.select(X)
+        return selection_score(self._check_X(X, reset=False), y, idx)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        return tags
