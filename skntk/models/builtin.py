@@ -1,0 +1,405 @@
+"""A small pure-torch message-passing MLIP, trainable on CPU in minutes.
+
+The network (:class:`BuiltinNet`) is an invariant SchNet-style model:
+
+- species embedding ``h_i⁰ = W_emb[Z_i]`` (n_hidden);
+- ``n_blocks`` interaction blocks; block ``t`` updates
+  ``h_i ← h_i + φ_t( Σ_j  W_t(r_ij) ⊙ ψ_t(h_j) )`` with a filter
+  ``W_t(r) = MLP_t(e(r)) · f_c(r)``, radial basis ``e_n(r) = sin(nπ r / r_c) / r`` (``n = 1..n_basis``)
+  and the smooth cutoff ``f_c(r) = ½ (cos(π r / r_c) + 1)`` for ``r < r_c`` (zero beyond, with zero
+  slope at ``r_c``, so forces are continuous);
+- atomic-energy readout ``ε_i = s · MLP_out(h_i) + μ[Z_i]`` with a fixed scale ``s`` (eV) and
+  per-element energy shifts ``μ`` (eV) fitted by least squares on the training energies;
+- ``E = Σ_i ε_i`` (eV), forces ``F = -∂E/∂R`` by autograd.
+
+It depends on interatomic distances only, so energies are invariant to rotations, translations and
+permutations of like atoms and forces are equivariant. :class:`BuiltinMLIP` is the handle the rest of
+skntk uses (the MLIP protocol of :mod:`skntk.models.base`), with :meth:`BuiltinMLIP.fit` (Adam on
+energies and forces with early stopping), :meth:`BuiltinMLIP.save` and :meth:`BuiltinMLIP.load`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from skntk.atoms import AtomsBatch, as_atoms_list, collate, validate_structures
+from skntk.models.base import MLIP, module_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BuiltinNet", "BuiltinMLIP"]
+
+
+class _RadialBasis(nn.Module):
+    def __init__(self, n_basis: int, cutoff: float):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.register_buffer("freq", torch.arange(1, n_basis + 1, dtype=torch.float32) * math.pi
+                             / self.cutoff)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:  # r: [n_edges]
+        r = r.unsqueeze(-1)
+        basis = torch.sin(self.freq * r) / r  # [n_edges, n_basis]
+        fc = 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff)
+        return basis * fc  # [n_edges, n_basis]
+
+
+class _Interaction(nn.Module):
+    def __init__(self, n_hidden: int, n_basis: int):
+        super().__init__()
+        self.filter = nn.Sequential(nn.Linear(n_basis, n_hidden), nn.SiLU(),
+                                    nn.Linear(n_hidden, n_hidden))
+        self.pre = nn.Linear(n_hidden, n_hidden, bias=False)
+        self.post = nn.Sequential(nn.Linear(n_hidden, n_hidden), nn.SiLU(),
+                                  nn.Linear(n_hidden, n_hidden))
+
+    def forward(self, h, rbf, edge_index):
+        i, j = edge_index
+        msg = self.filter(rbf) * self.pre(h)[j]  # [n_edges, n_hidden]
+        agg = torch.zeros_like(h).index_add(0, i, msg)  # [n_atoms, n_hidden]
+        return h + self.post(agg)
+
+
+class BuiltinNet(nn.Module):
+    """The network of :class:`BuiltinMLIP` (see the module docstring for the equations).
+
+    Parameters
+    ----------
+    species : sequence of int
+        Atomic numbers the model covers.
+    cutoff : float, default=5.0
+        Cutoff radius in Å.
+    n_hidden : int, default=64
+        Width of atom features.
+    n_basis : int, default=8
+        Number of radial basis functions.
+    n_blocks : int, default=3
+        Number of interaction blocks.
+    n_readout : int, default=32
+        Hidden width of the readout MLP.
+    """
+
+    def __init__(self, species, cutoff: float = 5.0, n_hidden: int = 64, n_basis: int = 8,
+                 n_blocks: int = 3, n_readout: int = 32):
+        super().__init__()
+        species = sorted({int(z) for z in species})
+        if not species or species[0] < 1 or species[-1] > 118:
+            raise ValueError(f"species must be atomic numbers in 1..118; got {species}.")
+        self.config = dict(species=species, cutoff=float(cutoff), n_hidden=int(n_hidden),
+                           n_basis=int(n_basis), n_blocks=int(n_blocks), n_readout=int(n_readout))
+        index = torch.full((119,), -1, dtype=torch.long)
+        index[torch.tensor(species)] = torch.arange(len(species))
+        self.register_buffer("species_index", index)
+        self.register_buffer("shifts", torch.zeros(len(species), dtype=torch.float64))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float64))
+        self.rbf = _RadialBasis(n_basis, cutoff)
+        self.embedding = nn.Embedding(len(species), n_hidden)
+        self.blocks = nn.ModuleList(_Interaction(n_hidden, n_basis) for _ in range(n_blocks))
+        self.readout = nn.Sequential(nn.Linear(n_hidden, n_readout), nn.SiLU(),
+                                     nn.Linear(n_readout, 1))
+
+    def features(self, batch: AtomsBatch, positions: torch.Tensor) -> torch.Tensor:
+        """Invariant atom features after the last block, shape (n_atoms, n_hidden)."""
+        z = self.species_index[batch.numbers]  # [n_atoms]
+        h = self.embedding(z)  # [n_atoms, n_hidden]
+        vec = batch.edge_vectors(positions)  # [n_edges, 3]
+        rbf = self.rbf(vec.norm(dim=-1))  # [n_edges, n_basis]
+        for block in self.blocks:
+            h = block(h, rbf, batch.edge_index)
+        return h
+
+    def forward(self, batch: AtomsBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Total energies in eV, shape (n_structures,), float64."""
+        pos = batch.positions if positions is None else positions
+        h = self.features(batch, pos)
+        atomic = self.readout(h).squeeze(-1)  # [n_atoms]
+        z = self.species_index[batch.numbers]
+        atomic = self.scale * atomic.to(torch.float64) + self.shifts[z]  # [n_atoms]
+        out = torch.zeros(batch.n_structures, dtype=torch.float64, device=pos.device)
+        return out.index_add(0, batch.batch, atomic)
+
+
+class BuiltinMLIP(MLIP):
+    """Handle of the built-in message-passing MLIP (:class:`BuiltinNet`).
+
+    Parameters
+    ----------
+    species : sequence of int
+        Atomic numbers the model covers.
+    cutoff : float, default=5.0
+        Cutoff radius in Å.
+    n_hidden, n_basis, n_blocks, n_readout : int
+        Architecture (see :class:`BuiltinNet`).
+    random_state : int, default=0
+        Seed of the weight initialisation (a local generator; global RNG untouched).
+    dtype : torch.dtype, default=torch.float32
+        Parameter dtype.
+    module : BuiltinNet or None, default=None
+        Wrap an existing network instead of building one (the other arguments are then ignored).
+
+    Attributes
+    ----------
+    module : BuiltinNet
+    cutoff : float
+    species : frozenset of int
+
+    Notes
+    -----
+    Parameter subsets: ``"readout"`` (the readout MLP), ``"last_block"`` (the last interaction
+    block), ``"embeddings"`` (the species embedding) and ``"all"``.
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> model = BuiltinMLIP([1, 6, 8], cutoff=4.0, n_hidden=16, n_blocks=1)
+    >>> batch = model.collate([molecule("H2O"), molecule("CH4")])
+    >>> energy, forces = model.energy_and_forces(batch)
+    >>> tuple(energy.shape), tuple(forces.shape)
+    ((2,), (8, 3))
+    """
+
+    implemented_properties = ("energy", "forces", "embeddings")
+    parameter_subsets = ("readout", "last_block", "embeddings", "all")
+    functional = True
+
+    def __init__(self, species=None, *, cutoff: float = 5.0, n_hidden: int = 64,
+                 n_basis: int = 8, n_blocks: int = 3, n_readout: int = 32, random_state: int = 0,
+                 dtype=torch.float32, module: BuiltinNet | None = None):
+        if module is None:
+            if species is None:
+                raise ValueError("BuiltinMLIP needs species (atomic numbers) or a module.")
+            gen_state = torch.random.fork_rng(devices=[])
+            with gen_state:  # local seeding: the caller's global RNG state is restored
+                torch.manual_seed(int(random_state))
+                module = BuiltinNet(species, cutoff=cutoff, n_hidden=n_hidden, n_basis=n_basis,
+                                    n_blocks=n_blocks, n_readout=n_readout)
+            module = module.to(dtype)
+            module.shifts.data = module.shifts.data.double()
+            module.scale.data = module.scale.data.double()
+        elif not isinstance(module, BuiltinNet):
+            raise TypeError(f"module must be a BuiltinNet; got {type(module).__name__}.")
+        self.module = module
+
+    # -- protocol ------------------------------------------------------------------------------
+    @property
+    def cutoff(self) -> float:
+        return self.module.config["cutoff"]
+
+    @property
+    def species(self) -> frozenset:
+        return frozenset(self.module.config["species"])
+
+    @property
+    def subset_patterns(self) -> dict:
+        last = self.module.config["n_blocks"] - 1
+        return {"readout": ("readout.*",), "last_block": (f"blocks.{last}.*",),
+                "embeddings": ("embedding.*",), "all": ("*",)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.embedding.weight.device
+
+    def collate(self, atoms, device=None) -> AtomsBatch:
+        """:func:`skntk.atoms.collate` with this model's cutoff, species and parameter dtype."""
+        return collate(atoms, self.cutoff, device=self.device if device is None else device,
+                       dtype=self.dtype, species=self.species)
+
+    def energy(self, batch: AtomsBatch) -> torch.Tensor:
+        """Total energies (n_structures,) in eV, float64."""
+        return self.module(batch)
+
+    def embeddings(self, batch: AtomsBatch) -> torch.Tensor:
+        """Invariant atom features after the last block, (n_atoms_total, n_hidden)."""
+        return self.module.features(batch, batch.positions)
+
+    def __repr__(self) -> str:
+        c = self.module.config
+        return (f"BuiltinMLIP(species={c['species']}, cutoff={c['cutoff']}, "
+                f"n_hidden={c['n_hidden']}, n_blocks={c['n_blocks']})")
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write config and weights to ``path`` (a ``torch.save`` file); returns the path."""
+        path = Path(path)
+        torch.save({"format": "skntk.builtin/1", "config": self.module.config,
+                    "dtype": str(self.dtype).replace("torch.", ""),
+                    "state_dict": self.module.state_dict()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path, *, device="cpu") -> BuiltinMLIP:
+        """Model saved by :meth:`save`."""
+        data = torch.load(Path(path), map_location=device, weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != "skntk.builtin/1":
+            raise ValueError(f"{str(path)!r} is not a skntk built-in model file.")
+        net = BuiltinNet(**data["config"]).to(getattr(torch, data["dtype"]))
+        net.load_state_dict(data["state_dict"])
+        return cls(module=net.to(device))
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(self, X, energies=None, forces=None, *, validation=0.1, energy_weight=1.0,
+            force_weight=10.0, max_epochs=300, batch_size=16, lr=3e-3, patience=20,
+            max_time=None, random_state=0, refit_shifts=True, device=None) -> BuiltinMLIP:
+        """Train on energies (eV) and forces (eV/Å) with Adam and early stopping.
+
+        Loss per mini-batch: ``energy_weight · mean(((E - E_ref) / N)²) +
+        force_weight · mean((F - F_ref)²)``. The best weights on the validation set are kept.
+
+        Parameters
+        ----------
+        X : list of ase.Atoms of length n_structures, or a structure file path
+        energies : array-like of shape (n_structures,) or None, default=None
+            Total energies in eV; ``None`` reads the labels stored with ``X``.
+        forces : list of array-like of shape (n_atoms_i, 3) or None, default=None
+            Forces in eV/Å; ``None`` reads them from ``X``.
+        validation : float or list of ase.Atoms, default=0.1
+            Fraction of ``X`` held out for early stopping, or labelled validation structures.
+        energy_weight, force_weight : float
+            Loss weights.
+        max_epochs : int, default=300
+        batch_size : int, default=16
+        lr : float, default=3e-3
+            Adam learning rate (halved when the validation loss stalls for ``patience // 2``).
+        patience : int, default=20
+            Epochs without improvement before stopping.
+        max_time : float or None, default=None
+            Wall-clock budget in seconds.
+        random_state : int, default=0
+            Seed of the split and the batch order.
+        refit_shifts : bool, default=True
+            Fit per-element energy shifts and the energy scale to the training data first
+            (turn off when fine-tuning).
+        device : str or None, default=None
+            Training device; the network is moved there and stays (``None``: where it is).
+
+        Returns
+        -------
+        self : BuiltinMLIP
+            Fitted in place; ``history_`` holds per-epoch train/validation losses.
+        """
+        X = validate_structures(as_atoms_list(X), species=self.species)
+        if energies is None or forces is None:
+            from skntk.io import get_labels
+
+            e_lab, f_lab = get_labels(X, require_forces=forces is None)
+            energies = e_lab if energies is None else energies
+            forces = f_lab if forces is None else forces
+        energies = np.asarray(energies, dtype=np.float64)
+        if energies.shape != (len(X),):
+            raise ValueError(f"energies has shape {energies.shape}; X has {len(X)} structures.")
+        forces = [np.asarray(f, dtype=np.float64) for f in forces]
+        for i, (a, f) in enumerate(zip(X, forces, strict=True)):
+            if f.shape != (len(a), 3):
+                raise ValueError(f"forces[{i}] has shape {f.shape}; X[{i}] has {len(a)} atoms.")
+        rng = np.random.default_rng(random_state)
+        if isinstance(validation, float):
+            perm = rng.permutation(len(X))
+            n_val = max(1, int(round(validation * len(X)))) if len(X) > 1 else 0
+            val_idx, tr_idx = perm[:n_val], perm[n_val:]
+            val = ([X[i] for i in val_idx], energies[val_idx], [forces[i] for i in val_idx])
+            tr = ([X[i] for i in tr_idx], energies[tr_idx], [forces[i] for i in tr_idx])
+        else:
+            val_atoms = as_atoms_list(validation, name="validation")
+            from skntk.io import get_labels
+
+            ve, vf = get_labels(val_atoms, require_forces=True)
+            val = (val_atoms, ve, vf)
+            tr = (X, energies, forces)
+        if not tr[0]:
+            raise ValueError("no training structures left after the validation split.")
+        net = self.module
+        if device is not None:  # training moves the network for good
+            net.to(torch.device(device))
+        device = self.device
+        with module_state(net, train=True):
+            if refit_shifts:
+                self._fit_shifts(tr[0], tr[1], tr[2])
+            train_batches = self._make_batches(*tr, batch_size, device, rng)
+            val_batches = self._make_batches(*val, 64, device, None) if val[0] else []
+            params = [p for p in net.parameters() if p.requires_grad]
+            opt = torch.optim.Adam(params, lr=lr)
+            best, best_state, stall, history = math.inf, None, 0, []
+            t0 = time.perf_counter()
+            for epoch in range(max_epochs):
+                net.train(True)
+                tr_loss = 0.0
+                for k in rng.permutation(len(train_batches)):
+                    b, e_ref, f_ref = train_batches[k]
+                    opt.zero_grad(set_to_none=True)
+                    loss = self._loss(b, e_ref, f_ref, energy_weight, force_weight, True)
+                    loss.backward()
+                    opt.step()
+                    tr_loss += loss.item() / len(train_batches)
+                net.train(False)
+                if val_batches:
+                    v = sum(self._loss(b, e, f, energy_weight, force_weight, False).item()
+                            for b, e, f in val_batches) / len(val_batches)
+                else:
+                    v = tr_loss
+                history.append({"epoch": epoch, "train_loss": tr_loss, "val_loss": v})
+                logger.debug("epoch %d train %.5g val %.5g", epoch, tr_loss, v)
+                if v < best * (1 - 1e-4):
+                    best, stall = v, 0
+                    best_state = copy.deepcopy(net.state_dict())
+                else:
+                    stall += 1
+                    if stall and stall % max(1, patience // 2) == 0:
+                        for g in opt.param_groups:
+                            g["lr"] *= 0.5
+                    if stall >= patience:
+                        break
+                if max_time is not None and time.perf_counter() - t0 > max_time:
+                    logger.info("BuiltinMLIP.fit stopped at the time budget after %d epochs",
+                                epoch + 1)
+                    break
+            if best_state is not None:
+                with torch.no_grad():
+                    for name, t in net.state_dict().items():
+                        t.copy_(best_state[name])
+        self.history_ = history
+        return self
+
+    def _fit_shifts(self, atoms, energies, forces):
+        species = self.module.config["species"]
+        counts = np.array([[np.sum(a.numbers == z) for z in species] for a in atoms], float)
+        shifts, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+        fall = np.concatenate([f.ravel() for f in forces])
+        scale = float(np.sqrt(np.mean(fall ** 2))) if fall.size else 1.0
+        with torch.no_grad():
+            self.module.shifts.copy_(torch.as_tensor(shifts))
+            self.module.scale.fill_(max(scale, 1e-3))
+
+    def _make_batches(self, atoms, energies, forces, batch_size, device, rng):
+        order = np.arange(len(atoms)) if rng is None else rng.permutation(len(atoms))
+        out = []
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = collate([atoms[i] for i in idx], self.cutoff, device=device, dtype=self.dtype,
+                        validate=False)
+            e = torch.as_tensor(energies[idx], dtype=torch.float64, device=device)
+            f = torch.as_tensor(np.concatenate([forces[i] for i in idx]), dtype=self.dtype,
+                                device=device)
+            out.append((b, e, f))
+        return out
+
+    def _loss(self, batch, e_ref, f_ref, we, wf, create_graph):
+        pos = batch.positions.detach().requires_grad_(True)
+        with torch.enable_grad():
+            energy = self.module(batch, pos)
+            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+        n = batch.n_atoms_per_structure.to(torch.float64)
+        le = torch.mean(((energy - e_ref) / n) ** 2)
+        lf = torch.mean((-grad - f_ref) ** 2)
+        return we * le.to(grad.dtype) + wf * lf

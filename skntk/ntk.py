@@ -1,0 +1,342 @@
+"""Energy, force and joint NTK observation rows of any MLIP handle (DESIGN §1).
+
+For a structure ``x`` with ``N`` atoms, energy ``E(x; θ)`` and forces ``F = -∂E/∂R`` (3N values),
+and a parameter subset ``θ_S`` of size ``P``:
+
+- energy row: ``g_E R`` with ``g_E = ∂E/∂θ_S`` (1 x P);
+- force rows: ``J_F R`` with ``J_F = ∂F/∂θ_S = -∂²E/∂R∂θ_S`` (3N x P), atom-major (x, y, z of
+  atom 0, then atom 1, ...);
+- probe rows: ``V R / √s`` with ``V = Zᵀ J_F`` for ``s`` Rademacher probes ``Z`` (3N x s):
+  ``E[(VR)ᵀ(VR)] / s = (J_F R)ᵀ(J_F R)``, so every kernel built from Gram matrices is unbiased;
+- ``R`` (P x d) is a seeded Gaussian sketch with entries ``N(0, 1/d)`` (:class:`ParameterSketch`),
+  so ``E[⟨g R, g' R⟩] = ⟨g, g'⟩``; ``n_features=None`` uses ``R = I`` (exact gradients).
+
+Routes for force rows (``C`` = one energy+forces evaluation of the structure):
+
+- ``"exact"``: reverse-over-reverse, one vector-Jacobian product of ``F`` per row, ~``3N · 2C``
+  (vectorised with ``is_grads_batched`` where the backward supports vmap);
+- ``"forward"``: forward-over-reverse, one forward-mode derivative of ``F`` along each column of
+  ``R``, ~``d · 3C`` for a whole batch at once (``J_F R = -∂(g_E R)/∂R``); needs a model whose
+  operations have forward-mode derivatives (``MLIP.supports_torch_func``);
+- ``"probes"``: ``s`` double backwards per structure, ~``s · 2C`` whatever ``N``.
+
+Per-structure gradients are vector-Jacobian products with one-hot cotangents through the graph of
+the batch, so their cost grows with the batch; functions here accept any batch and
+:class:`skntk.transformers.ForceNTKTransformer` chooses batch sizes per route.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from skntk.models.base import replaced_parameters
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ParameterSketch", "per_output_gradients", "energy_rows", "force_rows_exact",
+           "force_rows_forward", "force_rows_probes", "rademacher_probes", "structure_index"]
+
+
+def _block_seed(seed: int, *key: int) -> int:
+    return int(np.random.SeedSequence([int(seed), *map(int, key)]).generate_state(1,
+                                                                                   np.uint64)[0]
+               % (2 ** 63))
+
+
+class ParameterSketch:
+    """Seeded Gaussian sketch ``R`` of shape (P, d), generated block by block, never stored densely
+    beyond a memory budget.
+
+    Rows of ``R`` belonging to parameter tensor ``k`` are generated in chunks of ``block_rows``
+    rows from the seed ``(seed, k, chunk)`` (float64 on the CPU, then cast), so the same seed gives
+    the same ``R`` for train and pool, on any device and for any batch. Chunks are cached while the
+    cache stays below ``cache_mib`` MiB and regenerated otherwise.
+
+    Parameters
+    ----------
+    shapes : sequence of tuple of int
+        Shapes of the parameter tensors of the subset (P = total number of entries).
+    n_features : int or None
+        Sketch dimension ``d``; ``None`` is the identity (exact gradients, ``d = P``).
+    seed : int
+        Seed of the sketch.
+    dtype : torch.dtype, default=torch.float64
+        Dtype of the products (the gradients are cast to it).
+    device : str or torch.device, default="cpu"
+    block_rows : int, default=65536
+        Rows of ``R`` per generated chunk.
+    cache_mib : float, default=256
+        Memory budget for cached chunks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> sk = ParameterSketch([(3, 2), (4,)], n_features=5, seed=0)
+    >>> g = [torch.ones(2, 3, 2, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)]
+    >>> sk.apply(g).shape, sk.n_params
+    (torch.Size([2, 5]), 10)
+    >>> bool(torch.equal(sk.dense(), ParameterSketch([(3, 2), (4,)], 5, seed=0).dense()))
+    True
+    """
+
+    def __init__(self, shapes: Sequence[tuple], n_features: int | None, seed: int, *,
+                 dtype=torch.float64, device="cpu", block_rows: int = 65536,
+                 cache_mib: float = 256):
+        self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
+        self.sizes = [int(np.prod(sh, dtype=np.int64)) for sh in self.shapes]
+        self.n_params = int(sum(self.sizes))
+        self.n_features = None if n_features is None else int(n_features)
+        self.seed = int(seed)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.block_rows = int(block_rows)
+        self.cache_mib = float(cache_mib)
+        self._cache: dict = {}
+        self._cached_bytes = 0
+
+    @property
+    def d(self) -> int:
+        """Number of output columns."""
+        return self.n_params if self.n_features is None else self.n_features
+
+    def _chunk(self, k: int, c: int) -> torch.Tensor:
+        key = (k, c)
+        if key in self._cache:
+            return self._cache[key]
+        start = c * self.block_rows
+        rows = min(self.block_rows, self.sizes[k] - start)
+        gen = torch.Generator(device="cpu").manual_seed(_block_seed(self.seed, k, c))
+        block = torch.randn(rows, self.n_features, generator=gen, dtype=torch.float64)
+        block = (block / math.sqrt(self.n_features)).to(device=self.device, dtype=self.dtype)
+        nbytes = block.numel() * block.element_size()
+        if self._cached_bytes + nbytes <= self.cache_mib * 2 ** 20:
+            self._cache[key] = block
+            self._cached_bytes += nbytes
+        return block
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sketched rows ``[g_1, ..., g_K] R``.
+
+        Parameters
+        ----------
+        grads : sequence of Tensor
+            One tensor per parameter, of shape (k, \\*shape_j), rows of the gradient matrix.
+
+        Returns
+        -------
+        rows : Tensor of shape (k, d)
+        """
+        if len(grads) != len(self.shapes):
+            raise ValueError(f"got gradients of {len(grads)} parameters; the sketch has "
+                             f"{len(self.shapes)}.")
+        k = grads[0].shape[0]
+        flat = [g.reshape(k, -1).to(device=self.device, dtype=self.dtype) for g in grads]
+        if self.n_features is None:
+            return torch.cat(flat, dim=1)
+        out = torch.zeros(k, self.n_features, dtype=self.dtype, device=self.device)
+        for j, g in enumerate(flat):
+            for c in range(math.ceil(self.sizes[j] / self.block_rows)):
+                s = c * self.block_rows
+                out.addmm_(g[:, s:s + self.block_rows], self._chunk(j, c))
+        return out
+
+    def columns(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Columns ``start:stop`` of ``R`` split per parameter: tensors of shape
+        (stop - start, \\*shape_j)."""
+        out = []
+        for j, shape in enumerate(self.shapes):
+            if self.n_features is None:
+                eye = torch.zeros(stop - start, self.n_params, dtype=self.dtype,
+                                  device=self.device)
+                offset = sum(self.sizes[:j])
+                idx = torch.arange(start, stop, device=self.device)
+                eye[torch.arange(stop - start), idx] = 1.0
+                col = eye[:, offset:offset + self.sizes[j]]
+            else:
+                col = torch.cat([self._chunk(j, c)[:, start:stop]
+                                 for c in range(math.ceil(self.sizes[j] / self.block_rows))])
+                col = col.T
+            out.append(col.reshape(stop - start, *shape))
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """``R`` as a dense (P, d) tensor (for tests and small P only)."""
+        if self.n_features is None:
+            return torch.eye(self.n_params, dtype=self.dtype, device=self.device)
+        return torch.cat([self._chunk(j, c) for j in range(len(self.sizes))
+                          for c in range(math.ceil(self.sizes[j] / self.block_rows))])
+
+
+def per_output_gradients(outputs: torch.Tensor, params: Sequence[torch.Tensor], *,
+                         retain_graph: bool = False, chunk_size: int = 256) -> list[torch.Tensor]:
+    """Gradient of every entry of ``outputs`` with respect to ``params``.
+
+    Vector-Jacobian products with one-hot cotangents, vectorised with ``is_grads_batched`` (vmap
+    over the backward) in chunks of ``chunk_size`` outputs; falls back to a loop when the backward
+    of some operation has no batching rule.
+
+    Parameters
+    ----------
+    outputs : Tensor of shape (k,)
+    params : sequence of Tensor
+    retain_graph : bool, default=False
+        Keep the graph after the last chunk.
+    chunk_size : int, default=256
+
+    Returns
+    -------
+    grads : list of Tensor of shape (k, \\*param.shape)
+        Zeros for parameters the outputs do not depend on.
+
+    Examples
+    --------
+    >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+    >>> per_output_gradients(torch.stack([w[0] * w[1], w[1] ** 2]), [w])[0].tolist()
+    [[2.0, 1.0], [0.0, 4.0]]
+    """
+    k = outputs.shape[0]
+    chunks: list[list[torch.Tensor]] = []
+    for s in range(0, k, chunk_size):
+        e = min(k, s + chunk_size)
+        last = e == k
+        cot = torch.zeros(e - s, k, dtype=outputs.dtype, device=outputs.device)
+        cot[torch.arange(e - s), torch.arange(s, e)] = 1.0
+        keep = retain_graph or not last
+        try:
+            g = torch.autograd.grad(outputs, params, grad_outputs=cot, is_grads_batched=True,
+                                    retain_graph=True if not last else keep, allow_unused=True)
+            g = list(g)
+        except RuntimeError as err:  # no batching rule: loop
+            logger.debug("is_grads_batched failed (%s); looping over outputs", err)
+            rows = [torch.autograd.grad(outputs, params, grad_outputs=cot[r],
+                                        retain_graph=True if (r < e - s - 1 or not last) else keep,
+                                        allow_unused=True) for r in range(e - s)]
+            g = [torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
+                 for j, p in enumerate(params)]
+        chunks.append([gj if gj is not None else torch.zeros(e - s, *p.shape, dtype=p.dtype,
+                                                             device=p.device)
+                       for gj, p in zip(g, params, strict=True)])
+    return [torch.cat([c[j] for c in chunks]) for j in range(len(params))]
+
+
+def structure_index(ptr: torch.Tensor) -> torch.Tensor:
+    """Structure index of every atom, shape (n_atoms,), from offsets ``ptr`` (n_structures + 1,)."""
+    return torch.repeat_interleave(torch.arange(ptr.shape[0] - 1, device=ptr.device),
+                                   ptr[1:] - ptr[:-1])
+
+
+def energy_rows(model, batch, params, sketch: ParameterSketch, *,
+                per_atom: bool = False) -> torch.Tensor:
+    """Sketched energy rows ``g_E R``, shape (n_structures, d).
+
+    Parameters
+    ----------
+    model : skntk.models.base.MLIP
+    batch : the model's batch (exposes ``ptr``)
+    params : list of Tensor
+        The parameter subset ``θ_S`` (requiring grad).
+    sketch : ParameterSketch
+    per_atom : bool, default=False
+        Differentiate ``E / N`` instead of ``E``.
+    """
+    energy = model.energy(batch)  # [n_structures]
+    if per_atom:
+        energy = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype)
+    return sketch.apply(per_output_gradients(energy, params))
+
+
+def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
+                     with_energy: bool = False, per_atom: bool = False):
+    """Exact sketched force rows ``J_F R`` by reverse-over-reverse, shape (3 n_atoms, d).
+
+    Rows are atom-major within each structure, structures in batch order. With ``with_energy``
+    also returns the energy rows (n_structures, d) from the same graph.
+    """
+    energy, forces = model.energy_and_forces(batch, create_graph=True)  # [B], [n_atoms, 3]
+    outs = forces.reshape(-1)
+    if with_energy:
+        e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
+        outs = torch.cat([e.to(outs.dtype), outs])
+    rows = sketch.apply(per_output_gradients(outs, params))
+    if with_energy:
+        n_s = energy.shape[0]
+        return rows[n_s:], rows[:n_s]
+    return rows
+
+
+def force_rows_forward(model, batch, params, sketch: ParameterSketch, *, names: Sequence[str],
+                       column_chunk: int = 1) -> torch.Tensor:
+    """Exact sketched force rows by forward-over-reverse, shape (3 n_atoms, d).
+
+    Column ``c`` is the directional derivative of the forces along column ``c`` of ``R`` in
+    parameter space, computed with forward-mode AD through the (reverse-mode) force computation.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Names of ``params`` in ``model.module`` (they are swapped for dual tensors).
+    """
+    cols = []
+    for c in range(sketch.d):
+        tangents = sketch.columns(c, c + 1)
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p.detach(), t[0].to(dtype=p.dtype, device=p.device))
+                     for n, p, t in zip(names, params, tangents, strict=True)}
+            with replaced_parameters(model.module, duals):
+                _, forces = model.energy_and_forces(batch, create_graph=True)
+                tangent = fwAD.unpack_dual(forces).tangent
+        if tangent is None:
+            tangent = torch.zeros_like(forces)
+        cols.append(tangent.detach().reshape(-1).to(sketch.dtype))
+    return torch.stack(cols, dim=1).to(sketch.device)
+
+
+def rademacher_probes(n_atoms: Sequence[int], n_probes: int, seed: int,
+                      structure_ids: Sequence[int], *, dtype=torch.float64,
+                      device="cpu") -> torch.Tensor:
+    """Rademacher probes of shape (n_probes, sum(n_atoms), 3), seeded per structure.
+
+    The probes of a structure depend only on ``(seed, structure_ids[i])``, never on the batch.
+    """
+    blocks = []
+    for n, sid in zip(n_atoms, structure_ids, strict=True):
+        rng = np.random.default_rng([int(seed), 1, int(sid)])
+        blocks.append(rng.integers(0, 2, size=(n_probes, int(n), 3)) * 2.0 - 1.0)
+    return torch.as_tensor(np.concatenate(blocks, axis=1), dtype=dtype, device=device)
+
+
+def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: torch.Tensor, *,
+                      with_energy: bool = False, per_atom: bool = False):
+    """Probe rows ``Zᵀ J_F R / √s``, shape (n_structures · s, d), structure-major.
+
+    Parameters
+    ----------
+    probes : Tensor of shape (s, n_atoms, 3)
+        Rademacher probes (:func:`rademacher_probes`).
+
+    Returns
+    -------
+    rows : Tensor of shape (n_structures * s, d)
+        Rows ``b * s + k`` are probe ``k`` of structure ``b``.
+    energy_rows : Tensor of shape (n_structures, d), only with ``with_energy``
+    """
+    s = probes.shape[0]
+    energy, forces = model.energy_and_forces(batch, create_graph=True)
+    idx = structure_index(batch.ptr)
+    n_s = batch.ptr.shape[0] - 1
+    proj = (forces.unsqueeze(0) * probes.to(forces.dtype)).sum(-1).T  # [n_atoms, s]
+    u = torch.zeros(n_s, s, dtype=forces.dtype, device=forces.device).index_add(0, idx, proj)
+    outs = u.reshape(-1)
+    if with_energy:
+        e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
+        outs = torch.cat([e.to(outs.dtype), outs])
+    rows = sketch.apply(per_output_gradients(outs, params))
+    if with_energy:
+        return rows[n_s:] / math.sqrt(s), rows[:n_s]
+    return rows / math.sqrt(s)
