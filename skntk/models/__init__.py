@@ -1,5 +1,187 @@
-"""Model handles: the MLIP protocol and its backends."""
+"""Model handles: the MLIP protocol, its backends and one loader.
+
+:func:`load` turns a name, a file or a network into an :class:`~skntk.models.base.MLIP` handle:
+
+========================  =====================================  =====================
+``name_or_model``         backend                                extra
+========================  =====================================  =====================
+``"sevennet-0"``          SevenNet-0 (``"7net-0"`` also works)   ``skntk[sevennet]``
+``"chgnet-0.3.0"``        CHGNet 0.3.0 (``"chgnet"`` also)       ``skntk[chgnet]``
+``"path/to/x.model"``     a MACE model file                      ``skntk[mace]``
+an :class:`MLIP`          returned as is
+a ``torch.nn.Module``     the built-in model, wrapped
+========================  =====================================  =====================
+
+Nothing here downloads weights: SevenNet-0 and CHGNet 0.3.0 ship inside their wheels and MACE
+reads the user's file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+
+import torch
 
 from skntk.models.base import MLIP
 
-__all__ = ["MLIP"]
+__all__ = ["MLIP", "load"]
+
+_SEVENNET_NAMES = {"sevennet-0": "7net-0", "7net-0": "7net-0", "sevennet": "7net-0"}
+_CHGNET_NAMES = {"chgnet-0.3.0": "0.3.0", "chgnet": "0.3.0", "chgnet-0.2.0": "0.2.0"}
+
+
+def _require(module: str, extra: str):
+    """Import ``module`` or raise an ImportError that says which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"This backend needs the '{module}' package, which could not be imported ({exc}). "
+            f"Install it with: pip install skntk[{extra}]"
+        ) from exc
+
+
+def _resolve_device(device) -> torch.device:
+    """``"auto"`` -> the first CUDA device when present, else CPU; anything else as given."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_species(atoms: Sequence, species, model_name: str) -> None:
+    """Raise a ValueError naming the first structure with an element ``species`` lacks."""
+    if species is None:
+        return
+    from ase.data import chemical_symbols
+
+    for i, at in enumerate(atoms):
+        missing = sorted(set(int(z) for z in at.numbers) - set(species))
+        if missing:
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+            raise ValueError(
+                f"X[{i}] ({at.get_chemical_formula()}) contains {names}, which {model_name} "
+                f"does not cover; it covers {len(species)} elements."
+            )
+
+
+def _check_atoms(atoms) -> list:
+    """Minimal input check shared by the backends: a non-empty list of non-empty ase.Atoms."""
+    from ase import Atoms
+
+    if isinstance(atoms, Atoms):
+        atoms = [atoms]
+    atoms = list(atoms)
+    if not atoms:
+        raise ValueError("Expected at least one structure; got an empty list.")
+    for i, at in enumerate(atoms):
+        if not isinstance(at, Atoms):
+            raise TypeError(f"X[{i}] is a {type(at).__name__}, not an ase.Atoms.")
+        if len(at) == 0:
+            raise ValueError(f"X[{i}] has no atoms.")
+    return atoms
+
+
+def load(name_or_model, *, device="auto", dtype=torch.float32) -> MLIP:
+    """Load an MLIP handle from a name, a MACE model file or a network.
+
+    Parameters
+    ----------
+    name_or_model : str, os.PathLike, MLIP or torch.nn.Module
+        ``"sevennet-0"`` / ``"7net-0"`` (SevenNet-0, 842k parameters, 89 elements),
+        ``"chgnet-0.3.0"`` / ``"chgnet"`` (CHGNet 0.3.0, 412k parameters, 89 elements),
+        a path to a MACE ``.model`` file, an already built :class:`MLIP` handle (returned as is)
+        or a ``torch.nn.Module`` of the built-in model (wrapped).
+    device : str or torch.device, default="auto"
+        ``"auto"`` picks the first CUDA device when there is one, else the CPU.
+    dtype : torch.dtype, default=torch.float32
+        Floating point type of the network and of the batches (``torch.float64`` for
+        finite-difference checks).
+
+    Returns
+    -------
+    model : MLIP
+        The handle; ``model.module`` is the network.
+
+    Raises
+    ------
+    ImportError
+        When the backend's optional extra is not installed (the message names it).
+    ValueError
+        When the name is unknown or the path does not exist.
+
+    Examples
+    --------
+    >>> from skntk.models import load
+    >>> load("no-such-model")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown model 'no-such-model': expected one of ...
+    """
+    if isinstance(name_or_model, MLIP):
+        return name_or_model
+    if isinstance(name_or_model, torch.nn.Module):
+        return _wrap_module(name_or_model, device=device, dtype=dtype)
+    if isinstance(name_or_model, (str, os.PathLike)):
+        key = os.fspath(name_or_model)
+        low = key.lower()
+        if low in _SEVENNET_NAMES:
+            from skntk.models.sevennet import SevenNetMLIP
+
+            return SevenNetMLIP.from_pretrained(_SEVENNET_NAMES[low], device=device, dtype=dtype)
+        if low in _CHGNET_NAMES:
+            from skntk.models.chgnet import CHGNetMLIP
+
+            return CHGNetMLIP.from_pretrained(_CHGNET_NAMES[low], device=device, dtype=dtype)
+        if low.endswith(".model") or os.path.isfile(key):
+            if not os.path.isfile(key):
+                raise ValueError(f"MACE model file {key!r} does not exist.")
+            from skntk.models.mace import MACEMLIP
+
+            return MACEMLIP.from_file(key, device=device, dtype=dtype)
+        known = sorted(set(_SEVENNET_NAMES) | set(_CHGNET_NAMES))
+        raise ValueError(
+            f"Unknown model {key!r}: expected one of {known}, a path to a MACE .model file, "
+            "an MLIP handle or a torch.nn.Module."
+        )
+    raise TypeError(
+        f"load() takes a model name, a path, an MLIP or a torch.nn.Module; "
+        f"got {type(name_or_model).__name__}."
+    )
+
+
+def _wrap_module(module: torch.nn.Module, *, device, dtype) -> MLIP:
+    """Wrap a bare network: a SevenNet AtomGraphSequential, a CHGNet, a MACE or the built-in one."""
+    cls = type(module)
+    mod = cls.__module__
+    if mod.startswith("sevenn."):
+        from skntk.models.sevennet import SevenNetMLIP
+
+        return SevenNetMLIP(module, device=device, dtype=dtype)
+    if mod.startswith("chgnet."):
+        from skntk.models.chgnet import CHGNetMLIP
+
+        return CHGNetMLIP(module, device=device, dtype=dtype)
+    if mod.startswith("mace."):
+        from skntk.models.mace import MACEMLIP
+
+        return MACEMLIP(module, device=device, dtype=dtype)
+    try:
+        builtin = importlib.import_module("skntk.models.builtin")
+    except ImportError:
+        builtin = None
+    wrapper = None
+    if builtin is not None:
+        for attr in dir(builtin):
+            obj = getattr(builtin, attr)
+            if (isinstance(obj, type) and issubclass(obj, MLIP) and obj is not MLIP
+                    and getattr(obj, "module_class", None) is cls):
+                wrapper = obj
+                break
+    if wrapper is None:
+        raise TypeError(
+            f"Do not know how to wrap a {cls.__module__}.{cls.__name__}: pass an MLIP handle, "
+            "a SevenNet, CHGNet or MACE network, or the built-in model."
+        )
+    return wrapper(module)

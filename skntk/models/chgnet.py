@@ -1,0 +1,247 @@
+"""CHGNet backend: CHGNet 0.3.0 (shipped inside the ``chgnet`` wheel).
+
+Optional extra: ``pip install skntk[chgnet]`` (``chgnet==0.4.2``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from skntk.models import _check_atoms, _check_species, _require, _resolve_device
+from skntk.models.base import MLIP
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHGNetMLIP", "CHGNetBatch", "periodic_copy"]
+
+
+def periodic_copy(atoms, cutoff: float, *, index: int = 0):
+    """The fully periodic structure CHGNet sees for ``atoms``.
+
+    CHGNet works on pymatgen ``Structure`` objects, which are periodic in three directions.
+
+    - A structure periodic in all directions is returned unchanged (a copy).
+    - A structure with ``pbc`` all False (a molecule) is put in an orthorhombic box whose sides
+      are the extent of the atoms plus ``cutoff + 2`` Å, so no atom sees a periodic image.
+    - A structure periodic in some directions (a slab) keeps its cell; each non-periodic cell
+      vector must leave a vacuum gap of at least ``cutoff`` Å, else a ValueError is raised.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+    cutoff : float
+        Interaction cutoff in Å (6 for CHGNet 0.3.0).
+    index : int, default=0
+        Position of ``atoms`` in the caller's list, used in error messages.
+
+    Returns
+    -------
+    boxed : ase.Atoms
+        A copy with ``pbc=True`` and a cell in Å.
+    """
+    at = atoms.copy()
+    at.calc = None
+    pbc = np.asarray(at.pbc, dtype=bool)
+    if pbc.all():
+        if abs(at.cell.volume) < 1e-8:
+            raise ValueError(f"X[{index}] ({at.get_chemical_formula()}) has pbc=True but a zero cell.")
+        return at
+    if not pbc.any():
+        pos = at.positions
+        extent = pos.max(0) - pos.min(0)
+        side = extent + cutoff + 2.0
+        at.cell = np.diag(side)
+        at.positions = pos - pos.min(0) + 1.0
+        at.pbc = True
+        return at
+    cell = np.asarray(at.cell)
+    if abs(np.linalg.det(cell)) < 1e-8:
+        raise ValueError(
+            f"X[{index}] ({at.get_chemical_formula()}) is periodic along {pbc.tolist()} but its "
+            "cell is singular; give the non-periodic direction a vacuum cell vector."
+        )
+    recip = np.linalg.inv(cell).T  # rows: reciprocal vectors (without 2π)
+    for ax in np.flatnonzero(~pbc):
+        normal = recip[ax] / np.linalg.norm(recip[ax])
+        height = 1.0 / np.linalg.norm(recip[ax])
+        proj = at.positions @ normal
+        gap = height - (proj.max() - proj.min())
+        if gap < cutoff:
+            raise ValueError(
+                f"X[{index}] ({at.get_chemical_formula()}) is not periodic along cell vector {ax} "
+                f"but leaves only {gap:.2f} Å of vacuum there; CHGNet needs at least the cutoff "
+                f"({cutoff} Å) so periodic images do not interact."
+            )
+    at.pbc = True
+    return at
+
+
+@dataclass
+class CHGNetBatch:
+    """Collated CHGNet crystal graphs.
+
+    Attributes
+    ----------
+    graphs : list of chgnet.graph.CrystalGraph of length n_structures
+    ptr : torch.LongTensor of shape (n_structures + 1,)
+        Atom offsets of each structure.
+    """
+
+    graphs: list
+    ptr: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+
+class CHGNetMLIP(MLIP):
+    """Handle of a CHGNet network, e.g. the pretrained CHGNet 0.3.0.
+
+    CHGNet predicts an energy per atom (its readout averages site energies and adds the frozen
+    per-element ``AtomRef`` composition energy); this handle returns total energies, the
+    per-atom prediction times the number of atoms N, as the CHGNet ASE calculator does. Forces
+    are ``-∂E/∂R`` and CHGNet always builds them with ``create_graph``, so ``∂F/∂θ`` works as
+    shipped. Molecules are put in a big periodic box (:func:`periodic_copy`). Several
+    structures are batched into one forward.
+
+    Parameter subsets (fnmatch patterns over ``module.named_parameters()``):
+
+    - ``"readout"``: ``mlp.*`` (12,545 parameters for 0.3.0, a gated MLP on site features).
+    - ``"last_block"``: the last atom convolution, the readout normalisation and ``mlp.*``.
+    - ``"all"``: every trainable parameter that enters the energy (the magnetic-moment head
+      ``site_wise`` and the frozen ``composition_model`` are left out).
+
+    Parameters
+    ----------
+    module : chgnet.model.CHGNet
+        The network, moved to ``device`` / ``dtype`` and set to eval mode in place.
+    device : str or torch.device, default="auto"
+    dtype : torch.dtype, default=torch.float32
+        Only float32 is supported (CHGNet builds its graphs in float32).
+    name : str, default="chgnet"
+
+    Attributes
+    ----------
+    module : CHGNet
+    cutoff : float
+        Atom-graph cutoff in Å (6 for 0.3.0; angles use bonds shorter than 3 Å).
+    species : frozenset of int
+        Atomic numbers 1-94 (CHGNet's embedding table; 89 appear in its training data).
+    n_embedding : int
+        Width of :meth:`embeddings` (64 for 0.3.0).
+    """
+
+    implemented_properties = ("energy", "forces", "embeddings")
+
+    def __init__(self, module, *, device="auto", dtype=torch.float32, name="chgnet"):
+        _require("chgnet", "chgnet")
+        if dtype != torch.float32:
+            raise ValueError(
+                f"dtype={dtype} is not supported by the CHGNet backend: CHGNet builds its graph "
+                "and composition features in float32; use dtype=torch.float32."
+            )
+        self.module = module
+        self.name = name
+        self.device = _resolve_device(device)
+        self.dtype = dtype
+        self.cutoff = float(module.graph_converter.atom_graph_cutoff)
+        n_z = int(module.atom_embedding.embedding.num_embeddings) \
+            if hasattr(module.atom_embedding, "embedding") else 94
+        self.species = frozenset(range(1, n_z + 1))
+        module.eval()
+        module.to(device=self.device, dtype=dtype)
+        last = len(module.atom_conv_layers) - 1
+        readout = ("mlp.*",)
+        skip = {"site_wise", "composition_model"}
+        top = tuple(f"{n}.*" for n, _ in module.named_children() if n not in skip)
+        self.subset_patterns = {
+            "readout": readout,
+            "last_block": (f"atom_conv_layers.{last}.*", "readout_norm.*") + readout,
+            "all": top,
+        }
+        self.n_embedding = int(module.atom_embedding.embedding.embedding_dim)
+
+    @classmethod
+    def from_pretrained(cls, name="0.3.0", *, device="auto", dtype=torch.float32):
+        """Load pretrained CHGNet weights shipped with ``chgnet`` (``"0.3.0"``); no download."""
+        _require("chgnet", "chgnet")
+        from chgnet.model import CHGNet
+
+        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
+            module = CHGNet.load(model_name=name, use_device="cpu", verbose=False)
+        return cls(module, device=device, dtype=dtype, name=f"chgnet-{name}")
+
+    # -- protocol -------------------------------------------------------------------------
+    def collate(self, atoms: Sequence, device=None) -> CHGNetBatch:
+        """Convert ``atoms`` to CHGNet crystal graphs (molecules boxed, see
+        :func:`periodic_copy`).
+
+        Parameters
+        ----------
+        atoms : list of ase.Atoms of length n_structures
+        device : str or torch.device, optional
+            Defaults to the handle's device.
+
+        Returns
+        -------
+        batch : CHGNetBatch
+        """
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        atoms = _check_atoms(atoms)
+        _check_species(atoms, self.species, self.name)
+        device = self.device if device is None else _resolve_device(device)
+        adaptor = AseAtomsAdaptor()
+        graphs = []
+        for i, at in enumerate(atoms):
+            boxed = periodic_copy(at, self.cutoff, index=i)
+            structure = adaptor.get_structure(boxed)
+            graph = self.module.graph_converter(structure)
+            graphs.append(graph.to(device))
+        counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
+        return CHGNetBatch(graphs=graphs, ptr=ptr)
+
+    def _forward(self, batch: CHGNetBatch, task: str, **kwargs):
+        n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(self.dtype)
+        out = self.module(batch.graphs, task=task, **kwargs)
+        energy = out["e"].reshape(-1)
+        if self.module.is_intensive:
+            energy = energy * n_atoms
+        return energy, out
+
+    def energy_and_forces(self, batch: CHGNetBatch, *, create_graph: bool = False):
+        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
+
+        With ``create_graph=True`` both stay differentiable with respect to the parameters;
+        otherwise they are detached.
+        """
+        energy, out = self._forward(batch, "ef")
+        forces = torch.cat(list(out["f"]), dim=0)
+        if not create_graph:
+            energy, forces = energy.detach(), forces.detach()
+        return energy, forces
+
+    def energy(self, batch: CHGNetBatch) -> torch.Tensor:
+        """Energies (n_structures,) in eV, differentiable with respect to the parameters."""
+        return self._forward(batch, "e")[0]
+
+    def embeddings(self, batch: CHGNetBatch) -> torch.Tensor:
+        """CHGNet's invariant atom features before the last atom convolution.
+
+        Returns
+        -------
+        h : torch.Tensor of shape (n_atoms_total, 64)
+        """
+        _, out = self._forward(batch, "e", return_atom_feas=True)
+        return torch.cat(list(out["atom_fea"]), dim=0)
+
+    def __repr__(self) -> str:
+        return f"CHGNetMLIP(name={self.name!r}, cutoff={self.cutoff}, device={str(self.device)!r})"

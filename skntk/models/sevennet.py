@@ -1,0 +1,226 @@
+"""SevenNet backend: SevenNet-0 (shipped inside the ``sevenn`` wheel) and other SevenNet networks.
+
+Optional extra: ``pip install skntk[sevennet]`` (``sevenn==0.13.0``). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from skntk.models import _check_atoms, _check_species, _require, _resolve_device
+from skntk.models.base import MLIP
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SevenNetMLIP", "SevenNetBatch"]
+
+
+@dataclass
+class SevenNetBatch:
+    """Collated SevenNet graphs.
+
+    Attributes
+    ----------
+    data : torch_geometric.data.Batch
+        SevenNet's batched ``AtomGraphData`` (edge vectors in Å, built with SevenNet's own
+        neighbour list, so the numbers equal those of ``SevenNetCalculator``).
+    ptr : torch.LongTensor of shape (n_structures + 1,)
+        Atom offsets of each structure.
+    """
+
+    data: object
+    ptr: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.ptr.numel() - 1)
+
+
+class SevenNetMLIP(MLIP):
+    """Handle of a SevenNet network (``AtomGraphSequential``), e.g. SevenNet-0.
+
+    The energy of structure x is SevenNet's ``E = Σ_i (s_{Z_i} e_i + μ_{Z_i})`` with ``e_i`` the
+    two-layer linear readout of the last block's 128 scalar node features, ``s`` and ``μ`` the
+    per-element scale and shift frozen in the checkpoint (``rescale_atomic_energy``). Forces are
+    SevenNet's: ``-∂E/∂r_ij`` on the edge vectors, scattered to atoms; they are built with
+    ``create_graph`` (so ``∂F/∂θ`` exists) by putting the force head in train mode for that call
+    only. Several structures are batched into one forward.
+
+    Parameter subsets (fnmatch patterns over ``module.named_parameters()``):
+
+    - ``"readout"``: ``reduce_input_to_hidden.*``, ``reduce_hidden_to_energy.*`` (8,256 for
+      SevenNet-0). They are two linear layers with no nonlinearity between them, so the readout
+      energy NTK is a linear kernel on the 128 pooled scalar node features: rank ≤ 128.
+    - ``"last_block"``: the last interaction block (prefix ``4_`` in SevenNet-0) and the readout.
+    - ``"all"``: every parameter with ``requires_grad`` (the per-element shift and scale are
+      frozen buffers-as-parameters and are left out; they carry the composition part of the
+      energy, which matters when moving between functionals).
+
+    Parameters
+    ----------
+    module : sevenn.nn.sequential.AtomGraphSequential
+        The network. It is switched to batch mode and eval mode in place and moved to
+        ``device`` / ``dtype``.
+    device : str or torch.device, default="auto"
+    dtype : torch.dtype, default=torch.float32
+        Only float32 is supported (SevenNet hard-codes float32 one-hot inputs).
+    name : str, default="sevennet"
+        Used in error messages.
+
+    Attributes
+    ----------
+    module : AtomGraphSequential
+    cutoff : float
+        Neighbour cutoff in Å (5.0 for SevenNet-0).
+    species : frozenset of int
+        Atomic numbers in the network's type map (89 for SevenNet-0).
+    device : torch.device
+    n_embedding : int
+        Width of :meth:`embeddings` (128 for SevenNet-0).
+
+    Notes
+    -----
+    Edge vectors are computed in NumPy (as SevenNet does), so positions are not a torch leaf:
+    forces are differentiable with respect to θ, not to positions.
+    """
+
+    implemented_properties = ("energy", "forces", "embeddings")
+
+    def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet"):
+        _require("sevenn", "sevennet")
+        if dtype != torch.float32:
+            raise ValueError(
+                f"dtype={dtype} is not supported by the SevenNet backend: SevenNet builds its "
+                "one-hot node inputs in float32; use dtype=torch.float32."
+            )
+        if module.type_map is None or not module.cutoff:
+            raise ValueError("The SevenNet network has no type_map or cutoff; cannot use it.")
+        self.module = module
+        self.name = name
+        self.device = _resolve_device(device)
+        self.dtype = dtype
+        self.cutoff = float(module.cutoff)
+        self.species = frozenset(int(z) for z in module.type_map)
+        module.set_is_batch_data(True)
+        module.eval()
+        module.to(device=self.device, dtype=dtype)
+        blocks = sorted({int(m.group(1)) for n in module._modules
+                         if (m := re.match(r"^(\d+)_", n))})
+        readout = ("reduce_input_to_hidden.*", "reduce_hidden_to_energy.*")
+        last = (f"{blocks[-1]}_*",) if blocks else ()
+        self.subset_patterns = {"readout": readout, "last_block": last + readout, "all": ("*",)}
+        self.n_embedding = int(module._modules["reduce_input_to_hidden"].linear.irreps_in.dim) \
+            if hasattr(module._modules["reduce_input_to_hidden"], "linear") else None
+
+    @classmethod
+    def from_pretrained(cls, name="7net-0", *, device="auto", dtype=torch.float32):
+        """Load a pretrained SevenNet shipped with ``sevenn`` (``"7net-0"``); no download."""
+        _require("sevenn", "sevennet")
+        from sevenn import util
+
+        if name != "7net-0":
+            logger.warning("SevenNet model %r may be fetched from the internet by sevenn.", name)
+        cp = util.load_checkpoint(name)
+        module = cp.build_model()
+        label = "sevennet-0" if name == "7net-0" else name
+        return cls(module, device=device, dtype=dtype, name=label)
+
+    # -- protocol -------------------------------------------------------------------------
+    def collate(self, atoms: Sequence, device=None) -> SevenNetBatch:
+        """Build SevenNet graphs of ``atoms`` and batch them.
+
+        Parameters
+        ----------
+        atoms : list of ase.Atoms of length n_structures
+        device : str or torch.device, optional
+            Defaults to the handle's device.
+
+        Returns
+        -------
+        batch : SevenNetBatch
+        """
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+        from torch_geometric.data import Batch
+
+        atoms = _check_atoms(atoms)
+        _check_species(atoms, self.species, self.name)
+        device = self.device if device is None else _resolve_device(device)
+        graphs = []
+        for at in atoms:
+            g = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(at, self.cutoff))
+            for key, val in g.items():
+                if torch.is_tensor(val) and val.is_floating_point():
+                    g[key] = val.to(self.dtype)
+            graphs.append(g)
+        data = Batch.from_data_list(graphs).to(device)
+        counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
+        return SevenNetBatch(data=data, ptr=ptr)
+
+    def _fresh(self, batch: SevenNetBatch):
+        import sevenn._keys as KEY
+
+        data = batch.data.clone()
+        data[KEY.EDGE_VEC] = data[KEY.EDGE_VEC].detach().requires_grad_(True)
+        return data
+
+    def energy_and_forces(self, batch: SevenNetBatch, *, create_graph: bool = False):
+        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
+
+        With ``create_graph=True`` both stay differentiable with respect to the parameters
+        (double backward through SevenNet's edge-vector forces); otherwise they are detached.
+        """
+        import sevenn._keys as KEY
+
+        head = self.module._modules["force_output"]
+        was_training = head.training
+        head.train(create_graph)
+        try:
+            out = self.module(self._fresh(batch))
+        finally:
+            head.train(was_training)
+        energy = out[KEY.PRED_TOTAL_ENERGY].reshape(-1)
+        forces = out[KEY.PRED_FORCE]
+        if not create_graph:
+            energy, forces = energy.detach(), forces.detach()
+        return energy, forces
+
+    def _run_until(self, batch: SevenNetBatch, stop: str | None):
+        import sevenn._keys as KEY
+
+        data = self.module._preprocess(batch.data.clone())
+        data[KEY.EDGE_VEC] = data[KEY.EDGE_VEC].detach()
+        for name, mod in self.module._modules.items():
+            if name == stop:
+                break
+            if name == "force_output":
+                continue
+            data = mod(data)
+        return data
+
+    def energy(self, batch: SevenNetBatch) -> torch.Tensor:
+        """Energies (n_structures,) in eV, differentiable with respect to the parameters
+        (the force head is skipped, so this is cheaper than :meth:`energy_and_forces`)."""
+        import sevenn._keys as KEY
+
+        return self._run_until(batch, None)[KEY.PRED_TOTAL_ENERGY].reshape(-1)
+
+    def embeddings(self, batch: SevenNetBatch) -> torch.Tensor:
+        """The last block's invariant node features, input of the readout.
+
+        Returns
+        -------
+        h : torch.Tensor of shape (n_atoms_total, 128)
+            Scalar (``0e``) node features for SevenNet-0.
+        """
+        import sevenn._keys as KEY
+
+        return self._run_until(batch, "reduce_input_to_hidden")[KEY.NODE_FEATURE]
+
+    def __repr__(self) -> str:
+        return f"SevenNetMLIP(name={self.name!r}, cutoff={self.cutoff}, device={str(self.device)!r})"
