@@ -362,8 +362,19 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         return X.with_rows(psi_all, shortlist=shortlist)
 
     def fit_transform(self, X, y=None):
-        """Fit on ``X`` and return its posterior features (see :meth:`transform`)."""
-        return self.fit(X, y).transform(X)
+        """Fit on the labelled ``X`` and return its posterior features.
+
+        Same rows as ``fit(X).transform(X)``, but no shortlist is computed: labelled structures
+        are not candidates (in a pipeline, the next selector uses them as centres).
+
+        Returns
+        -------
+        Psi : ndarray of shape (n_structures, n_features) or FeatureBlocks
+        """
+        was_array = not isinstance(X, FeatureBlocks)
+        self.fit(X, y)
+        psi = self.posterior_.transform(self._check_X(X, reset=False))
+        return psi.rows if was_array else psi
 
     # -- selection -----------------------------------------------------------------------------
     def _select(self, X, candidates, n_to_select):

@@ -1,0 +1,318 @@
+"""Structure-level kernels and the greedy centre loop shared by LCMD and MaxDist.
+
+Both selectors reduce a structure to an explicit kernel feature vector ``φ(x)`` (so that
+``k(a, b) = φ(a)·φ(b)``), get squared distances from the kernel,
+``d²(a, b) = k(a, a) + k(b, b) − 2 k(a, b)``, and grow a set of centres one structure at a time,
+as bmdal_reg's ``MaxDistSelectionMethod`` / ``LargestClusterMaxDistSelectionMethod`` do. Cost
+``O(n_to_select · n_candidates · D)`` plus ``O(n_train · n_candidates · D)`` for the train centres
+(chunked from ``working_memory``); no ``n x n`` matrix is formed.
+
+Kernels:
+
+- ``"linear"``: ``φ(x) = g_x`` for single-row blocks.
+- ``"gram"``: ``k(A, B) = ‖G_A G_Bᵀ‖_F² = ⟨G_AᵀG_A, G_BᵀG_B⟩_F``, valid for any block sizes and
+  invariant under rotations of feature space. Exact route: ``φ(A)`` = upper triangle of ``G_AᵀG_A``
+  with off-diagonal entries times √2 (dimension ``d(d+1)/2``). Sketched route: the tensor sketch
+  ``φ(A) = Σ_rows (g R₁) ⊙ (g R₂) / √D`` with Gaussian ``R₁, R₂`` (d x D), an unbiased estimate of
+  the exact kernel (``E[φ(A)·φ(B)] = k(A, B)``).
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from skntk.linalg import chunk_n_rows, gen_structure_chunks, segment_sum
+from skntk.selection._base import BaseSelector
+from skntk.selection._posterior import FeaturePosterior
+
+__all__ = ["gram_features_exact", "gram_features_sketch", "greedy_centres", "nearest_centres"]
+
+
+def gram_features_exact(X, *, working_memory=None):
+    """Exact explicit features of the gram kernel ``‖G_A G_Bᵀ‖_F²``.
+
+    Parameters
+    ----------
+    X : FeatureBlocks
+    working_memory : float or None
+
+    Returns
+    -------
+    phi : ndarray of shape (n_structures, n_features * (n_features + 1) // 2)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skntk.blocks import FeatureBlocks
+    >>> from skntk.selection._kernel import gram_features_exact
+    >>> rng = np.random.default_rng(0)
+    >>> X = FeatureBlocks(rng.normal(size=(5, 3)), [0, 2, 5])
+    >>> phi = gram_features_exact(X)
+    >>> A, B = X.block(0), X.block(1)
+    >>> bool(np.isclose(phi[0] @ phi[1], np.sum((A @ B.T) ** 2)))
+    True
+    """
+    d = X.n_features
+    iu, ju = np.triu_indices(d)
+    w = np.where(iu == ju, 1.0, np.sqrt(2.0))
+    out = np.empty((len(X), iu.size))
+    max_rows = chunk_n_rows(8 * (iu.size + d), max_n_rows=max(X.n_rows, 1),
+                            working_memory=working_memory)
+    for sl in gen_structure_chunks(X.offsets, max_rows):
+        lo, hi = X.offsets[sl.start], X.offsets[sl.stop]
+        G = np.asarray(X.rows[lo:hi], dtype=np.float64)
+        out[sl] = segment_sum((G[:, iu] * G[:, ju]) * w, X.offsets[sl.start:sl.stop + 1] - lo)
+    return out
+
+
+def gram_features_sketch(X, R1, R2, *, working_memory=None):
+    """Tensor-sketch features ``Σ_rows (g R₁) ⊙ (g R₂) / √D`` of the gram kernel.
+
+    Parameters
+    ----------
+    X : FeatureBlocks
+    R1, R2 : ndarray of shape (n_features, D)
+        Independent standard Gaussian matrices.
+    working_memory : float or None
+
+    Returns
+    -------
+    phi : ndarray of shape (n_structures, D)
+    """
+    D = R1.shape[1]
+    out = np.empty((len(X), D))
+    max_rows = chunk_n_rows(8 * (3 * D + X.n_features), max_n_rows=max(X.n_rows, 1),
+                            working_memory=working_memory)
+    for sl in gen_structure_chunks(X.offsets, max_rows):
+        lo, hi = X.offsets[sl.start], X.offsets[sl.stop]
+        G = np.asarray(X.rows[lo:hi], dtype=np.float64)
+        out[sl] = segment_sum((G @ R1) * (G @ R2), X.offsets[sl.start:sl.stop + 1] - lo)
+    return out / np.sqrt(D)
+
+
+def _row_sq(phi):
+    return np.einsum("ij,ij->i", phi, phi)
+
+
+def nearest_centres(phi, centres, *, working_memory=None):
+    """Squared distance of each row of ``phi`` to its nearest centre, and that centre's index.
+
+    Ties go to the lower centre index (as adding the centres one by one with a strict ``<`` does).
+
+    Parameters
+    ----------
+    phi : ndarray of shape (n, D)
+    centres : ndarray of shape (n_centres, D), n_centres >= 1
+    working_memory : float or None
+
+    Returns
+    -------
+    min_sq : ndarray of shape (n,)
+    closest : ndarray of int of shape (n,)
+    """
+    n = phi.shape[0]
+    diag = _row_sq(phi)
+    diag_c = _row_sq(centres)
+    min_sq = np.full(n, np.inf)
+    closest = np.zeros(n, dtype=np.int64)
+    step = chunk_n_rows(16 * max(n, 1), max_n_rows=centres.shape[0], working_memory=working_memory)
+    for lo in range(0, centres.shape[0], step):
+        C = centres[lo:lo + step]
+        sq = diag_c[lo:lo + step, None] + diag[None, :] - 2.0 * (C @ phi.T)
+        np.maximum(sq, 0.0, out=sq)
+        arg = np.argmin(sq, axis=0)
+        val = sq[arg, np.arange(n)]
+        better = val < min_sq
+        min_sq[better] = val[better]
+        closest[better] = arg[better] + lo
+    return min_sq, closest
+
+
+def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_memory=None):
+    """Grow centres greedily: LCMD (largest cluster, max distance) or MaxDist (farthest point).
+
+    Semantics of bmdal_reg: ``centres`` (e.g. the train set) are the initial centres; without
+    centres the first pick is the largest ``k(x, x)``. Every candidate belongs to its nearest centre
+    (ties: the earlier centre). LCMD: a cluster's size is the sum of its members' squared distances;
+    pick the member farthest from its centre among the largest clusters. MaxDist: pick the candidate
+    farthest from all centres. Ties: first index. A pick becomes a centre and is never picked again.
+
+    Parameters
+    ----------
+    phi : ndarray of shape (n_candidates, D)
+        Kernel features of the candidates.
+    n_to_select : int
+        At most ``n_candidates``.
+    centres : ndarray of shape (n_centres, D) or None
+    method : {"lcmd", "maxdist"}
+    working_memory : float or None
+
+    Returns
+    -------
+    picks : ndarray of int of shape (n_to_select,)
+        Positions in ``phi``, in selection order.
+    """
+    n = phi.shape[0]
+    diag = _row_sq(phi)
+    n_added = 0
+    if centres is not None and centres.shape[0]:
+        min_sq, closest = nearest_centres(phi, centres, working_memory=working_memory)
+        closest += 1  # cluster 0: candidates with no centre yet
+        n_added = centres.shape[0]
+    else:
+        min_sq = np.full(n, np.inf)
+        closest = np.zeros(n, dtype=np.int64)
+    chosen = np.zeros(n, dtype=bool)
+    picks = np.empty(n_to_select, dtype=np.int64)
+    for k in range(n_to_select):
+        if n_added == 0:
+            j = int(np.argmax(diag))
+        else:
+            if method == "lcmd":
+                sizes = np.bincount(closest, weights=min_sq, minlength=n_added + 1)
+                s = np.where(sizes[closest] == sizes.max(), min_sq, -np.inf)
+            else:
+                s = min_sq.copy()
+            s[chosen] = -np.inf
+            j = int(np.argmax(s))
+            if not s[j] > -np.inf:  # nothing eligible (degenerate distances): first unselected
+                j = int(np.flatnonzero(~chosen)[0])
+        picks[k] = j
+        chosen[j] = True
+        sq = diag[j] + diag - 2.0 * (phi @ phi[j])
+        np.maximum(sq, 0.0, out=sq)
+        sq[j] = 0.0
+        new = sq < min_sq
+        n_added += 1
+        closest[new] = n_added
+        min_sq[new] = sq[new]
+    return picks
+
+
+class _KernelCentresSelector(TransformerMixin, BaseSelector):
+    """Shared machinery of LCMD and MaxDist: features, kernel, train centres (not public)."""
+
+    _method = "lcmd"
+    _parameter_constraints: dict = {
+        **BaseSelector._parameter_constraints,
+        "kernel": [StrOptions({"auto", "linear", "gram"})],
+        "gram_features": [StrOptions({"auto", "exact", "sketch"})],
+        "n_sketch_features": [Interval(Integral, 1, None, closed="left")],
+        "features": [StrOptions({"prior", "posterior"})],
+        "sigma2": [Interval(Real, 0, None, closed="neither")],
+        "normalize": ["boolean"],
+        "sel_with_train": ["boolean"],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(self, n_to_select=None, *, kernel="auto", gram_features="auto",
+                 n_sketch_features=1024, features="prior", sigma2=1e-3, normalize=True,
+                 sel_with_train=True, random_state=None, working_memory=None):
+        self.n_to_select = n_to_select
+        self.kernel = kernel
+        self.gram_features = gram_features
+        self.n_sketch_features = n_sketch_features
+        self.features = features
+        self.sigma2 = sigma2
+        self.normalize = normalize
+        self.sel_with_train = sel_with_train
+        self.random_state = random_state
+        self.working_memory = working_memory
+
+    def fit(self, X, y=None):
+        """Record the train structures as centres (in kernel feature space).
+
+        Parameters
+        ----------
+        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+            Labelled structures (prior features, or posterior features from a PV step).
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        X = self._check_X(X, reset=True)
+        single = bool(np.all(X.n_rows_per_structure == 1))
+        self.kernel_ = ("linear" if single else "gram") if self.kernel == "auto" else self.kernel
+        d = X.n_features
+        if self.kernel_ == "gram":
+            route = self.gram_features
+            if route == "auto":
+                route = "exact" if d * (d + 1) // 2 <= self.n_sketch_features else "sketch"
+            self.gram_features_ = route
+        else:
+            self.gram_features_ = None
+        if self.gram_features_ == "sketch":
+            rng = check_random_state(self.random_state)
+            D = self.n_sketch_features
+            self.sketch_ = (rng.standard_normal((d, D)), rng.standard_normal((d, D)))
+        if self.features == "posterior":
+            self.posterior_ = FeaturePosterior(self.sigma2, normalize=self.normalize,
+                                               working_memory=self.working_memory).fit(X)
+        phi = self._phi(X)
+        self.centres_ = phi if self.sel_with_train else phi[:0]
+        return self
+
+    def _phi(self, X):
+        """Kernel features of validated blocks ``X``, shape (n_structures, D)."""
+        if self.features == "posterior":
+            X = self.posterior_.transform(X)
+        if self.kernel_ == "linear":
+            m = X.n_rows_per_structure
+            if np.any(m != 1):
+                i = int(np.flatnonzero(m != 1)[0])
+                raise ValueError(
+                    f"kernel='linear' needs one row per structure; structure {i} of X has {m[i]} "
+                    "rows (use kernel='gram' for multi-row blocks)."
+                )
+            return np.asarray(X.rows, dtype=np.float64)
+        if self.gram_features_ == "exact":
+            return gram_features_exact(X, working_memory=self.working_memory)
+        return gram_features_sketch(X, *self.sketch_, working_memory=self.working_memory)
+
+    def transform(self, X):
+        """Kernel features ``φ(x)`` of every structure (``k(a, b) = φ(a)·φ(b)``).
+
+        Parameters
+        ----------
+        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+
+        Returns
+        -------
+        phi : ndarray of shape (n_structures, D)
+        """
+        check_is_fitted(self)
+        return self._phi(self._check_X(X, reset=False))
+
+    def score_samples(self, X):
+        """Squared kernel distance to the nearest train centre (``k(x, x)`` without centres).
+
+        Parameters
+        ----------
+        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+
+        Returns
+        -------
+        sq_dist : ndarray of shape (n_structures,)
+        """
+        check_is_fitted(self)
+        phi = self._phi(self._check_X(X, reset=False))
+        if self.centres_.shape[0] == 0:
+            return _row_sq(phi)
+        return nearest_centres(phi, self.centres_, working_memory=self.working_memory)[0]
+
+    def _select(self, X, candidates, n_to_select):
+        phi = self._phi(X[candidates] if X.shortlist is not None else X)
+        picks = greedy_centres(phi, n_to_select, centres=self.centres_, method=self._method,
+                               working_memory=self.working_memory)
+        return np.asarray(candidates)[picks]
+
