@@ -1,0 +1,447 @@
+"""Structures in, feature blocks out: NTK features and pretrained embeddings of an MLIP.
+
+:class:`ForceNTKTransformer` turns ``list[ase.Atoms]`` into energy, force or joint NTK rows
+(:mod:`skntk.ntk`) packed as :class:`skntk.blocks.FeatureBlocks`; :class:`EmbeddingTransformer` gives
+the "pretrained embedding" baseline, one row per structure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from ase import Atoms
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from skntk import ntk
+from skntk.atoms import as_atoms_list, validate_structures
+from skntk.blocks import FeatureBlocks
+from skntk.models.base import MLIP, module_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ForceNTKTransformer", "EmbeddingTransformer"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"device={device!r} requested but CUDA is not available; using the CPU.",
+                      RuntimeWarning, stacklevel=3)
+        return torch.device("cpu")
+    return dev
+
+
+def _resolve_model(model, owner: str) -> MLIP:
+    """The MLIP handle behind the ``model`` parameter.
+
+    A handle passes through; a string or path loads a file written by
+    :meth:`skntk.models.builtin.BuiltinMLIP.save`; a raw ``torch.nn.Module`` is refused (it has no
+    collate/energy protocol, and scikit-learn's ``clone`` would deep-copy it).
+    """
+    if isinstance(model, MLIP):
+        return model
+    if model is None:
+        raise ValueError(f"{owner} needs a model: an MLIP handle (e.g. BuiltinMLIP) or the path of "
+                         f"a saved built-in model; got None.")
+    if isinstance(model, (str, os.PathLike)):
+        from skntk.models.builtin import BuiltinMLIP
+
+        if not os.path.exists(model):
+            raise ValueError(f"The 'model' parameter of {owner} is the string {str(model)!r}, which "
+                             f"is not a saved model file.")
+        return BuiltinMLIP.load(model)
+    if isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"The 'model' parameter of {owner} is a raw {type(model).__name__} (torch.nn.Module); "
+            f"wrap it in an MLIP handle (skntk.models.base.MLIP subclass, e.g. "
+            f"BuiltinMLIP(module=net)) so features know how to batch structures and so clone() "
+            f"does not deep-copy the network."
+        )
+    raise TypeError(f"The 'model' parameter of {owner} must be an MLIP handle or a path; got "
+                    f"{type(model).__name__}.")
+
+
+class _AtomsTransformerMixin:
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.requires_fit = True
+        return tags
+
+    def _batches(self, n: int, size: int):
+        starts = range(0, n, size)
+        return tqdm(starts, desc=type(self).__name__, disable=not self.progress_bar,
+                    unit="batch", leave=False)
+
+    def _eval_dtype(self, model: MLIP):
+        if self.dtype is not None:
+            return _DTYPES[self.dtype]
+        return next(model.module.parameters()).dtype
+
+
+class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimator):
+    """Energy, force or joint NTK features of an MLIP, one block of rows per structure.
+
+    For a structure with ``N`` atoms and the parameter subset ``θ_S`` (``P`` entries), with a seeded
+    sketch ``R`` (P x d, entries N(0, 1/d), shared by every call with the same ``random_state``):
+
+    - ``kind="energy"``: one row ``w_E g_E R``, ``g_E = ∂E/∂θ_S`` (``∂(E/N)/∂θ_S`` when
+      ``normalize="atoms"``);
+    - ``kind="force"``: ``3N`` rows ``w_F J_F R`` with ``J_F = ∂F/∂θ_S`` (atom-major), or, with
+      probes, ``s = n_probes`` rows ``w_F Zᵀ J_F R / √s`` for Rademacher ``Z`` (3N x s), whose
+      Gram matrix is unbiased for the exact one;
+    - ``kind="joint"``: the energy row followed by the force rows.
+
+    The matrix-valued kernel between structures ``A`` and ``B`` is ``G_A G_Bᵀ``.
+
+    Parameters
+    ----------
+    model : MLIP or str, default=None
+        An MLIP handle (:class:`skntk.models.base.MLIP`; never copied by ``clone``), or the path of
+        a file written by :meth:`skntk.models.builtin.BuiltinMLIP.save` (loaded in ``fit``). A raw
+        ``torch.nn.Module`` is refused with a ``TypeError``: wrap it in a handle.
+    kind : {"energy", "force", "joint"}, default="energy"
+    parameters : str or list of str, default="readout"
+        Parameter subset: a name the model declares (``"readout"``, ``"last_block"``, ``"all"``)
+        or fnmatch patterns over parameter names.
+    n_features : int or None, default=512
+        Sketch dimension ``d``; ``None`` keeps the exact gradient (``d = P``).
+    force_rows : {"auto", "exact", "forward", "probes"}, default="auto"
+        ``"exact"``: reverse-over-reverse; ``"forward"``: forward-over-reverse (the same rows; for
+        models that support forward-mode AD, cheaper when ``d < 2N``); ``"probes"``: Rademacher
+        probes; ``"auto"``: ``"exact"`` when every structure passed to ``fit`` has
+        ``3N <= 4 * n_probes``, else ``"probes"`` (decided once in ``fit`` so train and pool rows
+        match).
+    n_probes : int, default=8
+        Probes per structure for ``force_rows="probes"``.
+    energy_weight, force_weight : float, default=1.0
+        ``w_E`` and ``w_F`` (relative weights of energy and force rows).
+    normalize : {"atoms"} or None, default="atoms"
+        ``"atoms"``: energy rows are gradients of the energy per atom.
+    device : str, default="auto"
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``; an unavailable CUDA
+        device falls back to the CPU with a warning. Stored as ``device_``.
+    batch_size : int, default=32
+        Structures per graph for energy rows and forward-over-reverse; exact and probe force rows
+        are computed one structure per graph (their per-structure cost grows with the graph).
+    dtype : {"float32", "float64"} or None, default=None
+        Dtype of the model evaluation (``None``: the model's own). Rows come out as float64.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the sketch and the probes; an int gives identical features in every call.
+    progress_bar : bool, default=False
+        Show a tqdm bar over batches.
+
+    Attributes
+    ----------
+    device_ : torch.device
+        Device used.
+    model_ : MLIP
+        The resolved handle (the ``model`` parameter itself when it is a handle).
+    parameter_names_ : list of str
+        Names of the parameters in the subset.
+    n_params_ : int
+        ``P``.
+    n_features_out_ : int
+        ``d``.
+    force_rows_ : {"exact", "forward", "probes"}
+        Resolved force-row route.
+    seed_ : int
+        Seed of the sketch and the probes.
+    sketch_ : skntk.ntk.ParameterSketch
+        The sketch (chunks of ``R`` regenerated from ``seed_`` when not cached).
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> from skntk.models.builtin import BuiltinMLIP
+    >>> model = BuiltinMLIP([1, 6, 8], n_hidden=16, n_blocks=1)
+    >>> X = [molecule("H2O"), molecule("CH3OH")]
+    >>> ntk = ForceNTKTransformer(model, kind="joint", n_features=32, random_state=0).fit(X)
+    >>> G = ntk.transform(X)
+    >>> G.kind, G.n_rows_per_structure.tolist(), G.n_features
+    ('joint', [10, 19], 32)
+    """
+
+    _parameter_constraints = {
+        "model": [MLIP, str, os.PathLike, torch.nn.Module, None],
+        "kind": [StrOptions({"energy", "force", "joint"})],
+        "parameters": [str, list, tuple],
+        "n_features": [Interval(Integral, 1, None, closed="left"), None],
+        "force_rows": [StrOptions({"auto", "exact", "forward", "probes"})],
+        "n_probes": [Interval(Integral, 1, None, closed="left")],
+        "energy_weight": [Interval(Real, 0, None, closed="left")],
+        "force_weight": [Interval(Real, 0, None, closed="left")],
+        "normalize": [StrOptions({"atoms"}), None],
+        "device": [str, torch.device],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "dtype": [StrOptions(set(_DTYPES)), None],
+        "random_state": ["random_state"],
+        "progress_bar": ["boolean"],
+    }
+
+    def __init__(self, model=None, *, kind="energy", parameters="readout", n_features=512,
+                 force_rows="auto", n_probes=8, energy_weight=1.0, force_weight=1.0,
+                 normalize="atoms", device="auto", batch_size=32, dtype=None, random_state=None,
+                 progress_bar=False):
+        self.model = model
+        self.kind = kind
+        self.parameters = parameters
+        self.n_features = n_features
+        self.force_rows = force_rows
+        self.n_probes = n_probes
+        self.energy_weight = energy_weight
+        self.force_weight = force_weight
+        self.normalize = normalize
+        self.device = device
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.random_state = random_state
+        self.progress_bar = progress_bar
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Resolve the model, device, parameter subset, sketch seed and force-row route.
+
+        Cheap: no model evaluation.
+
+        Parameters
+        ----------
+        X : list of ase.Atoms, ase.Atoms, iterator or path, default=None
+            Training structures; checked against the model's elements and used by
+            ``force_rows="auto"``.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : ForceNTKTransformer
+        """
+        model = _resolve_model(self.model, type(self).__name__)
+        self.device_ = _resolve_device(self.device)
+        named = model.parameters(self.parameters)
+        self.parameter_names_ = [n for n, _ in named]
+        self.n_params_ = int(sum(p.numel() for _, p in named))
+        self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        n_atoms_max = None
+        if X is not None:
+            X = validate_structures(as_atoms_list(X), species=model.species)
+            n_atoms_max = max(len(a) for a in X)
+        route = self.force_rows
+        if route == "auto":
+            route = ("exact" if n_atoms_max is not None and 3 * n_atoms_max <= 4 * self.n_probes
+                     else "probes")
+        if route == "forward" and not model.supports_torch_func:
+            raise ValueError(f"force_rows='forward' needs a model with forward-mode AD support; "
+                             f"{type(model).__name__} does not declare it (functional=False).")
+        self.force_rows_ = route
+        self.model_ = model
+        eval_dtype = self._eval_dtype(model)
+        self.sketch_ = ntk.ParameterSketch([tuple(p.shape) for _, p in named], self.n_features,
+                                           self.seed_, dtype=eval_dtype, device=self.device_)
+        self.n_features_out_ = self.sketch_.d
+        if self.n_features is None and self.n_params_ > 100_000:
+            warnings.warn(f"n_features=None keeps all {self.n_params_} gradient entries per row; "
+                          f"set n_features to sketch them.", UserWarning, stacklevel=2)
+        return self
+
+    def _rows_kind(self) -> str:
+        if self.kind == "energy":
+            return "energy"
+        if self.force_rows_ == "probes":
+            return "plain"  # s probe rows (+1 energy row) carry no per-atom layout
+        return self.kind
+
+    def transform(self, X) -> FeatureBlocks:
+        """NTK rows of every structure.
+
+        Parameters
+        ----------
+        X : list of ase.Atoms of length n_structures, ase.Atoms, iterator or path
+
+        Returns
+        -------
+        G : FeatureBlocks
+            Float64 rows of shape (n_rows, n_features_out_); blocks of 1 (energy), 3N (force),
+            1 + 3N (joint) rows, or ``n_probes`` / ``1 + n_probes`` rows with probes
+            (``kind="plain"`` then, as the rows have no per-atom layout).
+        """
+        check_is_fitted(self, "sketch_")
+        model = self.model_
+        X = validate_structures(as_atoms_list(X), species=model.species)
+        named = model.parameters(self.parameters)
+        names = [n for n, _ in named]
+        if names != self.parameter_names_:
+            raise ValueError("the model's parameter subset changed since fit; refit the "
+                             "transformer.")
+        per_structure = self.kind != "energy" and self.force_rows_ in ("exact", "probes")
+        size = 1 if per_structure else self.batch_size
+        blocks = []
+        dtype = self._eval_dtype(model)
+        with module_state(model.module, device=self.device_, dtype=dtype, train=False,
+                          requires_grad=set(names)):
+            params = [p for n, p in model.module.named_parameters() if n in set(names)]
+            for start in self._batches(len(X), size):
+                chunk = X[start:start + size]
+                blocks.extend(self._transform_batch(model, chunk, params, names, start))
+        rows = np.concatenate(blocks) if blocks else np.zeros((0, self.n_features_out_))
+        m = np.array([b.shape[0] for b in blocks], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(m)])
+        return FeatureBlocks(rows, offsets, kind=self._rows_kind())
+
+    def _transform_batch(self, model, atoms, params, names, start):
+        per_atom = self.normalize == "atoms"
+        batch = model.collate(atoms, self.device_)
+        n = [len(a) for a in atoms]
+        we, wf = float(self.energy_weight), float(self.force_weight)
+        e_rows = f_rows = None
+        with torch.enable_grad():
+            if self.kind == "energy":
+                e_rows = ntk.energy_rows(model, batch, params, self.sketch_, per_atom=per_atom)
+            elif self.force_rows_ == "exact":
+                f_rows, e_rows = ntk.force_rows_exact(model, batch, params, self.sketch_,
+                                                      with_energy=True, per_atom=per_atom)
+            elif self.force_rows_ == "forward":
+                f_rows = ntk.force_rows_forward(model, batch, params, self.sketch_, names=names)
+                if self.kind == "joint":
+                    batch = model.collate(atoms, self.device_)
+                    e_rows = ntk.energy_rows(model, batch, params, self.sketch_,
+                                             per_atom=per_atom)
+            else:
+                probes = ntk.rademacher_probes(n, self.n_probes, self.seed_,
+                                               range(start, start + len(atoms)),
+                                               device=self.device_)
+                f_rows, e_rows = ntk.force_rows_probes(model, batch, params, self.sketch_, probes,
+                                                       with_energy=True, per_atom=per_atom)
+        out = []
+        e_np = None if e_rows is None else we * e_rows.detach().cpu().double().numpy()
+        f_np = None if f_rows is None else wf * f_rows.detach().cpu().double().numpy()
+        f_off = 0
+        for b, n_b in enumerate(n):
+            parts = []
+            if self.kind in ("energy", "joint"):
+                parts.append(e_np[b:b + 1])
+            if self.kind in ("force", "joint"):
+                m_b = self.n_probes if self.force_rows_ == "probes" else 3 * n_b
+                parts.append(f_np[f_off:f_off + m_b])
+                f_off += m_b
+            out.append(np.concatenate(parts))
+        return out
+
+    def get_feature_names_out(self, input_features=None):
+        """Names ``forcentk<kind>0 .. forcentk<kind>{d-1}`` of the feature columns.
+
+        Returns
+        -------
+        names : ndarray of str of shape (n_features_out_,)
+        """
+        check_is_fitted(self, "sketch_")
+        return np.asarray([f"forcentk{self.kind}{i}" for i in range(self.n_features_out_)],
+                          dtype=object)
+
+
+class EmbeddingTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimator):
+    """The model's invariant per-atom embeddings averaged per structure.
+
+    The "pretrained embedding" baseline: ``x = (1/N) Σ_i h_i`` with ``h_i`` the model's
+    :meth:`~skntk.models.base.MLIP.embeddings` of atom ``i``.
+
+    Parameters
+    ----------
+    model : MLIP or str, default=None
+        A handle declaring ``"embeddings"`` in ``implemented_properties``, or the path of a saved
+        built-in model.
+    device : str, default="auto"
+    batch_size : int, default=32
+    dtype : {"float32", "float64"} or None, default=None
+    progress_bar : bool, default=False
+
+    Attributes
+    ----------
+    device_ : torch.device
+    model_ : MLIP
+    n_features_out_ : int
+        Embedding width (from one single-atom evaluation in ``fit``).
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> from skntk.models.builtin import BuiltinMLIP
+    >>> emb = EmbeddingTransformer(BuiltinMLIP([1, 6, 8], n_hidden=16, n_blocks=1)).fit()
+    >>> emb.transform([molecule("H2O"), molecule("CH4")]).shape
+    (2, 16)
+    """
+
+    _parameter_constraints = {
+        "model": [MLIP, str, os.PathLike, torch.nn.Module, None],
+        "device": [str, torch.device],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "dtype": [StrOptions(set(_DTYPES)), None],
+        "progress_bar": ["boolean"],
+    }
+
+    def __init__(self, model=None, *, device="auto", batch_size=32, dtype=None,
+                 progress_bar=False):
+        self.model = model
+        self.device = device
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.progress_bar = progress_bar
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Resolve model and device (cheap); checks ``X``'s elements when given."""
+        model = _resolve_model(self.model, type(self).__name__)
+        if "embeddings" not in model.implemented_properties:
+            raise ValueError(f"{type(model).__name__} does not implement embeddings "
+                             f"(implemented_properties={model.implemented_properties}).")
+        if X is not None:
+            validate_structures(as_atoms_list(X), species=model.species)
+        self.device_ = _resolve_device(self.device)
+        self.model_ = model
+        probe = Atoms([min(model.species) if model.species else 1])
+        self.n_features_out_ = int(self._embed([probe]).shape[1])
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """Mean embedding per structure.
+
+        Returns
+        -------
+        X_emb : ndarray of shape (n_structures, n_embedding), float64
+        """
+        check_is_fitted(self, "model_")
+        X = validate_structures(as_atoms_list(X), species=self.model_.species)
+        return self._embed(X)
+
+    def _embed(self, X) -> np.ndarray:
+        model = self.model_
+        out = []
+        with module_state(model.module, device=self.device_, dtype=self._eval_dtype(model),
+                          train=False), torch.no_grad():
+            for start in self._batches(len(X), self.batch_size):
+                batch = model.collate(X[start:start + self.batch_size], self.device_)
+                h = model.embeddings(batch).double()  # [n_atoms, n_embedding]
+                idx = ntk.structure_index(batch.ptr)
+                n = (batch.ptr[1:] - batch.ptr[:-1]).to(h.dtype).unsqueeze(1)
+                s = torch.zeros(n.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
+                out.append((s.index_add(0, idx, h) / n).cpu().numpy())
+        return np.concatenate(out)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names ``embedding0 .. embedding{n_features_out_ - 1}``."""
+        check_is_fitted(self, "model_")
+        return np.asarray([f"embedding{i}" for i in range(self.n_features_out_)], dtype=object)
+
