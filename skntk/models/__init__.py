@@ -8,6 +8,7 @@
 ``"sevennet-0"``          SevenNet-0 (``"7net-0"`` also works)   ``skntk[sevennet]``
 ``"chgnet-0.3.0"``        CHGNet 0.3.0 (``"chgnet"`` also)       ``skntk[chgnet]``
 ``"path/to/x.model"``     a MACE model file                      ``skntk[mace]``
+another existing file     a built-in model saved by ``save``
 an :class:`MLIP`          returned as is
 a ``torch.nn.Module``     the built-in model, wrapped
 ========================  =====================================  =====================
@@ -91,8 +92,10 @@ def load(name_or_model, *, device="auto", dtype=torch.float32) -> MLIP:
     name_or_model : str, os.PathLike, MLIP or torch.nn.Module
         ``"sevennet-0"`` / ``"7net-0"`` (SevenNet-0, 842k parameters, 89 elements),
         ``"chgnet-0.3.0"`` / ``"chgnet"`` (CHGNet 0.3.0, 412k parameters, 89 elements),
-        a path to a MACE ``.model`` file, an already built :class:`MLIP` handle (returned as is)
-        or a ``torch.nn.Module`` of the built-in model (wrapped).
+        a path to a MACE ``.model`` file, a built-in model file written by
+        :meth:`~skntk.models.builtin.BuiltinMLIP.save`, an already built :class:`MLIP` handle (returned as is)
+        or a network (``torch.nn.Module``: SevenNet, CHGNet, MACE or
+        :class:`~skntk.models.builtin.BuiltinNet`), wrapped in place.
     device : str or torch.device, default="auto"
         ``"auto"`` picks the first CUDA device when there is one, else the CPU.
     dtype : torch.dtype, default=torch.float32
@@ -134,12 +137,16 @@ def load(name_or_model, *, device="auto", dtype=torch.float32) -> MLIP:
             from skntk.models.chgnet import CHGNetMLIP
 
             return CHGNetMLIP.from_pretrained(_CHGNET_NAMES[low], device=device, dtype=dtype)
-        if low.endswith(".model") or os.path.isfile(key):
+        if low.endswith(".model"):
             if not os.path.isfile(key):
                 raise ValueError(f"MACE model file {key!r} does not exist.")
             from skntk.models.mace import MACEMLIP
 
             return MACEMLIP.from_file(key, device=device, dtype=dtype)
+        if os.path.isfile(key):
+            from skntk.models.builtin import BuiltinMLIP
+
+            return BuiltinMLIP.load(key, device=_resolve_device(device))
         known = sorted(set(_SEVENNET_NAMES) | set(_CHGNET_NAMES))
         raise ValueError(
             f"Unknown model {key!r}: expected one of {known}, a path to a MACE .model file, "
@@ -168,20 +175,12 @@ def _wrap_module(module: torch.nn.Module, *, device, dtype) -> MLIP:
 
         return MACEMLIP(module, device=device, dtype=dtype)
     try:
-        builtin = importlib.import_module("skntk.models.builtin")
-    except ImportError:
-        builtin = None
-    wrapper = None
-    if builtin is not None:
-        for attr in dir(builtin):
-            obj = getattr(builtin, attr)
-            if (isinstance(obj, type) and issubclass(obj, MLIP) and obj is not MLIP
-                    and getattr(obj, "module_class", None) is cls):
-                wrapper = obj
-                break
-    if wrapper is None:
-        raise TypeError(
-            f"Do not know how to wrap a {cls.__module__}.{cls.__name__}: pass an MLIP handle, "
-            "a SevenNet, CHGNet or MACE network, or the built-in model."
-        )
-    return wrapper(module)
+        from skntk.models.builtin import BuiltinMLIP, BuiltinNet
+    except ImportError:  # pragma: no cover - the built-in model is part of skntk
+        BuiltinNet = None
+    if BuiltinNet is not None and isinstance(module, BuiltinNet):
+        return BuiltinMLIP(module=module.to(_resolve_device(device)))
+    raise TypeError(
+        f"Do not know how to wrap a {cls.__module__}.{cls.__name__}: pass an MLIP handle, "
+        "a SevenNet, CHGNet or MACE network, or the built-in model (BuiltinNet)."
+    )

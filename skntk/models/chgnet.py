@@ -114,7 +114,7 @@ class CHGNetMLIP(MLIP):
     Parameter subsets (fnmatch patterns over ``module.named_parameters()``):
 
     - ``"readout"``: ``mlp.*`` (12,545 parameters for 0.3.0, a gated MLP on site features).
-    - ``"last_block"``: the last atom convolution, the readout normalisation and ``mlp.*``.
+    - ``"last_block"``: the last atom convolution and the readout normalisation (37,504).
     - ``"all"``: every trainable parameter that enters the energy (the magnetic-moment head
       ``site_wise`` and the frozen ``composition_model`` are left out).
 
@@ -163,7 +163,7 @@ class CHGNetMLIP(MLIP):
         top = tuple(f"{n}.*" for n, _ in module.named_children() if n not in skip)
         self.subset_patterns = {
             "readout": readout,
-            "last_block": (f"atom_conv_layers.{last}.*", "readout_norm.*") + readout,
+            "last_block": (f"atom_conv_layers.{last}.*", "readout_norm.*"),
             "all": top,
         }
         self.n_embedding = int(module.atom_embedding.embedding.embedding_dim)

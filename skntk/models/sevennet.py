@@ -55,7 +55,8 @@ class SevenNetMLIP(MLIP):
     - ``"readout"``: ``reduce_input_to_hidden.*``, ``reduce_hidden_to_energy.*`` (8,256 for
       SevenNet-0). They are two linear layers with no nonlinearity between them, so the readout
       energy NTK is a linear kernel on the 128 pooled scalar node features: rank ≤ 128.
-    - ``"last_block"``: the last interaction block (prefix ``4_`` in SevenNet-0) and the readout.
+    - ``"last_block"``: the last interaction block (prefix ``4_`` in SevenNet-0, 85,505
+      parameters); combine with the readout by passing both pattern lists.
     - ``"all"``: every parameter with ``requires_grad`` (the per-element shift and scale are
       frozen buffers-as-parameters and are left out; they carry the composition part of the
       energy, which matters when moving between functionals).
@@ -112,7 +113,7 @@ class SevenNetMLIP(MLIP):
                          if (m := re.match(r"^(\d+)_", n))})
         readout = ("reduce_input_to_hidden.*", "reduce_hidden_to_energy.*")
         last = (f"{blocks[-1]}_*",) if blocks else ()
-        self.subset_patterns = {"readout": readout, "last_block": last + readout, "all": ("*",)}
+        self.subset_patterns = {"readout": readout, "last_block": last, "all": ("*",)}
         self.n_embedding = int(module._modules["reduce_input_to_hidden"].linear.irreps_in.dim) \
             if hasattr(module._modules["reduce_input_to_hidden"], "linear") else None
 
