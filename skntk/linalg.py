@@ -142,8 +142,8 @@ def chunk_n_rows(row_bytes, *, max_n_rows=None, working_memory=None):
         n_rows = min(n_rows, int(max_n_rows))
     if n_rows < 1:
         warnings.warn(
-            f"Could not adhere to working_memory config. Currently {working_memory:.0f}MiB, "
-            f"{np.ceil(row_bytes * 2**-20):.0f}MiB required.",
+            f"Could not adhere to working_memory config. Currently {working_memory:.3g}MiB, "
+            f"{row_bytes * 2**-20:.3g}MiB required.",
             UserWarning, stacklevel=2,
         )
         n_rows = 1
