@@ -45,11 +45,11 @@ class _RadialBasis(nn.Module):
         self.register_buffer("freq", torch.arange(1, n_basis + 1, dtype=torch.float32) * math.pi
                              / self.cutoff)
 
-    def forward(self, r: torch.Tensor) -> torch.Tensor:  # r: [n_edges]
+    def forward(self, r: torch.Tensor):  # r: [n_edges]
         r = r.unsqueeze(-1)
         basis = torch.sin(self.freq * r) / r  # [n_edges, n_basis]
         fc = 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff)
-        return basis * fc  # [n_edges, n_basis]
+        return basis, fc  # [n_edges, n_basis], [n_edges, 1]
 
 
 class _Interaction(nn.Module):
@@ -61,9 +61,9 @@ class _Interaction(nn.Module):
         self.post = nn.Sequential(nn.Linear(n_hidden, n_hidden), nn.SiLU(),
                                   nn.Linear(n_hidden, n_hidden))
 
-    def forward(self, h, rbf, edge_index):
+    def forward(self, h, rbf, fc, edge_index):
         i, j = edge_index
-        msg = self.filter(rbf) * self.pre(h)[j]  # [n_edges, n_hidden]
+        msg = self.filter(rbf) * fc * self.pre(h)[j]  # [n_edges, n_hidden]
         agg = torch.zeros_like(h).index_add(0, i, msg)  # [n_atoms, n_hidden]
         return h + self.post(agg)
 
@@ -111,9 +111,9 @@ class BuiltinNet(nn.Module):
         z = self.species_index[batch.numbers]  # [n_atoms]
         h = self.embedding(z)  # [n_atoms, n_hidden]
         vec = batch.edge_vectors(positions)  # [n_edges, 3]
-        rbf = self.rbf(vec.norm(dim=-1))  # [n_edges, n_basis]
+        rbf, fc = self.rbf(vec.norm(dim=-1))  # [n_edges, n_basis], [n_edges, 1]
         for block in self.blocks:
-            h = block(h, rbf, batch.edge_index)
+            h = block(h, rbf, fc, batch.edge_index)
         return h
 
     def forward(self, batch: AtomsBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
