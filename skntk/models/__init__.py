@@ -84,7 +84,7 @@ def _check_atoms(atoms) -> list:
     return atoms
 
 
-def load(name_or_model, *, device="auto", dtype=torch.float32) -> MLIP:
+def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
     """Load an MLIP handle from a name, a MACE model file or a network.
 
     Parameters
@@ -98,9 +98,9 @@ def load(name_or_model, *, device="auto", dtype=torch.float32) -> MLIP:
         :class:`~skntk.models.builtin.BuiltinNet`), wrapped in place.
     device : str or torch.device, default="auto"
         ``"auto"`` picks the first CUDA device when there is one, else the CPU.
-    dtype : torch.dtype, default=torch.float32
-        Floating point type of the network and of the batches (``torch.float64`` for
-        finite-difference checks).
+    dtype : torch.dtype or None, default=None
+        Floating point type of the network and of its batches. ``None``: float32 for SevenNet
+        and CHGNet (the only type they support), the file's dtype for MACE.
 
     Returns
     -------
@@ -132,11 +132,13 @@ def load(name_or_model, *, device="auto", dtype=torch.float32) -> MLIP:
         if low in _SEVENNET_NAMES:
             from skntk.models.sevennet import SevenNetMLIP
 
-            return SevenNetMLIP.from_pretrained(_SEVENNET_NAMES[low], device=device, dtype=dtype)
+            return SevenNetMLIP.from_pretrained(_SEVENNET_NAMES[low], device=device,
+                                                dtype=dtype or torch.float32)
         if low in _CHGNET_NAMES:
             from skntk.models.chgnet import CHGNetMLIP
 
-            return CHGNetMLIP.from_pretrained(_CHGNET_NAMES[low], device=device, dtype=dtype)
+            return CHGNetMLIP.from_pretrained(_CHGNET_NAMES[low], device=device,
+                                              dtype=dtype or torch.float32)
         if low.endswith(".model"):
             if not os.path.isfile(key):
                 raise ValueError(f"MACE model file {key!r} does not exist.")
@@ -165,11 +167,11 @@ def _wrap_module(module: torch.nn.Module, *, device, dtype) -> MLIP:
     if mod.startswith("sevenn."):
         from skntk.models.sevennet import SevenNetMLIP
 
-        return SevenNetMLIP(module, device=device, dtype=dtype)
+        return SevenNetMLIP(module, device=device, dtype=dtype or torch.float32)
     if mod.startswith("chgnet."):
         from skntk.models.chgnet import CHGNetMLIP
 
-        return CHGNetMLIP(module, device=device, dtype=dtype)
+        return CHGNetMLIP(module, device=device, dtype=dtype or torch.float32)
     if mod.startswith("mace."):
         from skntk.models.mace import MACEMLIP
 

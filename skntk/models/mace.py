@@ -1,0 +1,222 @@
+"""MACE backend: a MACE network from the user's ``.model`` file.
+
+Optional extra: ``pip install skntk[mace]`` (``mace-torch``). mace-torch ships no weights and
+skntk never downloads any (MACE-MP / MACE-OFF are fetched at run time by mace and are not used):
+give the path of a model file you trust.
+
+.. warning::
+
+   ``import mace`` sets the environment variable ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for the
+   whole process (mace-torch needs it because e3nn 0.4.4 unpickles its constants with
+   ``torch.load``). From then on every ``torch.load`` call in the process that does not pass
+   ``weights_only`` explicitly unpickles arbitrary objects, i.e. can run code from the file.
+   skntk never sets this variable itself and always passes ``weights_only`` explicitly; the
+   MACE model file itself is a pickle (a whole ``nn.Module``) and is loaded with
+   ``weights_only=False``: only load files from sources you trust. mace-torch pins
+   ``e3nn==0.4.4`` while sevenn needs ``e3nn>=0.5``, so MACE lives in its own virtualenv.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from skntk.models import _check_atoms, _check_species, _require, _resolve_device
+from skntk.models.base import MLIP
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MACEMLIP", "MACEBatch"]
+
+_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def _import_mace():
+    """Import mace (before e3nn, which needs mace's environment variable to import at all) and
+    warn once if that import switched unsafe pickle loading on for the process."""
+    before = os.environ.get(_ENV)
+    mace = _require("mace", "mace")
+    if before is None and os.environ.get(_ENV) is not None and not getattr(
+            _import_mace, "_warned", False):
+        _import_mace._warned = True
+        logger.warning(
+            "importing mace set %s=%s for this whole process: torch.load calls that do not pass "
+            "weights_only now unpickle arbitrary objects. skntk does not set it; only load "
+            "model files you trust.", _ENV, os.environ[_ENV])
+    return mace
+
+
+@dataclass
+class MACEBatch:
+    """Collated MACE graphs.
+
+    Attributes
+    ----------
+    data : mace.tools.torch_geometric.Batch
+        MACE's batched ``AtomicData`` (one-hot ``node_attrs``, ``positions`` in Å, edges within
+        ``r_max``), built exactly as ``MACECalculator`` builds it.
+    ptr : torch.LongTensor of shape (n_structures + 1,)
+        Atom offsets of each structure.
+    """
+
+    data: object
+    ptr: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.ptr.numel() - 1)
+
+
+class MACEMLIP(MLIP):
+    """Handle of a MACE network (``MACE`` / ``ScaleShiftMACE``).
+
+    MACE's energy is ``E = Σ_i E0_{Z_i} + Σ_i Σ_layers readout_l(h_i^l)`` (ScaleShiftMACE scales
+    and shifts the interaction part); ``E0`` (``atomic_energies_fn``) are frozen per-element
+    reference energies. Forces are ``-∂E/∂R`` by autograd; they keep their graph (so ``∂F/∂θ``
+    exists) when the network is called with ``training=True``, which this handle does for
+    ``create_graph=True`` (no dropout or batch norm is affected). Several structures are batched
+    into one forward. The network keeps the dtype of its file (MACE models are usually float64).
+
+    Parameter subsets (fnmatch patterns over ``module.named_parameters()``):
+
+    - ``"readout"``: ``readouts.*`` (the linear readout of every layer and the last layer's
+      MLP readout).
+    - ``"last_block"``: ``interactions.{L-1}.*`` and ``products.{L-1}.*``.
+    - ``"all"``: every parameter with ``requires_grad``.
+
+    Parameters
+    ----------
+    module : mace.modules.MACE
+    device : str or torch.device, default="auto"
+    dtype : torch.dtype or None, default=None
+        ``None`` keeps the network's dtype.
+    name : str, default="mace"
+
+    Attributes
+    ----------
+    module : MACE
+    cutoff : float
+        ``r_max`` in Å.
+    species : frozenset of int
+        The network's atomic numbers.
+    n_embedding : int
+        Width of :meth:`embeddings`: invariant features per layer times the number of layers.
+    """
+
+    implemented_properties = ("energy", "forces", "embeddings")
+
+    def __init__(self, module, *, device="auto", dtype=None, name="mace"):
+        _import_mace()
+        self.module = module
+        self.name = name
+        self.device = _resolve_device(device)
+        if dtype is None:
+            dtype = next(module.parameters()).dtype
+        self.dtype = dtype
+        self.cutoff = float(module.r_max)
+        self.species = frozenset(int(z) for z in module.atomic_numbers)
+        module.eval()
+        module.to(device=self.device, dtype=dtype)
+        n_layers = int(module.num_interactions)
+        self.subset_patterns = {
+            "readout": ("readouts.*",),
+            "last_block": (f"interactions.{n_layers - 1}.*", f"products.{n_layers - 1}.*"),
+            "all": ("*",),
+        }
+        from e3nn import o3
+
+        irreps = o3.Irreps(str(module.products[0].linear.irreps_out))
+        self._l_max = irreps.lmax
+        self._n_invariant = irreps.dim // (self._l_max + 1) ** 2
+        self._n_layers = n_layers
+        self.n_embedding = self._n_invariant * n_layers
+
+    @classmethod
+    def from_file(cls, path, *, device="auto", dtype=None):
+        """Load a MACE model file (a pickled ``nn.Module``; only load files you trust)."""
+        _import_mace()
+        map_location = _resolve_device(device)
+        module = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+        if not isinstance(module, torch.nn.Module) or not hasattr(module, "r_max"):
+            raise ValueError(f"{os.fspath(path)!r} does not hold a MACE network "
+                             f"(got {type(module).__name__}).")
+        return cls(module, device=device, dtype=dtype, name=os.path.basename(os.fspath(path)))
+
+    # -- protocol -------------------------------------------------------------------------
+    def collate(self, atoms: Sequence, device=None) -> MACEBatch:
+        """Build MACE graphs of ``atoms`` and batch them.
+
+        Parameters
+        ----------
+        atoms : list of ase.Atoms of length n_structures
+        device : str or torch.device, optional
+            Defaults to the handle's device.
+
+        Returns
+        -------
+        batch : MACEBatch
+        """
+        _import_mace()
+        from mace import data as mace_data
+        from mace.tools import torch_geometric, torch_tools, utils
+
+        atoms = _check_atoms(atoms)
+        _check_species(atoms, self.species, self.name)
+        device = self.device if device is None else _resolve_device(device)
+        z_table = utils.AtomicNumberTable([int(z) for z in self.module.atomic_numbers])
+        heads = list(getattr(self.module, "heads", None) or ["Default"])
+        keyspec = mace_data.KeySpecification(info_keys={}, arrays_keys={})
+        graphs = []
+        with torch_tools.default_dtype(self.dtype):  # restores the default in finally
+            for at in atoms:
+                config = mace_data.config_from_atoms(at, key_specification=keyspec,
+                                                     head_name=heads[-1])
+                graphs.append(mace_data.AtomicData.from_config(
+                    config, z_table=z_table, cutoff=self.cutoff, heads=heads))
+        data = torch_geometric.Batch.from_data_list(graphs).to(device)
+        for key in data.keys:
+            val = data[key]
+            if torch.is_tensor(val) and val.is_floating_point():
+                data[key] = val.to(self.dtype)
+        counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
+        return MACEBatch(data=data, ptr=ptr)
+
+    def _run(self, batch: MACEBatch, *, training: bool, compute_force: bool):
+        return self.module(batch.data.clone().to_dict(), training=training,
+                           compute_force=compute_force)
+
+    def energy_and_forces(self, batch: MACEBatch, *, create_graph: bool = False):
+        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
+
+        With ``create_graph=True`` both stay differentiable with respect to the parameters;
+        otherwise they are detached.
+        """
+        out = self._run(batch, training=create_graph, compute_force=True)
+        energy, forces = out["energy"].reshape(-1), out["forces"]
+        if not create_graph:
+            energy, forces = energy.detach(), forces.detach()
+        return energy, forces
+
+    def energy(self, batch: MACEBatch) -> torch.Tensor:
+        """Energies (n_structures,) in eV, differentiable with respect to the parameters."""
+        return self._run(batch, training=True, compute_force=False)["energy"].reshape(-1)
+
+    def embeddings(self, batch: MACEBatch) -> torch.Tensor:
+        """Invariant (``0e``) node features of every layer, as ``MACECalculator.get_descriptors``.
+
+        Returns
+        -------
+        h : torch.Tensor of shape (n_atoms_total, n_embedding)
+        """
+        from mace.modules.utils import extract_invariant
+
+        out = self._run(batch, training=False, compute_force=False)
+        return extract_invariant(out["node_feats"], num_layers=self._n_layers,
+                                 num_features=self._n_invariant, l_max=self._l_max)
+
+    def __repr__(self) -> str:
+        return f"MACEMLIP(name={self.name!r}, cutoff={self.cutoff}, device={str(self.device)!r})"

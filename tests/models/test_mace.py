@@ -1,0 +1,143 @@
+"""MACE backend on a tiny MACE built from scratch, saved to a .model file and loaded by path.
+
+Runs in its own virtualenv (``make test-mace``): mace-torch pins e3nn==0.4.4, sevenn needs
+e3nn>=0.5. No weights are downloaded.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+mace = pytest.importorskip("mace", reason="needs the mace extra (own venv): make test-mace")
+
+from ase import Atoms  # noqa: E402
+
+from skntk.models import load  # noqa: E402
+from skntk.models.mace import MACEMLIP  # noqa: E402
+from tests.models._checks import (  # noqa: E402
+    directional_derivatives,
+    energy_gradients,
+    force_vjp,
+    rotated,
+    tiny_structures,
+)
+
+pytestmark = [pytest.mark.mace, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def build_tiny_mace(seed=0):
+    """A 2-layer ScaleShiftMACE for H, C, O, Cu with random weights, float64."""
+    from e3nn import o3
+    from mace import modules
+    from mace.tools import torch_tools
+
+    with torch_tools.default_dtype(torch.float64), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        model = modules.ScaleShiftMACE(
+            r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=2,
+            interaction_cls=block, interaction_cls_first=block, num_interactions=2,
+            num_elements=4, hidden_irreps=o3.Irreps("8x0e+8x1o"), MLP_irreps=o3.Irreps("8x0e"),
+            atomic_energies=np.array([-0.5, -1.5, -2.0, -3.0]),  # small: FD rounding
+            avg_num_neighbors=4.0, atomic_numbers=[1, 6, 8, 29], correlation=2,
+            gate=torch.nn.functional.silu, atomic_inter_scale=1.3, atomic_inter_shift=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mace") / "tiny.model"
+    torch.save(build_tiny_mace(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_path):
+    return load(str(model_path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def atoms():
+    return tiny_structures()
+
+
+def test_loaded_from_file(model, model_path):
+    assert isinstance(model, MACEMLIP)
+    assert model.cutoff == 4.0 and model.species == frozenset({1, 6, 8, 29})
+    assert model.dtype == torch.float64
+    assert model.name == "tiny.model"
+    sizes = {s: sum(p.numel() for _, p in model.parameters(s))
+             for s in ("readout", "last_block", "all")}
+    assert 0 < sizes["readout"] < sizes["all"] and 0 < sizes["last_block"] < sizes["all"]
+    assert all(n.startswith("readouts.") for n, _ in model.parameters("readout"))
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="MACE model file .*nope.model.* does not exist"):
+        load(str(tmp_path / "nope.model"))
+
+
+def test_skntk_does_not_set_weights_only_variable(model):
+    # the variable comes from `import mace`; skntk code never writes it
+    import skntk.models.mace as backend
+
+    src = open(backend.__file__).read()
+    assert "os.environ[_ENV] =" not in src and "setdefault(_ENV" not in src
+    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"  # mace's doing
+
+
+def test_matches_mace_calculator(model, model_path, atoms):
+    from mace.calculators import MACECalculator
+
+    calc = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64")
+    batch = model.collate(atoms, "cpu")
+    assert batch.ptr.tolist() == [0, 5, 10]
+    energy, forces = model.energy_and_forces(batch)
+    assert energy.shape == (2,) and forces.shape == (10, 3)
+    assert not energy.requires_grad
+    for i, at in enumerate(atoms):
+        ref = at.copy()
+        ref.calc = calc
+        np.testing.assert_allclose(energy[i].item(), ref.get_potential_energy(), rtol=1e-12)
+        np.testing.assert_allclose(forces[batch.ptr[i]:batch.ptr[i + 1]].numpy(),
+                                   ref.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(model.energy(batch).detach().numpy(), energy.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("subset", ["readout", "last_block"])
+def test_parameter_derivatives_match_finite_differences(model, atoms, subset):
+    auto, fd = directional_derivatives(model, atoms, subset, eps=1e-4, seed=3)
+    assert np.all(np.abs(auto) > 1e-8)
+    np.testing.assert_allclose(auto, fd, rtol=1e-5, atol=1e-7 * np.abs(fd).max())
+
+
+def test_energy_gradient_kernel_rotation_invariant(model, atoms):
+    rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
+    G = energy_gradients(model, atoms, "last_block")
+    G_rot = energy_gradients(model, rot_atoms, "last_block")
+    np.testing.assert_allclose(G_rot @ G_rot.T, G @ G.T, rtol=1e-9)
+
+
+def test_force_jacobian_rotation_equivariant(model, atoms):
+    mol = atoms[0]
+    mol_rot, rot = rotated(mol, seed=7)
+    w = np.random.default_rng(0).standard_normal((len(mol), 3))
+    a = force_vjp(model, mol, "readout", w)
+    b = force_vjp(model, mol_rot, "readout", w @ rot.T)
+    np.testing.assert_allclose(b, a, atol=1e-9 * np.abs(a).max())
+
+
+def test_embeddings_shape_and_invariance(model, atoms):
+    h = model.embeddings(model.collate(atoms)).detach().numpy()
+    assert h.shape == (10, model.n_embedding) == (10, 16)
+    rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
+    h_rot = model.embeddings(model.collate(rot_atoms)).detach().numpy()
+    np.testing.assert_allclose(h_rot, h, atol=1e-10)
+
+
+def test_unknown_element_names_structure_and_element(model, atoms):
+    bad = Atoms("HN", positions=[[0, 0, 0], [0, 0, 1.0]])
+    with pytest.raises(ValueError, match=r"X\[2\] \(HN\) contains N \(Z=7\).*tiny.model"):
+        model.collate([*atoms, bad])
