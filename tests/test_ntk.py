@@ -1,0 +1,305 @@
+"""Tests of skntk.ntk: every derivative against central finite differences (float64), routes against
+each other, the sketch, a linear-in-parameters model in closed form, and kernel invariants."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.spatial.transform import Rotation
+
+from skntk import ntk
+from skntk.atoms import collate
+from skntk.models.base import MLIP, replaced_parameters
+from skntk.models.builtin import BuiltinMLIP
+
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return BuiltinMLIP([1, 6, 8], cutoff=3.0, n_hidden=6, n_basis=4, n_blocks=2, n_readout=4,
+                       dtype=torch.float64, random_state=3)
+
+
+def structures():
+    a, b = molecule("CH3OH"), molecule("H2O")
+    a.rattle(0.05, seed=1)
+    b.rattle(0.05, seed=2)
+    return [a, b]
+
+
+def subset(model, name="all"):
+    named = model.parameters(name)
+    for _, p in named:
+        p.requires_grad_(True)
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def exact_sketch(params):
+    return ntk.ParameterSketch([p.shape for p in params], None, 0)
+
+
+def energies_forces_at(model, names, params, direction, t, atoms):
+    with replaced_parameters(model.module, {n: p.detach() + t * v for n, p, v in
+                                            zip(names, params, direction, strict=True)}):
+        E, F = model.energy_and_forces(model.collate(atoms))
+    return E.detach(), F.detach().reshape(-1)
+
+
+def test_energy_rows_match_parameter_finite_differences(model):
+    X = structures()
+    names, params = subset(model)
+    G = ntk.energy_rows(model, model.collate(X), params, exact_sketch(params))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        Ep, _ = energies_forces_at(model, names, params, v, EPS, X)
+        Em, _ = energies_forces_at(model, names, params, v, -EPS, X)
+        vflat = torch.cat([x.reshape(-1) for x in v])
+        torch.testing.assert_close(G @ vflat, (Ep - Em) / (2 * EPS), atol=1e-7, rtol=1e-6)
+
+
+def test_force_rows_match_parameter_finite_differences_of_forces(model):
+    X = structures()
+    names, params = subset(model)
+    J = ntk.force_rows_exact(model, model.collate(X), params, exact_sketch(params))
+    assert J.shape == (3 * 9, sum(p.numel() for p in params))
+    v = [torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(1))
+         for p in params]
+    _, Fp = energies_forces_at(model, names, params, v, EPS, X)
+    _, Fm = energies_forces_at(model, names, params, v, -EPS, X)
+    vflat = torch.cat([x.reshape(-1) for x in v])
+    torch.testing.assert_close(J @ vflat, (Fp - Fm) / (2 * EPS), atol=1e-7, rtol=1e-6)
+
+
+def test_force_rows_are_minus_position_derivative_of_energy_rows(model):
+    X = structures()[1:]
+    names, params = subset(model, "last_block")
+    sk = ntk.ParameterSketch([p.shape for p in params], 7, seed=5)
+    J = ntk.force_rows_exact(model, model.collate(X), params, sk)
+    for atom in range(3):
+        for comp in range(3):
+            rows = []
+            for s in (+1, -1):
+                a = X[0].copy()
+                a.positions[atom, comp] += s * EPS
+                rows.append(ntk.energy_rows(model, model.collate([a]), params, sk))
+            fd = -(rows[0] - rows[1]) / (2 * EPS)
+            torch.testing.assert_close(J[3 * atom + comp], fd[0], atol=1e-7, rtol=1e-6)
+
+
+def test_forward_over_reverse_equals_reverse_over_reverse(model):
+    X = structures()
+    names, params = subset(model, "last_block")
+    sk = ntk.ParameterSketch([p.shape for p in params], 5, seed=2)
+    J = ntk.force_rows_exact(model, model.collate(X), params, sk)
+    Jf = ntk.force_rows_forward(model, model.collate(X), params, sk, names=names)
+    torch.testing.assert_close(Jf, J, atol=1e-12, rtol=1e-10)
+
+
+def test_probe_rows_are_projections_and_unbiased(model):
+    X = structures()
+    names, params = subset(model, "readout")
+    sk = exact_sketch(params)
+    J = ntk.force_rows_exact(model, model.collate(X), params, sk)
+    s = 4
+    z = ntk.rademacher_probes([6, 3], s, seed=0, structure_ids=[0, 1])
+    V = ntk.force_rows_probes(model, model.collate(X), params, sk, z)
+    zf = z.reshape(s, -1)
+    torch.testing.assert_close(V[:s], zf[:, :18] @ J[:18] / s ** 0.5)
+    torch.testing.assert_close(V[s:], zf[:, 18:] @ J[18:] / s ** 0.5)
+    # probe Gram (s probes, each scaled 1/√s) -> exact Gram as s grows; means over seeds too
+    exact = J[:18].T @ J[:18]
+    n_probes = 600
+    zs = ntk.rademacher_probes([6, 3], n_probes, seed=7, structure_ids=[0, 1])
+    Vs = ntk.force_rows_probes(model, model.collate(X), params, sk, zs)[:n_probes]
+    err = (Vs.T @ Vs - exact).norm() / exact.norm()
+    assert err < 0.15
+    few = torch.stack([
+        (lambda V: V.T @ V)(ntk.force_rows_probes(
+            model, model.collate(X), params, sk,
+            ntk.rademacher_probes([6, 3], s, seed=seed, structure_ids=[0, 1]))[:s])
+        for seed in range(40)])
+    assert (few.mean(0) - exact).norm() / exact.norm() < 0.3
+    assert (few[0] - exact).norm() / exact.norm() > 0.01  # a single seed is noisy
+
+
+def test_joint_helpers_return_energy_rows(model):
+    X = structures()
+    _, params = subset(model, "readout")
+    sk = exact_sketch(params)
+    G = ntk.energy_rows(model, model.collate(X), params, sk, per_atom=True)
+    _, Ge = ntk.force_rows_exact(model, model.collate(X), params, sk, with_energy=True,
+                                 per_atom=True)
+    torch.testing.assert_close(Ge, G)
+    z = ntk.rademacher_probes([6, 3], 2, 0, [0, 1])
+    _, Gp = ntk.force_rows_probes(model, model.collate(X), params, sk, z, with_energy=True,
+                                  per_atom=True)
+    torch.testing.assert_close(Gp, G)
+    raw = ntk.energy_rows(model, model.collate(X), params, sk)
+    torch.testing.assert_close(raw / torch.tensor([[6.0], [3.0]], dtype=raw.dtype), G)
+
+
+def test_force_rows_sum_to_zero_over_atoms(model):
+    X = structures()
+    _, params = subset(model)
+    J = ntk.force_rows_exact(model, model.collate(X), params, exact_sketch(params))
+    per_struct = [J[:18].reshape(6, 3, -1), J[18:].reshape(3, 3, -1)]
+    for blk in per_struct:
+        assert blk.sum(0).abs().max() < 1e-10 * max(1.0, blk.abs().max())
+
+
+# -- the sketch ---------------------------------------------------------------------------------
+
+def test_sketch_apply_equals_dense_product_and_blocks_are_seeded():
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    sk = ntk.ParameterSketch(shapes, 6, seed=11, block_rows=4, cache_mib=0)
+    R = sk.dense()
+    assert R.shape == (30, 6) and sk._cached_bytes == 0  # nothing cached under a zero budget
+    g = [torch.randn(3, *s, dtype=torch.float64) for s in shapes]
+    flat = torch.cat([x.reshape(3, -1) for x in g], dim=1)
+    torch.testing.assert_close(sk.apply(g), flat @ R)
+    assert torch.equal(R, ntk.ParameterSketch(shapes, 6, seed=11, block_rows=4).dense())
+    assert not torch.equal(R, ntk.ParameterSketch(shapes, 6, seed=12, block_rows=4).dense())
+    cols = sk.columns(2, 4)
+    torch.testing.assert_close(torch.cat([c.reshape(2, -1) for c in cols], 1), R[:, 2:4].T)
+    with pytest.raises(ValueError, match="gradients of 1 parameters; the sketch has 3"):
+        sk.apply(g[:1])
+
+
+def test_sketch_unbiased_inner_products():
+    rng = np.random.default_rng(0)
+    g1, g2 = (torch.as_tensor(rng.normal(size=(1, 40))) for _ in range(2))
+    vals = []
+    for seed in range(400):
+        sk = ntk.ParameterSketch([(40,)], 16, seed=seed)
+        vals.append(float(sk.apply([g1]) @ sk.apply([g2]).T))
+    exact = float(g1 @ g2.T)
+    se = np.std(vals) / np.sqrt(len(vals))
+    assert abs(np.mean(vals) - exact) < 4 * se
+
+
+def test_per_output_gradients_loop_fallback_matches(monkeypatch):
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    out = torch.stack([w.sum() ** 2, (w ** 3).sum(), w[0] * w[1]])
+    ref = torch.autograd.functional.jacobian(
+        lambda x: torch.stack([x.sum() ** 2, (x ** 3).sum(), x[0] * x[1]]), w.detach())
+    torch.testing.assert_close(ntk.per_output_gradients(out, [w], retain_graph=True,
+                                                        chunk_size=2)[0], ref)
+    real = torch.autograd.grad
+
+    def no_batching(*args, **kw):
+        if kw.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    torch.testing.assert_close(ntk.per_output_gradients(out, [w])[0], ref)
+
+
+# -- a linear-in-parameters model: E = Σ_{i<j} Σ_k θ_k exp(-(r_ij - μ_k)²) ---------------------
+
+MU = np.array([0.8, 1.2, 1.6, 2.0])
+
+
+class LinearPair(MLIP):
+    cutoff = 10.0
+    subset_patterns = {"readout": ("theta",), "last_block": ("theta",), "all": ("*",)}
+
+    def __init__(self):
+        self.module = torch.nn.Module()
+        self.module.theta = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.5, 0.1],
+                                                            dtype=torch.float64))
+
+    def collate(self, atoms, device="cpu"):
+        return collate(atoms, self.cutoff, device=device)
+
+    def energy(self, batch):
+        r = batch.edge_vectors(batch.positions).norm(dim=1, keepdim=True)
+        phi = torch.exp(-(r - torch.as_tensor(MU)) ** 2)  # [n_edges, 4]
+        e = 0.5 * (phi * self.module.theta).sum(1)
+        out = torch.zeros(batch.n_structures, dtype=e.dtype)
+        return out.index_add(0, batch.batch[batch.edge_index[0]], e)
+
+
+def test_linear_model_ntk_in_closed_form():
+    a = Atoms("H3", positions=[[0, 0, 0], [1.1, 0, 0], [0.2, 1.3, 0.4]])
+    m = LinearPair()
+    params = [m.module.theta]
+    sk = exact_sketch(params)
+    G = ntk.energy_rows(m, m.collate([a]), params, sk).numpy()
+    J = ntk.force_rows_exact(m, m.collate([a]), params, sk).numpy()
+    pos = a.positions
+    g_ref = np.zeros(4)
+    J_ref = np.zeros((3, 3, 4))
+    for i in range(3):
+        for j in range(i + 1, 3):
+            d = pos[j] - pos[i]
+            r = np.linalg.norm(d)
+            g_ref += np.exp(-(r - MU) ** 2)
+            dphi = -2 * (r - MU) * np.exp(-(r - MU) ** 2)  # dφ_k/dr
+            # F_i = -dE/dR_i = Σ_k θ_k dφ_k/dr · d/r  ->  ∂F_i/∂θ_k = dφ_k/dr · d/r
+            J_ref[i] += np.outer(d / r, dphi)
+            J_ref[j] -= np.outer(d / r, dphi)
+    np.testing.assert_allclose(G[0], g_ref, atol=1e-12)
+    np.testing.assert_allclose(J, J_ref.reshape(9, 4), atol=1e-12)
+    # the energy NTK of a linear model is exact: k(x, x) = |g|^2 for all θ
+    with torch.no_grad():
+        m.module.theta.mul_(-3.0)
+    G2 = ntk.energy_rows(m, m.collate([a]), params, sk).numpy()
+    np.testing.assert_allclose(G2, G, atol=1e-12)
+
+
+# -- hypothesis invariants --------------------------------------------------------------------
+
+@st.composite
+def small_structures(draw):
+    n = draw(st.integers(2, 6))
+    z = draw(st.lists(st.sampled_from([1, 6, 8]), min_size=n, max_size=n))
+    seed = draw(st.integers(0, 2 ** 16))
+    rng = np.random.default_rng(seed)
+    pos = np.zeros((n, 3))
+    for k in range(1, n):  # each atom 0.9-1.5 Å from a previous one, no closer than 0.8 Å
+        for _ in range(100):
+            cand = pos[rng.integers(k)] + rng.normal(size=3) / 1.0
+            dmin = np.linalg.norm(pos[:k] - cand, axis=1).min()
+            if dmin > 0.8:
+                break
+        pos[k] = cand
+    return Atoms(numbers=z, positions=pos), seed
+
+
+@settings(max_examples=12, deadline=None)
+@given(small_structures())
+def test_kernel_invariants(model, data):
+    a, seed = data
+    names, params = subset(model, "last_block")
+    sk = ntk.ParameterSketch([p.shape for p in params], 8, seed=seed)
+
+    def rows(x):
+        b = model.collate([x])
+        J, g = ntk.force_rows_exact(model, b, params, sk, with_energy=True)
+        return g.detach().numpy(), J.detach().numpy()
+
+    g, J = rows(a)
+    n = len(a)
+    Q = Rotation.random(random_state=seed).as_matrix()
+    b = a.copy()
+    b.positions = a.positions @ Q.T + np.array([0.3, -1.0, 2.0])
+    gb, Jb = rows(b)
+    tol = dict(atol=1e-9, rtol=1e-7)
+    np.testing.assert_allclose(gb, g, **tol)  # k_E invariant
+    np.testing.assert_allclose(Jb.T @ Jb, J.T @ J, **tol)  # Gram kernel invariant
+    np.testing.assert_allclose(Jb.reshape(n, 3, -1), np.einsum("kl,ald->akd", Q, J.reshape(n, 3, -1)),
+                               **tol)  # force rows rotate as vectors
+    perm = np.random.default_rng(seed).permutation(n)
+    gp, Jp = rows(a[perm])
+    np.testing.assert_allclose(gp, g, **tol)
+    np.testing.assert_allclose(Jp.reshape(n, 3, -1), J.reshape(n, 3, -1)[perm], **tol)
+    K = np.vstack([g, J]) @ np.vstack([g, J]).T  # joint kernel block
+    np.testing.assert_allclose(K, K.T)
+    assert np.linalg.eigvalsh(K).min() > -1e-9 * max(1.0, np.abs(K).max())
+    assert np.abs(J.reshape(n, 3, -1).sum(0)).max() < 1e-9 * max(1.0, np.abs(J).max())
