@@ -22,7 +22,7 @@ __all__ = ["BaseSelector", "resolve_n_to_select", "selection_score", "SCORE_SIGM
 SCORE_SIGMA2 = 1e-3
 
 
-def resolve_n_to_select(n_to_select, n_candidates):
+def resolve_n_to_select(n_to_select, n_candidates, *, what="candidates in X"):
     """Turn ``n_to_select`` into a count for ``n_candidates`` candidates.
 
     Parameters
@@ -30,6 +30,8 @@ def resolve_n_to_select(n_to_select, n_candidates):
     n_to_select : int, float in (0, 1) or None
         A count; a fraction of the candidates; or ``None`` for half of them (at least one).
     n_candidates : int
+    what : str, default="candidates in X"
+        How the candidates are named in the error message.
 
     Returns
     -------
@@ -60,7 +62,7 @@ def resolve_n_to_select(n_to_select, n_candidates):
             f"got {n_to_select!r}."
         )
     if n > n_candidates:
-        raise ValueError(f"n_to_select={n} exceeds the {n_candidates} candidates in X.")
+        raise ValueError(f"n_to_select={n} exceeds the {n_candidates} {what}.")
     return n
 
 
@@ -226,11 +228,16 @@ class BaseSelector(BaseEstimator):
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
         candidates = np.arange(len(X)) if X.shortlist is None else np.asarray(X.shortlist)
+        n_cand, what = self._n_candidates(len(candidates))
         n = resolve_n_to_select(self.n_to_select if n_to_select is None else n_to_select,
-                                len(candidates))
+                                n_cand, what=what)
         idx = np.asarray(self._select(X, candidates, n), dtype=np.int64)
         self.selected_idx_ = idx
         return idx
+
+    def _n_candidates(self, n_candidates):
+        """``(count, description)`` of the candidates a budget is resolved against."""
+        return n_candidates, "candidates in X"
 
     def _select(self, X, candidates, n_to_select):  # pragma: no cover - abstract
         raise NotImplementedError

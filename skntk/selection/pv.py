@@ -377,12 +377,13 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         return psi.rows if was_array else psi
 
     # -- selection -----------------------------------------------------------------------------
+    def _n_candidates(self, n_candidates):
+        if self.shortlist_size is not None and self.shortlist_size < n_candidates:
+            return self.shortlist_size, f"shortlisted candidates (shortlist_size={self.shortlist_size})"
+        return n_candidates, "candidates in X"
+
     def _select(self, X, candidates, n_to_select):
         k = self._shortlist_k(len(candidates))
-        if k is not None and k < n_to_select:
-            raise ValueError(
-                f"n_to_select={n_to_select} exceeds shortlist_size={self.shortlist_size}."
-            )
         if not self.greedy:
             scores, shortlist, _, _ = self._stream(X, top_k=k)
             if shortlist is not None:
