@@ -184,7 +184,8 @@ class BaseSelector(BaseEstimator):
         """``X`` as float-valued, finite, non-empty :class:`FeatureBlocks` with the fitted width."""
         name = type(self).__name__
         if not isinstance(X, FeatureBlocks):
-            X = validate_data(self, X, reset=reset, dtype=np.float64)
+            # float32 stays float32 (no pool-sized copy); computations cast chunk by chunk
+            X = validate_data(self, X, reset=reset, dtype=(np.float64, np.float32))
             return FeatureBlocks.from_array(X)
         if len(X) == 0:
             raise ValueError(f"X has 0 structures; {name} needs at least one.")
@@ -202,6 +203,8 @@ class BaseSelector(BaseEstimator):
                                 working_memory=getattr(self, "working_memory", None))
         for sl in gen_structure_chunks(X.offsets, max_rows):
             rows = X.rows[X.offsets[sl.start]:X.offsets[sl.stop]]
+            if np.isfinite(np.sum(rows, dtype=np.float64)):
+                continue  # fast path: a finite sum means finite entries (no overflow in float64)
             bad = ~np.isfinite(rows)
             if np.any(bad):
                 r = int(np.flatnonzero(bad.any(axis=1))[0]) + int(X.offsets[sl.start])

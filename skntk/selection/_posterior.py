@@ -202,11 +202,32 @@ class FeaturePosterior:
         return X.with_rows(out)
 
     def iter_transform(self, X):
-        """Yield ``(structure_slice, Ψ rows, chunk-relative offsets)`` chunk by chunk."""
+        """Yield ``(structure_slice, Ψ rows, chunk-relative offsets)`` chunk by chunk.
+
+        The yielded ``Ψ`` is a view of a buffer reused by the next chunk (no page faults per
+        chunk); copy it to keep it.
+        """
         X = as_blocks(X)
-        for sl in _row_chunks(X, self.working_memory):
-            rows, offsets = _chunk_rows(X, sl)
-            yield sl, self.transform_rows(rows), offsets
+        max_rows = chunk_n_rows(3 * 8 * max(X.n_features, 1), max_n_rows=max(X.n_rows, 1),
+                                working_memory=self.working_memory)
+        chunks = list(gen_structure_chunks(X.offsets, max_rows))
+        longest = max((int(X.offsets[c.stop] - X.offsets[c.start]) for c in chunks), default=0)
+        out = np.empty((longest, self.n_features_))
+        cast = None if X.rows.dtype == np.float64 else np.empty((longest, X.n_features))
+        for sl in chunks:
+            lo, hi = X.offsets[sl.start], X.offsets[sl.stop]
+            rows = X.rows[lo:hi]
+            if rows.shape[1] != self.n_features_:
+                raise ValueError(
+                    f"rows have n_features={rows.shape[1]}; the posterior was fitted with "
+                    f"{self.n_features_}."
+                )
+            if cast is not None:
+                np.copyto(cast[:hi - lo], rows, casting="unsafe")
+                rows = cast[:hi - lo]
+            psi = out[:hi - lo]
+            np.matmul(rows, self.whitener_, out=psi)
+            yield sl, psi, X.offsets[sl.start:sl.stop + 1] - lo
 
     def variance(self, X):
         """Posterior variance per row, ``diag Σ`` (n_rows,), for small inputs and doctests."""
