@@ -185,8 +185,13 @@ def neighbor_pairs(positions, cell, pbc, cutoff: float):
     [(0, 1), (1, 0)]
     """
     positions = np.asarray(positions, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    cell = np.asarray(cell, dtype=np.float64)
+    if not pbc.any():
+        # a molecule in a big box: ASE would bin the whole box; a zero cell bins the atoms' extent
+        cell = np.zeros((3, 3))
     i, j, S = primitive_neighbor_list(
-        "ijS", np.asarray(pbc, dtype=bool), np.asarray(cell, dtype=np.float64), positions,
+        "ijS", pbc, cell, positions,
         float(cutoff), self_interaction=False,
     )
     return i.astype(np.int64), j.astype(np.int64), S.astype(np.int64)
