@@ -40,7 +40,7 @@ class CholeskyError(np.linalg.LinAlgError):
 
 
 def robust_cholesky(A, *, max_tries=20, initial_jitter=1e-10):
-    """Lower Cholesky factor of a symmetric positive (semi-)definite matrix, adding jitter if needed.
+    """Lower Cholesky factor of a symmetric positive (semi-)definite matrix, jittered if needed.
 
     First tries ``A`` as given; on failure adds ``jitter * I`` with ``jitter`` starting at
     ``initial_jitter * max(tr(A) / n, tiny)`` and multiplying by 10 each try (bmdal_reg's

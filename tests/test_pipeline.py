@@ -18,7 +18,7 @@ from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 
 
 class Packer(TransformerMixin, BaseEstimator):
-    """Stand-in for an NTK transformer: a list of per-structure row blocks -> joint FeatureBlocks."""
+    """Stand-in for an NTK transformer: list of per-structure row blocks -> joint blocks."""
 
     def fit(self, X, y=None):
         self.n_seen_ = len(X)

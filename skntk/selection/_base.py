@@ -110,7 +110,9 @@ def _targets_as_rows(X, y):
     for i, yi in enumerate(y_arr):
         yi = np.asarray(yi, dtype=np.float64).reshape(-1)
         if yi.shape[0] != m[i]:
-            raise ValueError(f"y[{i}] has {yi.shape[0]} targets; structure {i} of X has {m[i]} rows.")
+            raise ValueError(
+                f"y[{i}] has {yi.shape[0]} targets; structure {i} of X has {m[i]} rows."
+            )
         parts.append(yi)
     return X, np.concatenate(parts) if parts else np.empty(0)
 
@@ -189,7 +191,8 @@ class BaseSelector(BaseEstimator):
             return FeatureBlocks.from_array(X)
         if len(X) == 0:
             raise ValueError(f"X has 0 structures; {name} needs at least one.")
-        if not (np.issubdtype(X.rows.dtype, np.floating) or np.issubdtype(X.rows.dtype, np.integer)):
+        dtype = X.rows.dtype
+        if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
             raise ValueError(f"X rows must be numeric; got dtype {X.rows.dtype}.")
         d = X.n_features
         if reset:
@@ -248,9 +251,9 @@ class BaseSelector(BaseEstimator):
     def score(self, X, y):
         """Selection quality at the fixed budget ``n_to_select`` (one float, larger is better).
 
-        Selects from ``X``, fits the linearised-GP / ridge posterior mean on the selected structures'
-        features and targets, and returns minus the RMSE on the unselected rest of ``X`` (see
-        :func:`selection_score`). Usable as the objective of ``GridSearchCV``.
+        Selects from ``X``, fits the linearised-GP / ridge posterior mean on the selected
+        structures' features and targets, and returns minus the RMSE on the unselected rest of
+        ``X`` (see :func:`selection_score`). Usable as the objective of ``GridSearchCV``.
 
         Parameters
         ----------

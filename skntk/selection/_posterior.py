@@ -1,7 +1,7 @@
-"""The feature-space Gaussian-process posterior: the one place where skntk's posterior algebra lives.
+"""The feature-space Gaussian-process posterior: where skntk's posterior algebra lives, once.
 
-With train blocks ``G_t`` (rows of features, scaled by ``c``), observation noise variance ``σ²`` and a
-unit prior on the weights,
+With train blocks ``G_t`` (rows of features, scaled by ``c``), observation noise variance ``σ²``
+and a unit prior on the weights,
 
     A = c² Σ_t G_tᵀ G_t + σ² I = L Lᵀ        (d x d, accumulated chunk by chunk in float64)
 
@@ -32,14 +32,14 @@ __all__ = ["FeaturePosterior", "condition_posterior_features"]
 
 
 def _row_chunks(blocks, working_memory, row_factor=3):
-    """Structure slices whose float64 temporaries (``row_factor`` copies of a row) fit the budget."""
+    """Structure slices whose float64 temporaries (``row_factor`` row copies) fit the budget."""
     max_rows = chunk_n_rows(row_factor * 8 * max(blocks.n_features, 1),
                             max_n_rows=max(blocks.n_rows, 1), working_memory=working_memory)
     return gen_structure_chunks(blocks.offsets, max_rows)
 
 
 def _chunk_rows(blocks, sl):
-    """Rows of the structures in slice ``sl`` as float64, and their offsets relative to the chunk."""
+    """Rows of the structures in slice ``sl`` as float64, and their chunk-relative offsets."""
     lo, hi = blocks.offsets[sl.start], blocks.offsets[sl.stop]
     rows = np.asarray(blocks.rows[lo:hi], dtype=np.float64)
     return rows, blocks.offsets[sl.start:sl.stop + 1] - lo
@@ -172,7 +172,7 @@ class FeaturePosterior:
 
     # -- transforming --------------------------------------------------------------------------
     def transform_rows(self, rows):
-        """Ψ = σ c G L⁻ᵀ for rows of shape (n_rows, n_features); returns float64 (n_rows, n_features)."""
+        """Ψ = σ c G L⁻ᵀ for rows of shape (n_rows, n_features); float64 of the same shape."""
         rows = np.asarray(rows, dtype=np.float64)
         if rows.shape[-1] != self.n_features_:
             raise ValueError(

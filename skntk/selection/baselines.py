@@ -1,4 +1,4 @@
-"""Baselines in the selector API: random selection and MaxDist (farthest point / greedy k-centre)."""
+"""Baselines in the selector API: random selection and MaxDist (farthest point, greedy k-centre)."""
 
 from __future__ import annotations
 

@@ -11,13 +11,13 @@ class LCMDSelector(_KernelCentresSelector):
     """Largest-cluster maximum-distance batch selection (Holzmüller et al., JMLR 2023).
 
     Semantics of bmdal_reg's ``LargestClusterMaxDistSelectionMethod``: the labelled structures
-    given to :meth:`fit` are the initial centres (``sel_with_train=True``; without centres the first
-    pick is the structure with the largest ``k(x, x)``). Each candidate belongs to its nearest centre
-    under ``d²(a, b) = k(a, a) + k(b, b) − 2 k(a, b)``; a cluster's size is the sum of its members'
-    squared distances; the next pick is the member farthest from its centre in the largest cluster
-    and becomes a centre. Ties go to the first index; no candidate is picked twice. Cost
-    ``O(n_to_select · (n_candidates + n_train) · D)`` (the train centres: one chunked pass), no
-    ``n x n`` matrix.
+    given to :meth:`fit` are the initial centres (``sel_with_train=True``; without centres the
+    first pick is the structure with the largest ``k(x, x)``). Each candidate belongs to its
+    nearest centre under ``d²(a, b) = k(a, a) + k(b, b) − 2 k(a, b)``; a cluster's size is the
+    sum of its members' squared distances; the next pick is the member farthest from its centre
+    in the largest cluster and becomes a centre. Ties go to the first index; no candidate is
+    picked twice. Cost ``O(n_to_select · (n_candidates + n_train) · D)`` (the train centres: one
+    chunked pass), no ``n x n`` matrix.
 
     Kernels: ``"linear"`` (``g·g'``, single-row blocks) and ``"gram"`` (``‖G_A G_Bᵀ‖_F²``,
     multi-row blocks such as force or joint NTK rows) with exact features (dimension

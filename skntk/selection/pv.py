@@ -1,8 +1,8 @@
 """Chunked feature-space posterior variance (PV) screening and greedy batch PV.
 
 Acquisition rules are plain functions of a chunk of posterior features (like scikit-learn's
-``score_func``): :func:`pv_trace`, :func:`pv_mean`, :func:`pv_max_atom`, :func:`pv_logdet`, each with
-signature ``reduction(psi, offsets, *, kind, sigma2) -> ndarray of shape (n_structures,)``.
+``score_func``): :func:`pv_trace`, :func:`pv_mean`, :func:`pv_max_atom`, :func:`pv_logdet`, each
+with signature ``reduction(psi, offsets, *, kind, sigma2) -> ndarray of shape (n_structures,)``.
 :func:`pool_variance_reduction` is the distribution-aware acquisition.
 """
 
@@ -328,8 +328,8 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         Returns
         -------
         scores : ndarray of shape (n_structures,)
-            Posterior variance (reduced as ``reduction`` says, in units of the normalised kernel), or
-            the pool variance reduction.
+            Posterior variance (reduced as ``reduction`` says, in units of the normalised
+            kernel), or the pool variance reduction.
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
@@ -379,7 +379,8 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
     # -- selection -----------------------------------------------------------------------------
     def _n_candidates(self, n_candidates):
         if self.shortlist_size is not None and self.shortlist_size < n_candidates:
-            return self.shortlist_size, f"shortlisted candidates (shortlist_size={self.shortlist_size})"
+            k = self.shortlist_size
+            return k, f"shortlisted candidates (shortlist_size={k})"
         return n_candidates, "candidates in X"
 
     def _select(self, X, candidates, n_to_select):

@@ -172,7 +172,7 @@ def test_posterior_features_equal_pv_transform_route():
 
 def test_linear_kernel_rejects_multi_row_blocks():
     P = FeatureBlocks(np.zeros((4, 2)), [0, 1, 4])
-    with pytest.raises(ValueError, match="kernel='linear' needs one row per structure; structure 1"):
+    with pytest.raises(ValueError, match="needs one row per structure; structure 1"):
         LCMDSelector(1, kernel="linear").fit(P)
 
 

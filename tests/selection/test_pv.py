@@ -217,7 +217,8 @@ def test_shortlist_is_running_topk_and_respected():
     out = sel.transform(X)
     np.testing.assert_array_equal(out.shortlist, sel.shortlist_idx_)
     assert out.n_rows == 50  # transform never drops rows
-    with pytest.raises(ValueError, match=r"n_to_select=11 exceeds the 10 shortlisted candidates \(shortlist_size=10\)"):
+    with pytest.raises(ValueError, match=r"n_to_select=11 exceeds the 10 shortlisted candidates "
+                                         r"\(shortlist_size=10\)"):
         sel.select(X, 11)
 
 
