@@ -203,7 +203,17 @@ class CHGNetMLIP(MLIP):
         for i, at in enumerate(atoms):
             boxed = periodic_copy(at, self.cutoff, index=i)
             structure = adaptor.get_structure(boxed)
-            graph = self.module.graph_converter(structure)
+            msg = (f"X[{i}] ({at.get_chemical_formula()}) has an atom with no neighbour within "
+                   f"{self.cutoff} Å; CHGNet cannot describe isolated atoms.")
+            try:
+                graph = self.module.graph_converter(structure)
+            except ValueError as exc:
+                if "isolated atom" not in str(exc):
+                    raise
+                raise ValueError(msg) from exc
+            if graph.atom_graph.numel() == 0 or \
+                    torch.unique(graph.atom_graph.reshape(-1, 2)[:, 0]).numel() < len(at):
+                raise ValueError(msg)
             graphs.append(graph.to(device))
         counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
         ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)

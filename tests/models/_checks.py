@@ -114,3 +114,34 @@ def check_backend(model, atoms, subset="readout", *, rtol=1e-3, eps=1e-3, seed=0
     auto, fd = directional_derivatives(model, atoms, subset, eps=eps, seed=seed)
     np.testing.assert_allclose(auto, fd, rtol=rtol, atol=rtol * np.abs(fd).max())
     return auto, fd
+
+
+def check_joint_transformer(model, atoms, subset="readout", *, rtol=1e-4):
+    """ForceNTKTransformer(kind="joint") end to end on ``model``: exact (unsketched) rows equal
+    the plain autograd energy gradient per atom and force Jacobian, energy rows are rotation
+    invariant and the force Gram matrix's trace too. Returns the blocks."""
+    from skntk.transformers import ForceNTKTransformer
+
+    ntk = ForceNTKTransformer(model, kind="joint", parameters=subset, n_features=None,
+                              force_rows="exact", device="cpu", random_state=0).fit(atoms)
+    blocks = ntk.transform(atoms)
+    n_atoms = [len(at) for at in atoms]
+    assert blocks.offsets.tolist() == np.cumsum([0] + [1 + 3 * n for n in n_atoms]).tolist()
+    G_E = energy_gradients(model, atoms, subset)
+    scale = np.abs(G_E).max()
+    rng = np.random.default_rng(1)
+    for i, at in enumerate(atoms):
+        rows = blocks.rows[blocks.offsets[i]:blocks.offsets[i + 1]]
+        np.testing.assert_allclose(rows[0], G_E[i] / n_atoms[i], atol=rtol * scale)
+        w = rng.standard_normal((n_atoms[i], 3))
+        ref = force_vjp(model, at, subset, w)
+        np.testing.assert_allclose(w.reshape(-1) @ rows[1:], ref, atol=rtol * np.abs(ref).max())
+    rot = [rotated(at, seed=10 + k)[0] for k, at in enumerate(atoms)]
+    blocks_rot = ntk.transform(rot)
+    for i in range(len(atoms)):
+        a = blocks.rows[blocks.offsets[i]:blocks.offsets[i + 1]]
+        b = blocks_rot.rows[blocks_rot.offsets[i]:blocks_rot.offsets[i + 1]]
+        np.testing.assert_allclose(b[0], a[0], atol=rtol * scale)
+        tr_a, tr_b = np.sum(a[1:] ** 2), np.sum(b[1:] ** 2)
+        np.testing.assert_allclose(tr_b, tr_a, rtol=10 * rtol)
+    return blocks

@@ -122,3 +122,17 @@ def test_unknown_element_names_structure_and_element(model, atoms):
 def test_float64_rejected(model):
     with pytest.raises(ValueError, match="dtype=torch.float64 is not supported"):
         CHGNetMLIP(model.module, device="cpu", dtype=torch.float64)
+
+
+def test_isolated_atom_names_structure(model, atoms):
+    lone = Atoms("CO", positions=[[0, 0, 0], [0, 0, 9.0]])
+    with pytest.raises(ValueError, match=r"X\[2\] \(CO\) has an atom with no neighbour within 6.0"):
+        model.collate([*atoms, lone])
+
+
+def test_joint_ntk_transformer_end_to_end(model, atoms):
+    pytest.importorskip("skntk.transformers")
+    from tests.models._checks import check_joint_transformer
+
+    blocks = check_joint_transformer(model, atoms[:1])  # the molecule: keeps CI time low
+    assert blocks.kind == "joint" and blocks.rows.shape[0] == 1 + 3 * 5

@@ -141,3 +141,11 @@ def test_unknown_element_names_structure_and_element(model, atoms):
     bad = Atoms("HN", positions=[[0, 0, 0], [0, 0, 1.0]])
     with pytest.raises(ValueError, match=r"X\[2\] \(HN\) contains N \(Z=7\).*tiny.model"):
         model.collate([*atoms, bad])
+
+
+def test_joint_ntk_transformer_end_to_end(model, atoms):
+    pytest.importorskip("skntk.transformers")
+    from tests.models._checks import check_joint_transformer
+
+    blocks = check_joint_transformer(model, atoms, "last_block", rtol=1e-9)
+    assert blocks.kind == "joint" and blocks.rows.shape[0] == 2 * (1 + 3 * 5)

@@ -116,9 +116,14 @@ def test_unknown_element_names_structure_and_element(model, atoms):
         model.collate([*atoms, bad])
 
 
-def test_float64_rejected():
-    from sevenn import util
-
-    module = util.load_checkpoint("7net-0").build_model()
+def test_float64_rejected(model):
     with pytest.raises(ValueError, match="dtype=torch.float64 is not supported"):
-        SevenNetMLIP(module, device="cpu", dtype=torch.float64)
+        SevenNetMLIP(model.module, device="cpu", dtype=torch.float64)
+
+
+def test_joint_ntk_transformer_end_to_end(model, atoms):
+    pytest.importorskip("skntk.transformers")
+    from tests.models._checks import check_joint_transformer
+
+    blocks = check_joint_transformer(model, atoms[:1])  # the molecule: keeps CI time low
+    assert blocks.kind == "joint" and blocks.rows.shape[0] == 1 + 3 * 5
