@@ -74,6 +74,25 @@ def _resolve_model(model, owner: str) -> MLIP:
                     f"{type(model).__name__}.")
 
 
+#: Exact and probe force rows cost (rows x graph size): structures share a graph only while the
+#: graph stays this small (per-call overhead dominates there), else one structure per graph.
+_SMALL_GRAPH_ATOMS = 48
+
+
+def _groups(X, batch_size: int, max_atoms: int | None) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` ranges of at most ``batch_size`` structures and, when
+    ``max_atoms`` is set, at most ``max_atoms`` atoms (a larger structure gets its own range)."""
+    out, start, atoms = [], 0, 0
+    for k, a in enumerate(X):
+        full = k - start >= batch_size or (max_atoms is not None and atoms + len(a) > max_atoms)
+        if k > start and full:
+            out.append((start, k))
+            start, atoms = k, 0
+        atoms += len(a)
+    out.append((start, len(X)))
+    return out
+
+
 class _AtomsTransformerMixin:
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -136,7 +155,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         device falls back to the CPU with a warning. Stored as ``device_``.
     batch_size : int, default=32
         Structures per graph for energy rows and forward-over-reverse; exact and probe force rows
-        are computed one structure per graph (their per-structure cost grows with the graph).
+        share a graph only among small structures (at most 48 atoms per graph), since their
+        per-structure cost grows with the graph.
     dtype : {"float32", "float64"} or None, default=None
         Dtype of the model evaluation (``None``: the model's own). Rows come out as float64.
     random_state : int, RandomState instance or None, default=None
@@ -287,15 +307,15 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             raise ValueError("the model's parameter subset changed since fit; refit the "
                              "transformer.")
         per_structure = self.kind != "energy" and self.force_rows_ in ("exact", "probes")
-        size = 1 if per_structure else self.batch_size
+        groups = _groups(X, self.batch_size, _SMALL_GRAPH_ATOMS if per_structure else None)
         blocks = []
         dtype = self._eval_dtype(model)
         with module_state(model.module, device=self.device_, dtype=dtype, train=False,
                           requires_grad=set(names)):
             params = [p for n, p in model.module.named_parameters() if n in set(names)]
-            for start in self._batches(len(X), size):
-                chunk = X[start:start + size]
-                blocks.extend(self._transform_batch(model, chunk, params, names, start))
+            for start, stop in tqdm(groups, desc=type(self).__name__, unit="batch",
+                                    disable=not self.progress_bar, leave=False):
+                blocks.extend(self._transform_batch(model, X[start:stop], params, names, start))
         rows = np.concatenate(blocks) if blocks else np.zeros((0, self.n_features_out_))
         m = np.array([b.shape[0] for b in blocks], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(m)])
