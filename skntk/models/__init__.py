@@ -93,7 +93,8 @@ def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
         ``"sevennet-0"`` / ``"7net-0"`` (SevenNet-0, 842k parameters, 89 elements),
         ``"chgnet-0.3.0"`` / ``"chgnet"`` (CHGNet 0.3.0, 412k parameters, 89 elements),
         a path to a MACE ``.model`` file, a built-in model file written by
-        :meth:`~skntk.models.builtin.BuiltinMLIP.save`, an already built :class:`MLIP` handle (returned as is)
+        :meth:`~skntk.models.builtin.BuiltinMLIP.save`, an already built :class:`MLIP`
+        handle (returned as is)
         or a network (``torch.nn.Module``: SevenNet, CHGNet, MACE or
         :class:`~skntk.models.builtin.BuiltinNet`), wrapped in place.
     device : str or torch.device, default="auto"
@@ -117,7 +118,7 @@ def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
     Examples
     --------
     >>> from skntk.models import load
-    >>> load("no-such-model")
+    >>> load("no-such-model")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: Unknown model 'no-such-model': expected one of ...

@@ -51,7 +51,8 @@ def periodic_copy(atoms, cutoff: float, *, index: int = 0):
     pbc = np.asarray(at.pbc, dtype=bool)
     if pbc.all():
         if abs(at.cell.volume) < 1e-8:
-            raise ValueError(f"X[{index}] ({at.get_chemical_formula()}) has pbc=True but a zero cell.")
+            raise ValueError(
+                f"X[{index}] ({at.get_chemical_formula()}) has pbc=True but a zero cell.")
         return at
     if not pbc.any():
         pos = at.positions

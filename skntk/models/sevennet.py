@@ -224,4 +224,5 @@ class SevenNetMLIP(MLIP):
         return self._run_until(batch, "reduce_input_to_hidden")[KEY.NODE_FEATURE]
 
     def __repr__(self) -> str:
-        return f"SevenNetMLIP(name={self.name!r}, cutoff={self.cutoff}, device={str(self.device)!r})"
+        return (f"SevenNetMLIP(name={self.name!r}, cutoff={self.cutoff}, "
+                f"device={str(self.device)!r})")

@@ -39,7 +39,7 @@ def flat_grad(output, params, create_graph=False):
     grads = torch.autograd.grad(output, params, retain_graph=True, allow_unused=True,
                                 create_graph=create_graph)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                      for g, p in zip(grads, params)])
+                      for g, p in zip(grads, params, strict=True)])
 
 
 def energy_gradients(model, atoms, subset="readout"):
@@ -94,7 +94,7 @@ def directional_derivatives(model, atoms, subset, *, n_directions=2, eps=1e-3, s
                              float((f.double() * W.double()).sum())])
             finally:
                 with torch.no_grad():
-                    for p, s in zip(params, saved):
+                    for p, s in zip(params, saved, strict=True):
                         p.copy_(s)
         fd.append([(vals[0][k] - vals[1][k]) / (2 * scale) for k in range(2)])
     return np.array(auto), np.array(fd)
