@@ -69,7 +69,8 @@ def as_atoms_list(X, *, name: str = "X") -> list[Atoms]:
         return read_structures(X)
     if isinstance(X, np.ndarray) and X.dtype != object:
         raise TypeError(
-            f"{name} must be ase.Atoms, a list of ase.Atoms or a structure file path; got a numeric "
+            f"{name} must be ase.Atoms, a list of ase.Atoms or a structure file path; got a "
+            f"numeric "
             f"array of shape {X.shape}."
         )
     if not isinstance(X, Iterable):
@@ -127,7 +128,8 @@ def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[At
         pos = a.positions
         if not np.all(np.isfinite(pos)):
             bad = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])
-            raise ValueError(f"{_label(a, i, name)} has non-finite (NaN/inf) positions at atom {bad}.")
+            raise ValueError(f"{_label(a, i, name)} has non-finite (NaN/inf) positions at "
+                             f"atom {bad}.")
         cell = a.cell.array
         if not np.all(np.isfinite(cell)):
             raise ValueError(f"{_label(a, i, name)} has a non-finite (NaN/inf) cell.")
@@ -139,7 +141,8 @@ def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[At
                 syms = [chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z)
                         for z in unknown]
                 raise ValueError(
-                    f"{_label(a, i, name)} contains elements {syms} (Z={unknown}) the model does not "
+                    f"{_label(a, i, name)} contains elements {syms} (Z={unknown}) the model "
+                    f"does not "
                     f"know; it supports Z={sorted(allowed)}."
                 )
         pbc = np.asarray(a.pbc, dtype=bool)

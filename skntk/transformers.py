@@ -1,7 +1,8 @@
 """Structures in, feature blocks out: NTK features and pretrained embeddings of an MLIP.
 
 :class:`ForceNTKTransformer` turns ``list[ase.Atoms]`` into energy, force or joint NTK rows
-(:mod:`skntk.ntk`) packed as :class:`skntk.blocks.FeatureBlocks`; :class:`EmbeddingTransformer` gives
+(:mod:`skntk.ntk`) packed as :class:`skntk.blocks.FeatureBlocks`;
+:class:`EmbeddingTransformer` gives
 the "pretrained embedding" baseline, one row per structure.
 """
 
@@ -60,7 +61,8 @@ def _resolve_model(model, owner: str) -> MLIP:
         from skntk.models.builtin import BuiltinMLIP
 
         if not os.path.exists(model):
-            raise ValueError(f"The 'model' parameter of {owner} is the string {str(model)!r}, which "
+            raise ValueError(f"The 'model' parameter of {owner} is the string "
+                             f"{str(model)!r}, which "
                              f"is not a saved model file.")
         return BuiltinMLIP.load(model)
     if isinstance(model, torch.nn.Module):

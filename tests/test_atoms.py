@@ -94,7 +94,8 @@ def test_accepts_single_iterator_and_path(tmp_path):
 
 @pytest.mark.parametrize("X,match", [
     ([molecule("H2O"), Atoms()], r"X\[1\] is an empty structure"),
-    ([Atoms("H2", positions=[[0, 0, 0], [np.nan, 0, 0]])], r"X\[0\] \(H2\) has non-finite .* atom 1"),
+    ([Atoms("H2", positions=[[0, 0, 0], [np.nan, 0, 0]])],
+     r"X\[0\] \(H2\) has non-finite .* atom 1"),
     ([molecule("H2O"), molecule("CH3CH2OH"), Atoms("Au")],
      r"X\[2\] \(Au\) contains elements \['Au'\] \(Z=\[79\]\) the model does not know"),
     ([Atoms("Cu", pbc=True)], r"X\[0\] \(Cu\) has pbc=\[True, True, True\] but a singular cell"),

@@ -293,8 +293,8 @@ def test_kernel_invariants(model, data):
     tol = dict(atol=1e-9, rtol=1e-7)
     np.testing.assert_allclose(gb, g, **tol)  # k_E invariant
     np.testing.assert_allclose(Jb.T @ Jb, J.T @ J, **tol)  # Gram kernel invariant
-    np.testing.assert_allclose(Jb.reshape(n, 3, -1), np.einsum("kl,ald->akd", Q, J.reshape(n, 3, -1)),
-                               **tol)  # force rows rotate as vectors
+    rotated = np.einsum("kl,ald->akd", Q, J.reshape(n, 3, -1))
+    np.testing.assert_allclose(Jb.reshape(n, 3, -1), rotated, **tol)  # force rows rotate as vectors
     perm = np.random.default_rng(seed).permutation(n)
     gp, Jp = rows(a[perm])
     np.testing.assert_allclose(gp, g, **tol)

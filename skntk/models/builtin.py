@@ -5,7 +5,8 @@ The network (:class:`BuiltinNet`) is an invariant SchNet-style model:
 - species embedding ``h_i⁰ = W_emb[Z_i]`` (n_hidden);
 - ``n_blocks`` interaction blocks; block ``t`` updates
   ``h_i ← h_i + φ_t( Σ_j  W_t(r_ij) ⊙ ψ_t(h_j) )`` with a filter
-  ``W_t(r) = MLP_t(e(r)) · f_c(r)``, radial basis ``e_n(r) = sin(nπ r / r_c) / r`` (``n = 1..n_basis``)
+  ``W_t(r) = MLP_t(e(r)) · f_c(r)``, radial basis
+  ``e_n(r) = sin(nπ r / r_c) / r`` (``n = 1..n_basis``)
   and the smooth cutoff ``f_c(r) = ½ (cos(π r / r_c) + 1)`` for ``r < r_c`` (zero beyond, with zero
   slope at ``r_c``, so forces are continuous);
 - atomic-energy readout ``ε_i = s · MLP_out(h_i) + μ[Z_i]`` with a fixed scale ``s`` (eV) and
@@ -13,7 +14,8 @@ The network (:class:`BuiltinNet`) is an invariant SchNet-style model:
 - ``E = Σ_i ε_i`` (eV), forces ``F = -∂E/∂R`` by autograd.
 
 It depends on interatomic distances only, so energies are invariant to rotations, translations and
-permutations of like atoms and forces are equivariant. :class:`BuiltinMLIP` is the handle the rest of
+permutations of like atoms and forces are equivariant. :class:`BuiltinMLIP` is the handle the rest
+of
 skntk uses (the MLIP protocol of :mod:`skntk.models.base`), with :meth:`BuiltinMLIP.fit` (Adam on
 energies and forces with early stopping), :meth:`BuiltinMLIP.save` and :meth:`BuiltinMLIP.load`.
 """
