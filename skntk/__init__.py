@@ -1,7 +1,33 @@
-"""skntk: force-aware neural-tangent-kernel active learning for MLIPs, as scikit-learn estimators."""
+"""skntk: force-aware neural-tangent-kernel active learning for MLIPs, as scikit-learn estimators.
+
+Data flows one way: ``ase.Atoms`` → :mod:`skntk.atoms` batch → :mod:`skntk.models` handle →
+:mod:`skntk.ntk` rows (:class:`FeatureBlocks`) → :mod:`skntk.selection` selectors → indices.
+"""
 
 from skntk.blocks import FeatureBlocks, as_blocks
+from skntk.models import MLIP, load
+from skntk.models.builtin import BuiltinMLIP
+from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
+from skntk.selection.baselines import MaxDistSelector, RandomSelector
+from skntk.selection.lcmd import LCMDSelector
+from skntk.selection.pv import ChunkedPosteriorVarianceSelector
+from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["FeatureBlocks", "as_blocks", "__version__"]
+__all__ = [
+    "BuiltinMLIP",
+    "ChunkedPosteriorVarianceSelector",
+    "EmbeddingTransformer",
+    "FeatureBlocks",
+    "ForceNTKTransformer",
+    "LCMDSelector",
+    "MLIP",
+    "MaxDistSelector",
+    "RandomSelector",
+    "SelectionPipeline",
+    "as_blocks",
+    "load",
+    "make_pv_lcmd_pipeline",
+    "__version__",
+]

@@ -1,0 +1,229 @@
+"""Command line: ``skntk select`` (a real selection run) and ``skntk demo`` (the same on bundled data).
+
+Only this module writes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("skntk")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skntk", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def selection_args(p, demo):
+        p.add_argument("--model", default="sevennet-0",
+                       help="sevennet-0, chgnet-0.3.0, a MACE .model file or a built-in model file")
+        p.add_argument("-n", "--n-to-select", type=int, default=10, help="batch size B")
+        p.add_argument("--kind", default="joint", choices=["energy", "force", "joint"])
+        p.add_argument("--parameters", default=None,
+                       help="parameter subset (readout, last_block, all); default: the backend's")
+        p.add_argument("--n-features", type=int, default=256, help="sketch dimension d")
+        p.add_argument("--force-rows", default="probes", choices=["exact", "probes", "auto"])
+        p.add_argument("--n-probes", type=int, default=4)
+        p.add_argument("--shortlist", type=int, default=None,
+                       help="PV shortlist size M before LCMD (default: max(5 B, 50))")
+        p.add_argument("--sigma2", type=float, default=1e-3, help="noise variance (normalised units)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--cache", default=None,
+                       help="directory for resumable pool features (rerun resumes there)")
+        p.add_argument("--no-plot", action="store_true")
+        p.add_argument("-v", "--verbose", action="store_true")
+        if demo:
+            p.add_argument("--out", default="demo_out", help="output directory")
+            p.add_argument("--max-pool", type=int, default=None,
+                           help="use at most this many pool frames (faster trial runs)")
+        else:
+            p.add_argument("--train", required=True, help="labelled structures (any ASE format)")
+            p.add_argument("--pool", required=True, help="candidate structures (any ASE format)")
+            p.add_argument("-o", "--output", default="selected.extxyz")
+
+    selection_args(sub.add_parser("select", help="select a batch from a pool"), demo=False)
+    selection_args(sub.add_parser("demo", help="run a selection on the bundled OC20 frames"),
+                   demo=True)
+    return parser
+
+
+def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=None,
+                  n_features=256, force_rows="probes", n_probes=4, shortlist=None, sigma2=1e-3,
+                  device="auto", seed=0, cache=None, progress_bar=True):
+    """Featurise ``train`` and ``pool`` with one model, PV-screen the pool, LCMD the shortlist.
+
+    Parameters
+    ----------
+    model : str or skntk.models.MLIP
+    train, pool : list of ase.Atoms
+    n_to_select : int
+        Batch size B.
+
+    Returns
+    -------
+    result : dict
+        ``selected`` (indices into pool, in order), ``pv`` (n_pool,) scores, ``shortlist``
+        indices, ``features`` (pool FeatureBlocks), ``timings`` (seconds per stage).
+    """
+    from skntk.cache import transform_cached
+    from skntk.models import load
+    from skntk.selection.lcmd import LCMDSelector
+    from skntk.selection.pv import ChunkedPosteriorVarianceSelector
+    from skntk.transformers import ForceNTKTransformer
+
+    timings = {}
+    t = time.perf_counter()
+    handle = load(model, device=device) if not hasattr(model, "energy_and_forces") else model
+    timings["load model"] = time.perf_counter() - t
+
+    params = {} if parameters is None else {"parameters": parameters}
+    ntk = ForceNTKTransformer(handle, kind=kind, n_features=n_features, force_rows=force_rows,
+                              n_probes=n_probes, device=device, random_state=seed,
+                              progress_bar=progress_bar, **params)
+    t = time.perf_counter()
+    G_train = ntk.fit(train).transform(train)
+    timings["features: train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    G_pool = (transform_cached(ntk, pool, cache) if cache else ntk.transform(pool))
+    timings["features: pool"] = time.perf_counter() - t
+
+    M = shortlist or max(5 * n_to_select, 50)
+    M = min(M, len(pool))
+    t = time.perf_counter()
+    pv = ChunkedPosteriorVarianceSelector(sigma2=sigma2, shortlist_size=M)
+    Psi_train = pv.fit_transform(G_train)
+    scores = pv.score_samples(G_pool)
+    Psi_pool = pv.transform(G_pool)  # posterior features, carrying the top-M shortlist
+    timings["PV screen"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lcmd = LCMDSelector(n_to_select=n_to_select).fit(Psi_train)
+    selected = lcmd.select(Psi_pool)
+    timings["LCMD"] = time.perf_counter() - t
+    return {"selected": np.asarray(selected), "pv": np.asarray(scores),
+            "shortlist": np.asarray(Psi_pool.shortlist), "features": G_pool, "timings": timings}
+
+
+def _describe(atoms) -> str:
+    sid = atoms.info.get("sid")
+    frame = atoms.info.get("frame")
+    name = atoms.get_chemical_formula()
+    return f"{name} sid={sid} frame={frame}" if sid is not None else name
+
+
+def _plot(path, result):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pv, sel, shortlist, G = result["pv"], result["selected"], result["shortlist"], result["features"]
+    # one vector per structure: the energy row for energy/joint blocks, else the block's RMS row
+    if G.kind in ("energy", "joint", "plain"):
+        Z = G.rows[G.offsets[:-1]]
+    else:
+        Z = np.sqrt(np.add.reduceat(G.rows**2, G.offsets[:-1], axis=0))
+    Z = Z - Z.mean(0)
+    U, S, _ = np.linalg.svd(Z, full_matrices=False)
+    xy = U[:, :2] * S[:2]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bins = np.logspace(np.log10(max(pv.min(), 1e-12)), np.log10(pv.max()), 30)
+    a.hist(pv, bins=bins, alpha=0.6, label=f"pool (n={len(pv)})")
+    a.hist(pv[shortlist], bins=bins, alpha=0.6, label=f"shortlist (M={len(shortlist)})")
+    a.hist(pv[sel], bins=bins, alpha=0.9, label=f"selected (B={len(sel)})")
+    a.set_xscale("log")
+    a.set_xlabel("posterior variance (trace)")
+    a.set_ylabel("structures")
+    a.legend()
+    b.scatter(xy[:, 0], xy[:, 1], s=8, c="0.7", label="pool")
+    b.scatter(xy[shortlist, 0], xy[shortlist, 1], s=10, c="C1", label="shortlist")
+    b.scatter(xy[sel, 0], xy[sel, 1], s=60, marker="*", c="C3", label="selected")
+    for rank, i in enumerate(sel):
+        b.annotate(str(rank + 1), xy[i], fontsize=7)
+    b.set_xlabel("feature PC 1")
+    b.set_ylabel("feature PC 2")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _report(result, pool, out_path, plot_path):
+    lines = [f"pool: {len(pool)} structures; shortlist {len(result['shortlist'])}; "
+             f"selected {len(result['selected'])}", "time per stage:"]
+    lines += [f"  {k:<18s} {v:8.2f} s" for k, v in result["timings"].items()]
+    lines.append(" rank  pool idx        PV  structure")
+    for rank, i in enumerate(result["selected"]):
+        lines.append(f" {rank + 1:4d}  {i:8d}  {result['pv'][i]:.3e}  {_describe(pool[i])}")
+    lines.append(f"pool PV: median {np.median(result['pv']):.3e}, max {result['pv'].max():.3e}")
+    lines.append(f"wrote {out_path}" + (f" and {plot_path}" if plot_path else ""))
+    return "\n".join(lines)
+
+
+def _write_selected(path, pool, result):
+    import ase.io
+
+    frames = []
+    for rank, i in enumerate(result["selected"]):
+        atoms = pool[i].copy()
+        atoms.calc = pool[i].calc
+        atoms.info.update(pool_index=int(i), selection_rank=rank, pv=float(result["pv"][i]))
+        frames.append(atoms)
+    ase.io.write(path, frames, format="extxyz")
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from skntk.io import example_path, read_structures, split_by
+
+    if args.command == "demo":
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frames = read_structures(example_path())
+        sids = sorted({a.info["sid"] for a in frames})
+        train_idx, pool_idx = split_by(frames, "sid", sids[:2])
+        train = [frames[i] for i in train_idx]
+        pool = [frames[i] for i in pool_idx][: args.max_pool]
+        out_path, plot_path = out_dir / "selected.extxyz", out_dir / "selection.png"
+        print(f"skntk demo: {args.model} {args.kind} NTK, train = {len(train)} frames of "
+              f"{sids[:2]}, pool = {len(pool)} frames of {len(sids) - 2} other OC20 relaxations")
+    else:
+        train, pool = read_structures(args.train), read_structures(args.pool)
+        out_path = Path(args.output)
+        plot_path = out_path.with_suffix(".png")
+    if args.no_plot:
+        plot_path = None
+    if args.n_to_select > len(pool):
+        print(f"error: -n {args.n_to_select} exceeds the {len(pool)} pool structures",
+              file=sys.stderr)
+        return 2
+    result = run_selection(
+        args.model, train, pool, n_to_select=args.n_to_select, kind=args.kind,
+        parameters=args.parameters, n_features=args.n_features, force_rows=args.force_rows,
+        n_probes=args.n_probes, shortlist=args.shortlist, sigma2=args.sigma2,
+        device=args.device, seed=args.seed, cache=args.cache, progress_bar=sys.stderr.isatty())
+    _write_selected(out_path, pool, result)
+    if plot_path:
+        try:
+            _plot(plot_path, result)
+        except ImportError:
+            logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
+            plot_path = None
+    print(_report(result, pool, out_path, plot_path))
+    summary = {k: v for k, v in result.items() if k in ("timings",)}
+    summary["selected"] = result["selected"].tolist()
+    (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
