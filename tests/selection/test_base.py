@@ -109,3 +109,26 @@ def test_selection_score_with_joint_blocks_and_per_row_targets():
         selection_score(X, energies, np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="y has 2 values; X has 3 structures"):
         selection_score(X, np.zeros(2), np.array([0]))
+
+
+def test_selection_layer_imports_no_model_code():
+    """DESIGN §5: selection/ sees features only; it must not import torch.nn or skntk.models."""
+    import ast
+    from pathlib import Path
+
+    import skntk.selection
+
+    root = Path(skntk.selection.__file__).parent
+    files = sorted(root.glob("*.py"))
+    assert len(files) >= 6
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("torch", "skntk.models")), f"{path.name} imports {name}"
