@@ -71,24 +71,23 @@ class SelectionPipeline(Pipeline):
         selected_idx : ndarray of int of shape (n_to_select,)
             Indices into ``X`` in selection order.
         """
-        Xt = X
-        for _, _, transformer in self._iter(with_final=False):
-            Xt = transformer.transform(Xt)
+        _, Xt = self._transform_for_final(X)
         return self._final_estimator.select(Xt, n_to_select)
+
+    def _transform_for_final(self, X):
+        """``(upstream, Xt)``: ``X`` after the steps before the first selector, and after all but
+        the last step (each step runs once)."""
+        Xt, upstream = X, None
+        for _, _, step in self._iter(with_final=False):
+            if upstream is None and isinstance(step, BaseSelector):
+                upstream = Xt
+            Xt = step.transform(Xt)
+        return (Xt if upstream is None else upstream), Xt
 
     @property
     def selected_idx_(self):
         """Indices picked by the last :meth:`select` (the final step's ``selected_idx_``)."""
         return self._final_estimator.selected_idx_
-
-    def _upstream_features(self, X):
-        """``X`` through the steps before the first selector (the features a user supplied)."""
-        Xt = X
-        for _, _, step in self._iter(with_final=True):
-            if isinstance(step, BaseSelector):
-                break
-            Xt = step.transform(Xt)
-        return Xt
 
     @available_if(_final_estimator_has("select"))
     def score(self, X, y=None, **params):
@@ -112,8 +111,9 @@ class SelectionPipeline(Pipeline):
         """
         if y is None:
             raise ValueError("SelectionPipeline.score needs targets y for the structures in X.")
-        idx = self.select(X)
-        return selection_score(as_blocks(self._upstream_features(X)), y, idx)
+        upstream, Xt = self._transform_for_final(X)
+        idx = self._final_estimator.select(Xt)
+        return selection_score(as_blocks(upstream), y, idx)
 
 
 def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=None,

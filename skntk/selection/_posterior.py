@@ -17,7 +17,6 @@ then relative to that scale.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -165,10 +164,6 @@ class FeaturePosterior:
         self.n_rows_seen_ += X.n_rows
         self._factorise()
         return self
-
-    def copy(self):
-        """A deep copy (for greedy loops that must not touch the fitted state)."""
-        return copy.deepcopy(self)
 
     # -- transforming --------------------------------------------------------------------------
     def transform_rows(self, rows):

@@ -115,6 +115,22 @@ def test_pv_invariant_under_feature_rotation(reduction):
     np.testing.assert_allclose(a, b, rtol=1e-10)
 
 
+@pytest.mark.parametrize("reduction", ["trace", "mean", "logdet", "max_atom"])
+def test_pv_invariant_under_atom_permutation_within_structures(reduction):
+    rng = np.random.default_rng(20)
+    T = random_blocks(rng, [6, 9], 4, kind="force")
+    X = random_blocks(rng, [9, 12], 4, kind="force")
+    # permute the atoms (groups of 3 force rows) inside every structure
+    row_perm = []
+    for i in range(len(X)):
+        n_atoms = (X.offsets[i + 1] - X.offsets[i]) // 3
+        atoms = rng.permutation(n_atoms)
+        row_perm.append(X.offsets[i] + (3 * atoms[:, None] + np.arange(3)).ravel())
+    Xp = X.with_rows(X.rows[np.concatenate(row_perm)])
+    sel = ChunkedPosteriorVarianceSelector(0.1, reduction=reduction).fit(T)
+    np.testing.assert_allclose(sel.score_samples(Xp), sel.score_samples(X), rtol=1e-10)
+
+
 @pytest.mark.parametrize("criterion", ["variance", "pool_variance_reduction"])
 @pytest.mark.parametrize("greedy", [False, True])
 def test_pool_permutation_permutes_scores_and_selection(criterion, greedy):
