@@ -140,6 +140,9 @@ class CHGNetMLIP(MLIP):
     """
 
     implemented_properties = ("energy", "forces", "embeddings")
+    #: Subset with the highest effective rank of energy-gradient features on 300 real frames
+    #: (OC20 + 3BPA; docs/backends.md).
+    default_subset = "all"
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="chgnet"):
         _require("chgnet", "chgnet")
@@ -164,7 +167,9 @@ class CHGNetMLIP(MLIP):
         top = tuple(f"{n}.*" for n, _ in module.named_children() if n not in skip)
         self.subset_patterns = {
             "readout": readout,
-            "last_block": (f"atom_conv_layers.{last}.*", "readout_norm.*"),
+            "last_block": tuple(
+                n for n, p in module.named_parameters() if p.requires_grad
+                and n.startswith((f"atom_conv_layers.{last}.", "readout_norm."))),
             "all": top,
         }
         self.n_embedding = int(module.atom_embedding.embedding.embedding_dim)

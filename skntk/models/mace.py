@@ -107,6 +107,8 @@ class MACEMLIP(MLIP):
     """
 
     implemented_properties = ("energy", "forces", "embeddings")
+    #: Not measured (no pretrained MACE is available offline); the cheapest subset.
+    default_subset = "readout"
 
     def __init__(self, module, *, device="auto", dtype=None, name="mace"):
         _import_mace()
@@ -123,7 +125,9 @@ class MACEMLIP(MLIP):
         n_layers = int(module.num_interactions)
         self.subset_patterns = {
             "readout": ("readouts.*",),
-            "last_block": (f"interactions.{n_layers - 1}.*", f"products.{n_layers - 1}.*"),
+            "last_block": tuple(
+                n for n, p in module.named_parameters() if p.requires_grad
+                and n.startswith((f"interactions.{n_layers - 1}.", f"products.{n_layers - 1}."))),
             "all": ("*",),
         }
         from e3nn import o3

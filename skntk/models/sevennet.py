@@ -90,6 +90,9 @@ class SevenNetMLIP(MLIP):
     """
 
     implemented_properties = ("energy", "forces", "embeddings")
+    #: Subset with the highest effective rank of energy-gradient features on 300 real frames
+    #: (OC20 + 3BPA; docs/backends.md): 3-4x the readout's.
+    default_subset = "last_block"
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet"):
         _require("sevenn", "sevennet")
@@ -112,7 +115,9 @@ class SevenNetMLIP(MLIP):
         blocks = sorted({int(m.group(1)) for n in module._modules
                          if (m := re.match(r"^(\d+)_", n))})
         readout = ("reduce_input_to_hidden.*", "reduce_hidden_to_energy.*")
-        last = (f"{blocks[-1]}_*",) if blocks else ()
+        # explicit names: the block also holds frozen constants (``4_convolution.denominator``)
+        last = tuple(n for n, p in module.named_parameters()
+                     if blocks and n.startswith(f"{blocks[-1]}_") and p.requires_grad)
         self.subset_patterns = {"readout": readout, "last_block": last, "all": ("*",)}
         self.n_embedding = int(module._modules["reduce_input_to_hidden"].linear.irreps_in.dim) \
             if hasattr(module._modules["reduce_input_to_hidden"], "linear") else None

@@ -41,8 +41,11 @@ def test_handle_declares_model(model):
     assert sizes["readout"] == 8256
     assert sizes["readout"] < sizes["last_block"] < sizes["all"]
     assert sizes["all"] == sum(p.numel() for p in model.module.parameters() if p.requires_grad)
-    names = [n for n, _ in model.parameters("last_block")]
-    assert names and all(n.startswith("4_") for n in names)
+    last = model.parameters("last_block")
+    assert last and all(n.startswith("4_") and p.requires_grad for n, p in last)
+    frozen = [n for n, p in model.module.named_parameters()
+              if n.startswith("4_") and not p.requires_grad]
+    assert frozen == ["4_convolution.denominator"]  # a constant, kept out of the subset
 
 
 def test_matches_sevennet_calculator(model, atoms):
