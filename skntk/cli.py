@@ -27,7 +27,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("-n", "--n-to-select", type=int, default=10, help="batch size B")
         p.add_argument("--kind", default="joint", choices=["energy", "force", "joint"])
         p.add_argument("--parameters", default=None,
-                       help="parameter subset (readout, last_block, all); default: the backend's")
+                       help="parameter subset (readout, last_block, all); default: the backend's "
+                            "default_subset (SevenNet-0: last_block)")
         p.add_argument("--n-features", type=int, default=256, help="sketch dimension d")
         p.add_argument("--force-rows", default="probes", choices=["exact", "probes", "auto"])
         p.add_argument("--n-probes", type=int, default=4)
@@ -84,10 +85,11 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     handle = load(model, device=device) if not hasattr(model, "energy_and_forces") else model
     timings["load model"] = time.perf_counter() - t
 
-    params = {} if parameters is None else {"parameters": parameters}
-    ntk = ForceNTKTransformer(handle, kind=kind, n_features=n_features, force_rows=force_rows,
-                              n_probes=n_probes, device=device, random_state=seed,
-                              progress_bar=progress_bar, **params)
+    if parameters is None:  # the subset each backend chose by measurement (docs/backends.md)
+        parameters = getattr(handle, "default_subset", "readout")
+    ntk = ForceNTKTransformer(handle, kind=kind, parameters=parameters, n_features=n_features,
+                              force_rows=force_rows, n_probes=n_probes, device=device,
+                              random_state=seed, progress_bar=progress_bar)
     t = time.perf_counter()
     G_train = ntk.fit(train).transform(train)
     timings["features: train"] = time.perf_counter() - t
