@@ -300,9 +300,11 @@ def force_rows_forward(model, batch, params, sketch: ParameterSketch, *, names: 
 def rademacher_probes(n_atoms: Sequence[int], n_probes: int, seed: int,
                       structure_ids: Sequence[int], *, dtype=torch.float64,
                       device="cpu") -> torch.Tensor:
-    """Rademacher probes of shape (n_probes, sum(n_atoms), 3), seeded per structure.
+    """Rademacher probes of shape (n_probes, sum(n_atoms), 3), seeded per key.
 
     The probes of a structure depend only on ``(seed, structure_ids[i])``, never on the batch.
+    :class:`~skntk.transformers.ForceNTKTransformer` keys them by atom count (common random
+    numbers): structures of equal size share probes, so similar structures get similar rows.
     """
     blocks = []
     for n, sid in zip(n_atoms, structure_ids, strict=True):

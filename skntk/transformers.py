@@ -342,8 +342,10 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                     e_rows = ntk.energy_rows(model, batch, params, self.sketch_,
                                              per_atom=per_atom)
             else:
-                probes = ntk.rademacher_probes(n, self.n_probes, self.seed_,
-                                               range(start, start + len(atoms)),
+                # Common random numbers: probes are keyed by atom count, not by position in X, so
+                # near-identical structures (frames of one trajectory) get near-identical rows and
+                # a structure's rows do not depend on where it sits in X.
+                probes = ntk.rademacher_probes(n, self.n_probes, self.seed_, n,
                                                device=self.device_)
                 f_rows, e_rows = ntk.force_rows_probes(model, batch, params, self.sketch_, probes,
                                                        with_energy=True, per_atom=per_atom)

@@ -177,3 +177,17 @@ def test_embedding_transformer(model, X):
     rot.rotate(70, "z")
     np.testing.assert_allclose(e.transform([rot])[0], Z[1], atol=1e-10)
     assert e.get_feature_names_out().tolist()[:2] == ["embedding0", "embedding1"]
+
+
+def test_probe_rows_do_not_depend_on_position_in_X(model, X):
+    """Common random probes: a structure's rows are the same wherever it sits in X, so equal
+    structures get equal rows and permuting X permutes the blocks."""
+    est = ForceNTKTransformer(model, kind="joint", force_rows="probes", n_probes=3,
+                              n_features=16, random_state=0).fit(X)
+    G = est.transform(X)
+    order = np.arange(len(X))[::-1]
+    G_perm = est.transform([X[i] for i in order])
+    for k, i in enumerate(order):
+        np.testing.assert_allclose(G_perm.block(k), G.block(i), rtol=1e-12, atol=1e-12)
+    twice = est.transform([X[0], X[0]])
+    np.testing.assert_allclose(twice.block(0), twice.block(1), rtol=1e-10, atol=1e-12)
