@@ -256,7 +256,7 @@ def plot(results, path):
         for name, by_subset in cost.items():
             for subset, rows in by_subset.items():
                 for row in rows:
-                    vals = [row[f"ratio_{key}"] for key in keys]
+                    vals = [row.get(f"ratio_{key}", np.nan) for key in keys]
                     ax.bar(np.arange(len(keys)) + k * width, vals, width,
                            label=f"{name} {subset} {row['structure']} (N={row['n_atoms']})")
                     k += 1
