@@ -435,8 +435,11 @@ class EmbeddingTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimat
             validate_structures(as_atoms_list(X), species=model.species)
         self.device_ = _resolve_device(self.device)
         self.model_ = model
-        probe = Atoms([min(model.species) if model.species else 1])
-        self.n_features_out_ = int(self._embed([probe]).shape[1])
+        n_out = getattr(model, "n_embedding", None)
+        if n_out is None:  # ask the model: a dimer well inside its cutoff
+            z = min(model.species) if model.species else 1
+            n_out = self._embed([Atoms([z, z], positions=[[0, 0, 0], [0, 0, 1.5]])]).shape[1]
+        self.n_features_out_ = int(n_out)
         return self
 
     def transform(self, X) -> np.ndarray:

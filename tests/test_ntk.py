@@ -303,3 +303,26 @@ def test_kernel_invariants(model, data):
     np.testing.assert_allclose(K, K.T)
     assert np.linalg.eigvalsh(K).min() > -1e-9 * max(1.0, np.abs(K).max())
     assert np.abs(J.reshape(n, 3, -1).sum(0)).max() < 1e-9 * max(1.0, np.abs(J).max())
+
+
+def test_per_output_gradients_loop_and_chunked_reduce_match_jacobian():
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(w, v):
+        return torch.cat([(w[:3] * v).sum(0) ** 2, torch.sin(w).reshape(-1), v.sum()[None]])
+
+    jw, jv = torch.autograd.functional.jacobian(f, (w.detach(), v.detach()))
+    out = f(w, v)
+    M = torch.randn(5 + 6, 4, dtype=torch.float64)  # a fixed reduction of the flat gradient
+
+    def reduce(g):
+        return torch.cat([g[0].reshape(g[0].shape[0], -1), g[1].reshape(g[1].shape[0], -1)], 1) @ M
+
+    ref = torch.cat([jw, jv.reshape(jv.shape[0], -1)], 1) @ M
+    for vectorize in (True, False):
+        got = ntk.per_output_gradients(out, [w, v], retain_graph=True, chunk_size=3,
+                                       vectorize=vectorize, reduce=reduce)
+        torch.testing.assert_close(got, ref)
+        loop = ntk.per_output_gradients(out, [w, v], retain_graph=True, vectorize=vectorize)
+        torch.testing.assert_close(loop[1], jv)

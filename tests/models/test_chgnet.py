@@ -111,6 +111,15 @@ def test_embeddings_shape_and_invariance(model, atoms):
     rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
     h_rot = model.embeddings(model.collate(rot_atoms)).detach().numpy()
     np.testing.assert_allclose(h_rot, h, atol=1e-4 * np.abs(h).max())
+    # the structure-level baseline: per-structure means of the same per-atom features
+    from skntk.transformers import EmbeddingTransformer
+
+    emb = EmbeddingTransformer(model).fit(atoms)
+    X = emb.transform(atoms)
+    assert emb.n_features_out_ == 64 and X.shape == (len(atoms), 64)
+    ptr = np.cumsum([0] + [len(a) for a in atoms])
+    np.testing.assert_allclose(X, [h[a:b].mean(0) for a, b in zip(ptr[:-1], ptr[1:])],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_element_names_structure_and_element(model, atoms):
