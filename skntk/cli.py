@@ -86,7 +86,7 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     timings["load model"] = time.perf_counter() - t
 
     if parameters is None:  # the subset each backend chose by measurement (docs/backends.md)
-        parameters = getattr(handle, "default_subset", "readout")
+        parameters = "default"
     ntk = ForceNTKTransformer(handle, kind=kind, parameters=parameters, n_features=n_features,
                               force_rows=force_rows, n_probes=n_probes, device=device,
                               random_state=seed, progress_bar=progress_bar)

@@ -135,9 +135,11 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         a file written by :meth:`skntk.models.builtin.BuiltinMLIP.save` (loaded in ``fit``). A raw
         ``torch.nn.Module`` is refused with a ``TypeError``: wrap it in a handle.
     kind : {"energy", "force", "joint"}, default="energy"
-    parameters : str or list of str, default="readout"
-        Parameter subset: a name the model declares (``"readout"``, ``"last_block"``, ``"all"``)
-        or fnmatch patterns over parameter names.
+    parameters : str or list of str, default="default"
+        Parameter subset: a name the model declares (``"readout"``, ``"last_block"``, ``"all"``),
+        ``"default"`` (the backend's ``default_subset``, chosen by measurement: SevenNet-0
+        ``"last_block"``, CHGNet ``"all"``, built-in and MACE ``"readout"``), or fnmatch patterns
+        over parameter names.
     n_features : int or None, default=512
         Sketch dimension ``d``; ``None`` keeps the exact gradient (``d = P``).
     force_rows : {"auto", "exact", "forward", "probes"}, default="auto"
@@ -214,7 +216,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         "progress_bar": ["boolean"],
     }
 
-    def __init__(self, model=None, *, kind="energy", parameters="readout", n_features=512,
+    def __init__(self, model=None, *, kind="energy", parameters="default", n_features=512,
                  force_rows="auto", n_probes=8, energy_weight=1.0, force_weight=1.0,
                  normalize="atoms", device="auto", batch_size=32, dtype=None, random_state=None,
                  progress_bar=False):

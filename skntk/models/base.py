@@ -184,6 +184,9 @@ class MLIP(ABC):
 
     implemented_properties: tuple[str, ...] = ("energy", "forces")
     parameter_subsets: tuple[str, ...] = ("readout", "last_block", "all")
+    #: The subset ``parameters("default")`` means: chosen per backend by measured effective rank of
+    #: the energy-gradient features on real frames (docs/backends.md).
+    default_subset: str = "readout"
     #: fnmatch patterns of parameter names for each named subset; backends fill this in.
     subset_patterns: dict[str, tuple[str, ...]] = {"all": ("*",)}
 
@@ -243,7 +246,10 @@ class MLIP(ABC):
 
     def parameters(self, subset="readout") -> list[tuple[str, torch.nn.Parameter]]:
         """Named trainable parameters of ``subset`` (a name in :attr:`parameter_subsets` or a
-        list of fnmatch patterns), in the module's order."""
+        list of fnmatch patterns; ``"default"`` is :attr:`default_subset`), in the module's
+        order."""
+        if isinstance(subset, str) and subset == "default":
+            subset = self.default_subset
         if isinstance(subset, str):
             if subset not in self.subset_patterns:
                 raise ValueError(

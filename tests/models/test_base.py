@@ -146,3 +146,20 @@ def test_supports_torch_func_declaration():
         functional = True
 
     assert F().supports_torch_func is True
+
+
+def test_default_subset_resolves_to_the_declared_one():
+    from skntk.models.builtin import BuiltinMLIP
+
+    model = BuiltinMLIP([1, 8], n_hidden=4, n_blocks=1)
+    assert [n for n, _ in model.parameters("default")] == \
+        [n for n, _ in model.parameters(model.default_subset)]
+
+    class LastBlockDefault(BuiltinMLIP):
+        default_subset = "last_block"
+
+    other = LastBlockDefault([1, 8], n_hidden=4, n_blocks=1)
+    assert [n for n, _ in other.parameters("default")] == \
+        [n for n, _ in other.parameters("last_block")]
+    assert [n for n, _ in other.parameters("default")] != \
+        [n for n, _ in other.parameters("readout")]
