@@ -137,9 +137,10 @@ def _plot(path, result):
     xy = U[:, :2] * S[:2]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     bins = np.logspace(np.log10(max(pv.min(), 1e-12)), np.log10(pv.max()), 30)
-    a.hist(pv, bins=bins, alpha=0.6, label=f"pool (n={len(pv)})")
-    a.hist(pv[shortlist], bins=bins, alpha=0.6, label=f"shortlist (M={len(shortlist)})")
-    a.hist(pv[sel], bins=bins, alpha=0.9, label=f"selected (B={len(sel)})")
+    a.hist(pv, bins=bins, color="0.75", label=f"pool (n={len(pv)})")
+    a.hist(pv[shortlist], bins=bins, histtype="step", lw=2, color="C1",
+           label=f"shortlist (M={len(shortlist)})")
+    a.hist(pv[sel], bins=bins, color="C3", alpha=0.8, label=f"selected (B={len(sel)})")
     a.set_xscale("log")
     a.set_xlabel("posterior variance (trace)")
     a.set_ylabel("structures")
@@ -149,6 +150,7 @@ def _plot(path, result):
     b.scatter(xy[sel, 0], xy[sel, 1], s=60, marker="*", c="C3", label="selected")
     for rank, i in enumerate(sel):
         b.annotate(str(rank + 1), xy[i], fontsize=7)
+    b.set_title("energy NTK rows, first two principal components", fontsize=9)
     b.set_xlabel("feature PC 1")
     b.set_ylabel("feature PC 2")
     b.legend()
