@@ -32,8 +32,8 @@ class FeatureBlocks:
     kind : {"plain", "energy", "force", "joint"}, default="plain"
         What the rows of a block are (see :data:`KINDS`); used by per-atom reductions.
     shortlist : array-like of int or None, default=None
-        Indices of structures a later selection step should restrict itself to (carried, e.g., from a
-        posterior-variance screen to LCMD). ``None`` means all structures.
+        Indices of structures a later selection step should restrict itself to (carried, e.g.,
+        from a posterior-variance screen to LCMD). ``None`` means all structures.
 
     Attributes
     ----------
@@ -74,7 +74,9 @@ class FeatureBlocks:
         m = np.diff(offsets)
         if kind == "force" and np.any(m % 3):
             bad = int(np.flatnonzero(m % 3)[0])
-            raise ValueError(f"kind='force' needs 3N rows per structure; structure {bad} has {m[bad]}.")
+            raise ValueError(
+                f"kind='force' needs 3N rows per structure; structure {bad} has {m[bad]}."
+            )
         if kind == "joint" and np.any((m - 1) % 3):
             bad = int(np.flatnonzero((m - 1) % 3)[0])
             raise ValueError(
@@ -191,7 +193,9 @@ class FeatureBlocks:
         """One row per structure from a plain 2-D array of shape (n_structures, n_features)."""
         X = np.asarray(X)
         if X.ndim != 2:
-            raise ValueError(f"expected a 2-D array (n_structures, n_features); got shape {X.shape}.")
+            raise ValueError(
+                f"expected a 2-D array (n_structures, n_features); got shape {X.shape}."
+            )
         return cls(X, np.arange(X.shape[0] + 1, dtype=np.int64), kind="plain")
 
     def to_array(self) -> np.ndarray:
@@ -229,7 +233,7 @@ class FeatureBlocks:
 
 
 def as_blocks(X) -> FeatureBlocks:
-    """``X`` as :class:`FeatureBlocks`: blocks pass through, 2-D arrays get one row per structure."""
+    """``X`` as :class:`FeatureBlocks`: blocks pass through, 2-D arrays get a row per structure."""
     if isinstance(X, FeatureBlocks):
         return X
     return FeatureBlocks.from_array(X)

@@ -1,4 +1,4 @@
-"""Command line: ``skntk select`` (a real selection run) and ``skntk demo`` (the same on bundled data).
+"""Command line: ``skntk select`` (a selection run) and ``skntk demo`` (one on bundled data).
 
 Only this module writes to stdout.
 """
@@ -34,7 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-probes", type=int, default=4)
         p.add_argument("--shortlist", type=int, default=None,
                        help="PV shortlist size M before LCMD (default: max(5 B, 50))")
-        p.add_argument("--sigma2", type=float, default=1e-3, help="noise variance (normalised units)")
+        p.add_argument("--sigma2", type=float, default=1e-3,
+                       help="noise variance (normalised units)")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--cache", default=None,
@@ -126,7 +127,8 @@ def _plot(path, result):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pv, sel, shortlist, G = result["pv"], result["selected"], result["shortlist"], result["features"]
+    pv, sel, shortlist = result["pv"], result["selected"], result["shortlist"]
+    G = result["features"]
     # one vector per structure: the energy row for energy/joint blocks, else the block's RMS row
     if G.kind in ("energy", "joint", "plain"):
         Z = G.rows[G.offsets[:-1]]

@@ -116,7 +116,8 @@ def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=F
         if e is None:
             raise ValueError(
                 f"structure {i} ({atoms.get_chemical_formula()}) has no energy label "
-                f"(looked in its calculator and info keys {[energy_key] if energy_key else list(ENERGY_KEYS)})."
+                f"(looked in its calculator and info keys "
+                f"{[energy_key] if energy_key else list(ENERGY_KEYS)})."
             )
         f = _lookup(atoms, "forces", FORCES_KEYS, forces_key)
         if f is None and require_forces:

@@ -22,7 +22,8 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
         if self.fail_after is not None and self.calls_ >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls_ += 1
-        rows = np.concatenate([(a.positions * self.scale).reshape(-1, 1) @ np.ones((1, 2)) for a in X])
+        rows = np.concatenate([(a.positions * self.scale).reshape(-1, 1) @ np.ones((1, 2))
+                               for a in X])
         m = [3 * len(a) for a in X]
         return FeatureBlocks(rows, np.concatenate([[0], np.cumsum(m)]), kind="force")
 

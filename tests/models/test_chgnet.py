@@ -118,7 +118,7 @@ def test_embeddings_shape_and_invariance(model, atoms):
     X = emb.transform(atoms)
     assert emb.n_features_out_ == 64 and X.shape == (len(atoms), 64)
     ptr = np.cumsum([0] + [len(a) for a in atoms])
-    np.testing.assert_allclose(X, [h[a:b].mean(0) for a, b in zip(ptr[:-1], ptr[1:])],
+    np.testing.assert_allclose(X, [h[a:b].mean(0) for a, b in zip(ptr[:-1], ptr[1:], strict=True)],
                                rtol=1e-5, atol=1e-6)
 
 
