@@ -48,9 +48,10 @@ def _resolve_device(device) -> torch.device:
 def _resolve_model(model, owner: str) -> MLIP:
     """The MLIP handle behind the ``model`` parameter.
 
-    A handle passes through; a string or path loads a file written by
-    :meth:`skntk.models.builtin.BuiltinMLIP.save`; a raw ``torch.nn.Module`` is refused (it has no
-    collate/energy protocol, and scikit-learn's ``clone`` would deep-copy it).
+    A handle passes through; a string or path goes through :func:`skntk.models.load` (a name
+    such as ``"sevennet-0"``, a MACE ``.model`` file or a :meth:`BuiltinMLIP.save` file, loaded
+    in each ``fit``); a raw ``torch.nn.Module`` is refused (it has no collate/energy protocol,
+    and scikit-learn's ``clone`` would deep-copy it).
     """
     if isinstance(model, MLIP):
         return model
@@ -58,13 +59,14 @@ def _resolve_model(model, owner: str) -> MLIP:
         raise ValueError(f"{owner} needs a model: an MLIP handle (e.g. BuiltinMLIP) or the path of "
                          f"a saved built-in model; got None.")
     if isinstance(model, (str, os.PathLike)):
-        from skntk.models.builtin import BuiltinMLIP
+        from skntk.models import load
 
-        if not os.path.exists(model):
-            raise ValueError(f"The 'model' parameter of {owner} is the string "
-                             f"{str(model)!r}, which "
-                             f"is not a saved model file.")
-        return BuiltinMLIP.load(model)
+        try:  # "sevennet-0", "chgnet-0.3.0", a MACE .model file or a BuiltinMLIP.save file
+            return load(model, device="cpu")
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"The 'model' parameter of {owner} is the string {str(model)!r}, "
+                             f"which is neither a known model name nor a saved model file: "
+                             f"{err}") from err
     if isinstance(model, torch.nn.Module):
         raise TypeError(
             f"The 'model' parameter of {owner} is a raw {type(model).__name__} (torch.nn.Module); "

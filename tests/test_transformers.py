@@ -133,8 +133,13 @@ def test_model_state_restored_even_on_error(model, X, monkeypatch):
 def test_bad_inputs(model, X, tmp_path):
     with pytest.raises(TypeError, match="raw Linear .* wrap it in an MLIP handle"):
         ForceNTKTransformer(torch.nn.Linear(2, 2)).fit()
-    with pytest.raises(ValueError, match="not a saved model file"):
-        ForceNTKTransformer("sevennet-0").fit()
+    with pytest.raises(ValueError, match="'no-such-model', which is neither a known model name"):
+        ForceNTKTransformer("no-such-model").fit()
+    path = tmp_path / "m.pt"
+    model.save(path)  # a saved model file works as a string parameter, and gives the same rows
+    by_path = ForceNTKTransformer(str(path), n_features=8, random_state=0).fit(X).transform(X)
+    by_handle = ForceNTKTransformer(model, n_features=8, random_state=0).fit(X).transform(X)
+    np.testing.assert_allclose(by_path.rows, by_handle.rows, rtol=1e-10)
     with pytest.raises(ValueError, match="needs a model"):
         ForceNTKTransformer().fit()
     with pytest.raises(ValueError, match="'kind' parameter of ForceNTKTransformer"):
