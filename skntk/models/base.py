@@ -187,6 +187,9 @@ class MLIP(ABC):
     #: The subset ``parameters("default")`` means: chosen per backend by measured effective rank of
     #: the energy-gradient features on real frames (docs/backends.md).
     default_subset: str = "readout"
+    #: Whether a vmapped (``is_grads_batched``) second-order backward is cheap on the CPU; force
+    #: rows loop over outputs otherwise (always vmapped on CUDA).
+    batched_double_backward: bool = False
     #: fnmatch patterns of parameter names for each named subset; backends fill this in.
     subset_patterns: dict[str, tuple[str, ...]] = {"all": ("*",)}
 

@@ -170,6 +170,7 @@ class BuiltinMLIP(MLIP):
 
     implemented_properties = ("energy", "forces", "embeddings")
     parameter_subsets = ("readout", "last_block", "embeddings", "all")
+    batched_double_backward = True  # small dense graphs: vmap beats the loop ~2x on the CPU
     functional = True
 
     def __init__(self, species=None, *, cutoff: float = 5.0, n_hidden: int = 64,
