@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
-EXTRAS ?= test,plot,sevennet,chgnet,xtb
+EXTRAS ?= test,plot,sevennet,chgnet
 
 .PHONY: demo test test-core test-mace lint bench clean
 
