@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
-from skntk.models.base import MLIP
+from skntk.models.base import MLIP, BackendBatch
 
-__all__ = ["MLIP", "load"]
+__all__ = ["BackendBatch", "MLIP", "load"]
 
 _SEVENNET_NAMES = {"sevennet-0": "7net-0", "7net-0": "7net-0", "sevennet": "7net-0"}
 _CHGNET_NAMES = {"chgnet-0.3.0": "0.3.0", "chgnet": "0.3.0", "chgnet-0.2.0": "0.2.0"}

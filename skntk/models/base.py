@@ -2,8 +2,9 @@
 
 A backend wraps one ``torch.nn.Module`` and answers, for a list of validated ``ase.Atoms``:
 
-- ``collate(atoms, device)``: its own batch object (any type) exposing ``ptr``, a LongTensor of
-  shape (n_structures + 1,) of atom offsets, atoms in the order of each ``Atoms`` object;
+- ``collate(atoms, device)``: its own batch object (e.g. :class:`BackendBatch`) exposing
+  ``ptr``, a LongTensor of shape (n_structures + 1,) of atom offsets, atoms in the order of each
+  ``Atoms`` object;
 - ``energy_and_forces(batch, create_graph=...)``: total energies (n_structures,) in eV and forces
   (n_atoms_total, 3) in eV/Å, differentiable with respect to the module's parameters when
   ``create_graph=True`` (the force NTK needs ∂F/∂θ);
@@ -23,10 +24,11 @@ import contextlib
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MLIP", "forces_from_energy", "replaced_parameters", "module_state"]
+__all__ = ["BackendBatch", "MLIP", "forces_from_energy", "replaced_parameters", "module_state"]
 
 
 def forces_from_energy(energy: torch.Tensor, positions: torch.Tensor, *,
@@ -163,6 +165,26 @@ def module_state(module: torch.nn.Module, *, device=None, dtype=None, train: boo
         for name, m in module.named_modules():
             if name in saved_modes:
                 m.training = saved_modes[name]
+
+
+@dataclass
+class BackendBatch:
+    """A backend's own collated input, with the atom offsets skntk needs.
+
+    Attributes
+    ----------
+    data : object
+        What the backend's network consumes (a ``torch_geometric`` batch for SevenNet and MACE,
+        a list of ``CrystalGraph`` for CHGNet).
+    ptr : torch.LongTensor of shape (n_structures + 1,)
+        Atom offsets of each structure.
+    """
+
+    data: object
+    ptr: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.ptr.numel() - 1)
 
 
 class MLIP(ABC):

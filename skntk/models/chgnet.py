@@ -9,17 +9,16 @@ import contextlib
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from skntk.models import _check_atoms, _check_species, _require, _resolve_device
-from skntk.models.base import MLIP
+from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHGNetMLIP", "CHGNetBatch", "periodic_copy"]
+__all__ = ["CHGNetMLIP", "periodic_copy"]
 
 
 def periodic_copy(atoms, cutoff: float, *, index: int = 0):
@@ -82,24 +81,6 @@ def periodic_copy(atoms, cutoff: float, *, index: int = 0):
             )
     at.pbc = True
     return at
-
-
-@dataclass
-class CHGNetBatch:
-    """Collated CHGNet crystal graphs.
-
-    Attributes
-    ----------
-    graphs : list of chgnet.graph.CrystalGraph of length n_structures
-    ptr : torch.LongTensor of shape (n_structures + 1,)
-        Atom offsets of each structure.
-    """
-
-    graphs: list
-    ptr: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.graphs)
 
 
 class CHGNetMLIP(MLIP):
@@ -185,7 +166,7 @@ class CHGNetMLIP(MLIP):
         return cls(module, device=device, dtype=dtype, name=f"chgnet-{name}")
 
     # -- protocol -------------------------------------------------------------------------
-    def collate(self, atoms: Sequence, device=None) -> CHGNetBatch:
+    def collate(self, atoms: Sequence, device=None) -> BackendBatch:
         """Convert ``atoms`` to CHGNet crystal graphs (molecules boxed, see
         :func:`periodic_copy`).
 
@@ -197,7 +178,7 @@ class CHGNetMLIP(MLIP):
 
         Returns
         -------
-        batch : CHGNetBatch
+        batch : BackendBatch
         """
         from pymatgen.io.ase import AseAtomsAdaptor
 
@@ -223,17 +204,17 @@ class CHGNetMLIP(MLIP):
             graphs.append(graph.to(device))
         counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
         ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
-        return CHGNetBatch(graphs=graphs, ptr=ptr)
+        return BackendBatch(data=graphs, ptr=ptr)
 
-    def _forward(self, batch: CHGNetBatch, task: str, **kwargs):
+    def _forward(self, batch: BackendBatch, task: str, **kwargs):
         n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(self.dtype)
-        out = self.module(batch.graphs, task=task, **kwargs)
+        out = self.module(batch.data, task=task, **kwargs)
         energy = out["e"].reshape(-1)
         if self.module.is_intensive:
             energy = energy * n_atoms
         return energy, out
 
-    def energy_and_forces(self, batch: CHGNetBatch, *, create_graph: bool = False):
+    def energy_and_forces(self, batch: BackendBatch, *, create_graph: bool = False):
         """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
 
         With ``create_graph=True`` both stay differentiable with respect to the parameters;
@@ -245,11 +226,11 @@ class CHGNetMLIP(MLIP):
             energy, forces = energy.detach(), forces.detach()
         return energy, forces
 
-    def energy(self, batch: CHGNetBatch) -> torch.Tensor:
+    def energy(self, batch: BackendBatch) -> torch.Tensor:
         """Energies (n_structures,) in eV, differentiable with respect to the parameters."""
         return self._forward(batch, "e")[0]
 
-    def embeddings(self, batch: CHGNetBatch) -> torch.Tensor:
+    def embeddings(self, batch: BackendBatch) -> torch.Tensor:
         """CHGNet's invariant atom features before the last atom convolution.
 
         Returns

@@ -21,16 +21,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from skntk.models import _check_atoms, _check_species, _require, _resolve_device
-from skntk.models.base import MLIP
+from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MACEMLIP", "MACEBatch"]
+__all__ = ["MACEMLIP"]
 
 _ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -48,26 +47,6 @@ def _import_mace():
             "weights_only now unpickle arbitrary objects. skntk does not set it; only load "
             "model files you trust.", _ENV, os.environ[_ENV])
     return mace
-
-
-@dataclass
-class MACEBatch:
-    """Collated MACE graphs.
-
-    Attributes
-    ----------
-    data : mace.tools.torch_geometric.Batch
-        MACE's batched ``AtomicData`` (one-hot ``node_attrs``, ``positions`` in Å, edges within
-        ``r_max``), built exactly as ``MACECalculator`` builds it.
-    ptr : torch.LongTensor of shape (n_structures + 1,)
-        Atom offsets of each structure.
-    """
-
-    data: object
-    ptr: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.ptr.numel() - 1)
 
 
 class MACEMLIP(MLIP):
@@ -150,7 +129,7 @@ class MACEMLIP(MLIP):
         return cls(module, device=device, dtype=dtype, name=os.path.basename(os.fspath(path)))
 
     # -- protocol -------------------------------------------------------------------------
-    def collate(self, atoms: Sequence, device=None) -> MACEBatch:
+    def collate(self, atoms: Sequence, device=None) -> BackendBatch:
         """Build MACE graphs of ``atoms`` and batch them.
 
         Parameters
@@ -161,7 +140,7 @@ class MACEMLIP(MLIP):
 
         Returns
         -------
-        batch : MACEBatch
+        batch : BackendBatch
         """
         _import_mace()
         from mace import data as mace_data
@@ -187,13 +166,13 @@ class MACEMLIP(MLIP):
                 data[key] = val.to(self.dtype)
         counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
         ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
-        return MACEBatch(data=data, ptr=ptr)
+        return BackendBatch(data=data, ptr=ptr)
 
-    def _run(self, batch: MACEBatch, *, training: bool, compute_force: bool):
+    def _run(self, batch: BackendBatch, *, training: bool, compute_force: bool):
         return self.module(batch.data.clone().to_dict(), training=training,
                            compute_force=compute_force)
 
-    def energy_and_forces(self, batch: MACEBatch, *, create_graph: bool = False):
+    def energy_and_forces(self, batch: BackendBatch, *, create_graph: bool = False):
         """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
 
         With ``create_graph=True`` both stay differentiable with respect to the parameters;
@@ -205,11 +184,11 @@ class MACEMLIP(MLIP):
             energy, forces = energy.detach(), forces.detach()
         return energy, forces
 
-    def energy(self, batch: MACEBatch) -> torch.Tensor:
+    def energy(self, batch: BackendBatch) -> torch.Tensor:
         """Energies (n_structures,) in eV, differentiable with respect to the parameters."""
         return self._run(batch, training=True, compute_force=False)["energy"].reshape(-1)
 
-    def embeddings(self, batch: MACEBatch) -> torch.Tensor:
+    def embeddings(self, batch: BackendBatch) -> torch.Tensor:
         """Invariant (``0e``) node features of every layer, as ``MACECalculator.get_descriptors``.
 
         Returns

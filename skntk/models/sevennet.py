@@ -8,36 +8,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from skntk.models import _check_atoms, _check_species, _require, _resolve_device
-from skntk.models.base import MLIP
+from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SevenNetMLIP", "SevenNetBatch"]
-
-
-@dataclass
-class SevenNetBatch:
-    """Collated SevenNet graphs.
-
-    Attributes
-    ----------
-    data : torch_geometric.data.Batch
-        SevenNet's batched ``AtomGraphData`` (edge vectors in Å, built with SevenNet's own
-        neighbour list, so the numbers equal those of ``SevenNetCalculator``).
-    ptr : torch.LongTensor of shape (n_structures + 1,)
-        Atom offsets of each structure.
-    """
-
-    data: object
-    ptr: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.ptr.numel() - 1)
+__all__ = ["SevenNetMLIP"]
 
 
 class SevenNetMLIP(MLIP):
@@ -136,7 +115,7 @@ class SevenNetMLIP(MLIP):
         return cls(module, device=device, dtype=dtype, name=label)
 
     # -- protocol -------------------------------------------------------------------------
-    def collate(self, atoms: Sequence, device=None) -> SevenNetBatch:
+    def collate(self, atoms: Sequence, device=None) -> BackendBatch:
         """Build SevenNet graphs of ``atoms`` and batch them.
 
         Parameters
@@ -147,7 +126,7 @@ class SevenNetMLIP(MLIP):
 
         Returns
         -------
-        batch : SevenNetBatch
+        batch : BackendBatch
         """
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
@@ -166,16 +145,16 @@ class SevenNetMLIP(MLIP):
         data = Batch.from_data_list(graphs).to(device)
         counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
         ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
-        return SevenNetBatch(data=data, ptr=ptr)
+        return BackendBatch(data=data, ptr=ptr)
 
-    def _fresh(self, batch: SevenNetBatch):
+    def _fresh(self, batch: BackendBatch):
         import sevenn._keys as KEY
 
         data = batch.data.clone()
         data[KEY.EDGE_VEC] = data[KEY.EDGE_VEC].detach().requires_grad_(True)
         return data
 
-    def energy_and_forces(self, batch: SevenNetBatch, *, create_graph: bool = False):
+    def energy_and_forces(self, batch: BackendBatch, *, create_graph: bool = False):
         """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
 
         With ``create_graph=True`` both stay differentiable with respect to the parameters
@@ -196,7 +175,7 @@ class SevenNetMLIP(MLIP):
             energy, forces = energy.detach(), forces.detach()
         return energy, forces
 
-    def _run_until(self, batch: SevenNetBatch, stop: str | None):
+    def _run_until(self, batch: BackendBatch, stop: str | None):
         import sevenn._keys as KEY
 
         data = self.module._preprocess(batch.data.clone())
@@ -209,14 +188,14 @@ class SevenNetMLIP(MLIP):
             data = mod(data)
         return data
 
-    def energy(self, batch: SevenNetBatch) -> torch.Tensor:
+    def energy(self, batch: BackendBatch) -> torch.Tensor:
         """Energies (n_structures,) in eV, differentiable with respect to the parameters
         (the force head is skipped, so this is cheaper than :meth:`energy_and_forces`)."""
         import sevenn._keys as KEY
 
         return self._run_until(batch, None)[KEY.PRED_TOTAL_ENERGY].reshape(-1)
 
-    def embeddings(self, batch: SevenNetBatch) -> torch.Tensor:
+    def embeddings(self, batch: BackendBatch) -> torch.Tensor:
         """The last block's invariant node features, input of the readout.
 
         Returns
