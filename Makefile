@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
-EXTRAS ?= test,plot,sevennet,chgnet
+EXTRAS ?= test,plot,sevennet,chgnet,oracles
 
 .PHONY: demo test test-core test-mace lint bench clean
 

@@ -158,3 +158,29 @@ def split_by(structures, key: str, groups) -> tuple[list[int], list[int]]:
             raise KeyError(f"structure {i} has no info[{key!r}] to split on.")
         (inside if atoms.info[key] in groups else outside).append(i)
     return inside, outside
+
+
+def free_atoms(atoms: Atoms) -> np.ndarray:
+    """Mask of the atoms whose forces count, shape (n_atoms,) bool.
+
+    An atom is fixed when OC20's ``fixed`` array marks it (1 = held fixed in DFT) or an ASE
+    :class:`~ase.constraints.FixAtoms` constraint holds it; every other atom is free.
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> from ase.constraints import FixAtoms
+    >>> water = molecule("H2O")
+    >>> water.set_constraint(FixAtoms(indices=[0]))
+    >>> free_atoms(water).tolist()
+    [False, True, True]
+    """
+    from ase.constraints import FixAtoms
+
+    free = np.ones(len(atoms), dtype=bool)
+    if "fixed" in atoms.arrays:
+        free &= np.asarray(atoms.arrays["fixed"]).reshape(len(atoms)) == 0
+    for c in atoms.constraints:
+        if isinstance(c, FixAtoms):
+            free[c.get_indices()] = False
+    return free

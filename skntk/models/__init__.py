@@ -8,19 +8,25 @@
 ``"sevennet-0"``          SevenNet-0 (``"7net-0"`` also works)   ``skntk[sevennet]``
 ``"chgnet-0.3.0"``        CHGNet 0.3.0 (``"chgnet"`` also)       ``skntk[chgnet]``
 ``"path/to/x.model"``     a MACE model file                      ``skntk[mace]``
+a SevenNet checkpoint     e.g. written by ``SevenNetMLIP.save``  ``skntk[sevennet]``
+a CHGNet state file       e.g. written by ``CHGNetMLIP.save``    ``skntk[chgnet]``
 another existing file     a built-in model saved by ``save``
 an :class:`MLIP`          returned as is
 a ``torch.nn.Module``     the built-in model, wrapped
 ========================  =====================================  =====================
 
 Nothing here downloads weights: SevenNet-0 and CHGNet 0.3.0 ship inside their wheels and MACE
-reads the user's file.
+reads the user's file. The kind of a file is found by reading the names in its pickle without
+running it (:func:`_sniff`); SevenNet, CHGNet and MACE files are then read by their backend's own
+loader, which unpickles them: only load files you trust.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import pickletools
+import zipfile
 from collections.abc import Sequence
 
 import torch
@@ -85,16 +91,17 @@ def _check_atoms(atoms) -> list:
 
 
 def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
-    """Load an MLIP handle from a name, a MACE model file or a network.
+    """Load an MLIP handle from a name, a model file or a network.
 
     Parameters
     ----------
     name_or_model : str, os.PathLike, MLIP or torch.nn.Module
         ``"sevennet-0"`` / ``"7net-0"`` (SevenNet-0, 842k parameters, 89 elements),
         ``"chgnet-0.3.0"`` / ``"chgnet"`` (CHGNet 0.3.0, 412k parameters, 89 elements),
-        a path to a MACE ``.model`` file, a built-in model file written by
-        :meth:`~skntk.models.builtin.BuiltinMLIP.save`, an already built :class:`MLIP`
-        handle (returned as is)
+        a path to a MACE ``.model`` file, a SevenNet checkpoint, a CHGNet state file (the
+        formats of :meth:`MLIP.save` for those backends; recognised by content), a built-in
+        model file written by :meth:`~skntk.models.builtin.BuiltinMLIP.save`, an already
+        built :class:`MLIP` handle (returned as is)
         or a network (``torch.nn.Module``: SevenNet, CHGNet, MACE or
         :class:`~skntk.models.builtin.BuiltinNet`), wrapped in place.
     device : str or torch.device, default="auto"
@@ -147,18 +154,70 @@ def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
 
             return MACEMLIP.from_file(key, device=device, dtype=dtype)
         if os.path.isfile(key):
+            kind = _sniff(key)
+            if kind == "sevennet":
+                from skntk.models.sevennet import SevenNetMLIP
+
+                return SevenNetMLIP.from_checkpoint(key, device=device,
+                                                    dtype=dtype or torch.float32)
+            if kind == "chgnet":
+                from skntk.models.chgnet import CHGNetMLIP
+
+                return CHGNetMLIP.from_file(key, device=device, dtype=dtype or torch.float32)
+            if kind == "mace":
+                from skntk.models.mace import MACEMLIP
+
+                return MACEMLIP.from_file(key, device=device, dtype=dtype)
             from skntk.models.builtin import BuiltinMLIP
 
             return BuiltinMLIP.load(key, device=_resolve_device(device))
         known = sorted(set(_SEVENNET_NAMES) | set(_CHGNET_NAMES))
         raise ValueError(
-            f"Unknown model {key!r}: expected one of {known}, a path to a MACE .model file, "
-            "an MLIP handle or a torch.nn.Module."
+            f"Unknown model {key!r}: expected one of {known}, a path to a model file (MACE "
+            ".model, SevenNet checkpoint, CHGNet state file, built-in), an MLIP handle or a "
+            "torch.nn.Module."
         )
     raise TypeError(
         f"load() takes a model name, a path, an MLIP or a torch.nn.Module; "
         f"got {type(name_or_model).__name__}."
     )
+
+
+def _sniff(path) -> str | None:
+    """Kind of a ``torch.save`` file from the names in its pickle, without unpickling it.
+
+    Returns ``"builtin"`` (``{"format": "skntk.builtin/1", ...}``), ``"sevennet"`` (a dict
+    with ``config`` and ``model_state_dict``), ``"chgnet"`` (``{"model": {"state_dict",
+    "model_args"}}``), ``"mace"`` (a pickled module of ``mace.modules``) or ``None``
+    (not a zip-format torch file, or none of these).
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not pkl:
+                return None
+            raw = zf.read(pkl[0])
+    except (zipfile.BadZipFile, OSError):
+        return None
+    strings, modules = set(), set()
+    try:
+        for op, arg, _ in pickletools.genops(raw):
+            if isinstance(arg, str):
+                if op.name in ("GLOBAL", "INST"):
+                    modules.add(arg.split(" ")[0])
+                else:
+                    strings.add(arg)
+    except Exception:  # noqa: BLE001 - a damaged pickle is "unknown", the loader will say why
+        return None
+    if "skntk.builtin/1" in strings:
+        return "builtin"
+    if any(m.startswith("mace.modules") for m in modules | strings):  # GLOBAL / STACK_GLOBAL
+        return "mace"
+    if {"config", "model_state_dict"} <= strings:
+        return "sevennet"
+    if {"model", "model_args", "state_dict"} <= strings:
+        return "chgnet"
+    return None
 
 
 def _wrap_module(module: torch.nn.Module, *, device, dtype) -> MLIP:

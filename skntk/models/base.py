@@ -13,6 +13,11 @@ A backend wraps one ``torch.nn.Module`` and answers, for a list of validated ``a
 - ``parameters(subset)``: the named parameters of a subset (``"readout"``, ``"last_block"``,
   ``"all"``, or a list of ``fnmatch`` patterns over parameter names).
 
+Every handle also offers (built on the backend's hooks): per-element reference energies
+(:meth:`MLIP.reference_energies`, :meth:`MLIP.set_reference_energies`), an independent deep copy
+(:meth:`MLIP.copy`), saving in the backend's own file format (:meth:`MLIP.save`, read back by
+:func:`skntk.models.load`) and an ASE calculator (:meth:`MLIP.calculator`).
+
 Like an ASE calculator, a backend declares what it supports in class attributes
 (:attr:`implemented_properties`, :attr:`parameter_subsets`) so callers check a declaration
 instead of catching a failure later. The handle is never deep-copied by :func:`sklearn.clone`.
@@ -21,9 +26,11 @@ instead of catching a failure later. The handle is never deep-copied by :func:`s
 from __future__ import annotations
 
 import contextlib
+import copy as _copy
 import fnmatch
+import pathlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,7 +151,7 @@ def module_state(module: torch.nn.Module, *, device=None, dtype=None, train: boo
     params = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
     saved_data = {n: p.data for n, p in params.items()}
-    saved_buf = {n: b.data for n, b in buffers.items()}
+    saved_buf = dict(buffers)  # ``.to()`` replaces buffer objects: put the originals back
     saved_flags = {n: p.requires_grad for n, p in params.items()}
     saved_modes = {name: m.training for name, m in module.named_modules()}
     try:
@@ -160,8 +167,9 @@ def module_state(module: torch.nn.Module, *, device=None, dtype=None, train: boo
         for n, p in params.items():
             p.data = saved_data[n]
             p.requires_grad_(saved_flags[n])
-        for n, b in buffers.items():
-            b.data = saved_buf[n]
+        for n, b in saved_buf.items():
+            owner, leaf = _owner(module, n)
+            owner._buffers[leaf] = b
         for name, m in module.named_modules():
             if name in saved_modes:
                 m.training = saved_modes[name]
@@ -295,6 +303,100 @@ class MLIP(ABC):
                 f"names look like {names}."
             )
         return named
+
+    # -- reference energies, copies, files, ASE -----------------------------------------------
+    def _reference_table(self) -> tuple[torch.Tensor | None, dict[int, tuple]]:
+        """Where the per-element reference energies live: a tensor of the module and, for each
+        atomic number Z, the index of its reference (eV per atom) in that tensor.
+
+        Backends override this; the default has no references.
+        """
+        return None, {}
+
+    def reference_energies(self) -> dict[int, float]:
+        """Per-element reference energies the network adds to each structure's energy.
+
+        ``E = Σ_i ref[Z_i] + (rest)`` for every structure (the built-in shifts, SevenNet's
+        ``rescale_atomic_energy.shift``, CHGNet's ``AtomRef``, MACE's ``E0``).
+
+        Returns
+        -------
+        refs : dict of int to float
+            Atomic number Z to its reference energy in eV per atom, for every Z of
+            :attr:`species` that the network has a reference slot for (sorted by Z; empty when
+            the network has none).
+        """
+        table, index = self._reference_table()
+        if table is None:
+            return {}
+        values = table.detach().to("cpu", torch.float64)
+        return {z: float(values[index[z]]) for z in sorted(index)}
+
+    def set_reference_energies(self, refs: Mapping[int, float]) -> None:
+        """Set the reference energies of the given elements in place on :attr:`module`.
+
+        Other elements are unchanged; values are stored in the module's dtype and device.
+
+        Parameters
+        ----------
+        refs : mapping of int to float
+            Atomic number Z to its new reference energy in eV per atom.
+
+        Raises
+        ------
+        ValueError
+            If an element has no reference slot in the network (the message names it).
+        """
+        table, index = self._reference_table()
+        refs = {int(z): float(v) for z, v in dict(refs).items()}
+        missing = sorted(set(refs) - set(index))
+        if missing:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(f"{chemical_symbols[z] if 0 < z < len(chemical_symbols) else '?'} "
+                              f"(Z={z})" for z in missing)
+            raise ValueError(
+                f"{type(self).__name__} has no reference energy for {names}; it has "
+                f"{len(index)} per-element references"
+                + (f" (Z={min(index)}..{max(index)})." if index else ".")
+            )
+        with torch.no_grad():
+            for z, v in refs.items():
+                table[index[z]] = v
+
+    def copy(self) -> MLIP:
+        """A new handle of the same class wrapping a deep copy of :attr:`module`.
+
+        The copy is independent (changing its parameters leaves this handle's network alone)
+        and predicts exactly what this handle does. (``copy.deepcopy(handle)`` returns the
+        handle itself on purpose, so scikit-learn never copies a network behind your back.)
+
+        Returns
+        -------
+        model : MLIP
+        """
+        new = _copy.copy(self)
+        new.__dict__.update({k: v.copy() for k, v in self.__dict__.items()
+                             if isinstance(v, (dict, list, set))})
+        new.module = _copy.deepcopy(self.module)
+        return new
+
+    def save(self, path) -> pathlib.Path:
+        """Write the network to ``path`` in the backend's own format (read back by
+        :func:`skntk.models.load`); returns the path as a :class:`pathlib.Path`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement save.")
+
+    def calculator(self):
+        """An ASE calculator (:class:`skntk.models.calculator.MLIPCalculator`) for this handle.
+
+        Returns
+        -------
+        calc : ase.calculators.calculator.Calculator
+            Implements ``energy``, ``free_energy`` (eV) and ``forces`` (eV/Å).
+        """
+        from skntk.models.calculator import MLIPCalculator
+
+        return MLIPCalculator(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cutoff={self.cutoff})"

@@ -227,6 +227,11 @@ class BuiltinMLIP(MLIP):
         """Invariant atom features after the last block, (n_atoms_total, n_hidden)."""
         return self.module.features(batch, batch.positions)
 
+    def _reference_table(self):
+        """``module.shifts`` (eV per atom, float64), indexed through ``species_index``."""
+        index = self.module.species_index
+        return self.module.shifts, {int(z): int(index[z]) for z in self.module.config["species"]}
+
     def __repr__(self) -> str:
         c = self.module.config
         return (f"BuiltinMLIP(species={c['species']}, cutoff={c['cutoff']}, "

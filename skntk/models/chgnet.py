@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -164,6 +166,38 @@ class CHGNetMLIP(MLIP):
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
             module = CHGNet.load(model_name=name, use_device="cpu", verbose=False)
         return cls(module, device=device, dtype=dtype, name=f"chgnet-{name}")
+
+    @classmethod
+    def from_file(cls, path, *, device="auto", dtype=torch.float32):
+        """Load a CHGNet state file (``CHGNet.from_file`` format, e.g. written by :meth:`save`
+        or CHGNet's trainer). A pickle read with ``weights_only=False``: only load files you
+        trust."""
+        _require("chgnet", "chgnet")
+        from chgnet.model import CHGNet
+
+        with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
+            module = CHGNet.from_file(os.fspath(path))
+        return cls(module, device=device, dtype=dtype, name=os.path.basename(os.fspath(path)))
+
+    # -- reference energies and persistence ------------------------------------------------
+    def _reference_table(self):
+        """``composition_model.fc.weight`` (1, 94): the AtomRef energy of element Z (eV per
+        atom) sits at ``[0, Z - 1]``. CHGNet's per-atom energy adds ``Σ_Z w_Z n_Z / N``, so the
+        total energy (× N) adds ``Σ_Z w_Z n_Z``."""
+        fc = getattr(self.module.composition_model, "fc", None)
+        if fc is None:
+            return None, {}
+        weight = fc.weight
+        return weight, {z: (0, z - 1) for z in sorted(self.species) if z <= weight.shape[1]}
+
+    def save(self, path) -> Path:
+        """Write a CHGNet state file (``{"model": {"state_dict", "model_args"}}``, what
+        ``CHGNet.from_file`` reads) with the current weights; returns the path."""
+        path = Path(path)
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        torch.save({"model": {"state_dict": state,
+                              "model_args": dict(self.module.model_args)}}, path)
+        return path
 
     # -- protocol -------------------------------------------------------------------------
     def collate(self, atoms: Sequence, device=None) -> BackendBatch:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -127,6 +128,27 @@ class MACEMLIP(MLIP):
             raise ValueError(f"{os.fspath(path)!r} does not hold a MACE network "
                              f"(got {type(module).__name__}).")
         return cls(module, device=device, dtype=dtype, name=os.path.basename(os.fspath(path)))
+
+    # -- reference energies and persistence ------------------------------------------------
+    def _reference_table(self):
+        """``atomic_energies_fn.atomic_energies`` (E0s, eV per atom), in the order of
+        ``module.atomic_numbers``; for a multi-head model (n_heads, n_elements), the row of the
+        head the handle evaluates (the last one)."""
+        e0 = getattr(getattr(self.module, "atomic_energies_fn", None), "atomic_energies", None)
+        if e0 is None:
+            return None, {}
+        zs = [int(z) for z in self.module.atomic_numbers]
+        if e0.dim() == 1:
+            return e0, {z: i for i, z in enumerate(zs)}
+        return e0, {z: (e0.shape[0] - 1, i) for i, z in enumerate(zs)}
+
+    def save(self, path) -> Path:
+        """Write the network as a MACE ``.model`` file (``torch.save`` of the whole module, as
+        mace does; read back by :func:`skntk.models.load` and ``torch.load``); returns the
+        path."""
+        path = Path(path)
+        torch.save(self.module, path)
+        return path
 
     # -- protocol -------------------------------------------------------------------------
     def collate(self, atoms: Sequence, device=None) -> BackendBatch:

@@ -5,9 +5,14 @@ Optional extra: ``pip install skntk[sevennet]`` (``sevenn==0.13.0``). Nothing is
 
 from __future__ import annotations
 
+import copy
+import datetime
 import logging
+import os
 import re
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -17,6 +22,18 @@ from skntk.models.base import MLIP, BackendBatch
 logger = logging.getLogger(__name__)
 
 __all__ = ["SevenNetMLIP"]
+
+_COMPILED_CONSTANT = re.compile(r"\._compiled_[^.]*\._tensor_constant\d+$")
+
+
+def _e3nn_config(cp) -> dict:
+    """The checkpoint's config, saying what ``cp.build_model()`` (no accelerator arguments)
+    built: a plain e3nn network, whatever accelerator the checkpoint was trained with."""
+    config = cp.config
+    config["cuequivariance_config"] = {**config.get("cuequivariance_config", {}), "use": False}
+    config["use_flash_tp"] = False
+    config["use_oeq"] = False
+    return config
 
 
 class SevenNetMLIP(MLIP):
@@ -50,6 +67,9 @@ class SevenNetMLIP(MLIP):
         Only float32 is supported (SevenNet hard-codes float32 one-hot inputs).
     name : str, default="sevennet"
         Used in error messages.
+    config : dict or None, default=None
+        The network's SevenNet configuration (``SevenNetCheckpoint.config``), needed by
+        :meth:`save`; set by :meth:`from_pretrained` and :meth:`from_checkpoint`.
 
     Attributes
     ----------
@@ -59,6 +79,8 @@ class SevenNetMLIP(MLIP):
     species : frozenset of int
         Atomic numbers in the network's type map (89 for SevenNet-0).
     device : torch.device
+    config : dict or None
+        SevenNet configuration used by :meth:`save`.
     n_embedding : int
         Width of :meth:`embeddings` (128 for SevenNet-0).
 
@@ -73,7 +95,8 @@ class SevenNetMLIP(MLIP):
     #: (OC20 + 3BPA; docs/backends.md): 3-4x the readout's.
     default_subset = "last_block"
 
-    def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet"):
+    def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet",
+                 config=None):
         _require("sevenn", "sevennet")
         if dtype != torch.float32:
             raise ValueError(
@@ -84,6 +107,7 @@ class SevenNetMLIP(MLIP):
             raise ValueError("The SevenNet network has no type_map or cutoff; cannot use it.")
         self.module = module
         self.name = name
+        self.config = config
         self.device = _resolve_device(device)
         self.dtype = dtype
         self.cutoff = float(module.cutoff)
@@ -112,7 +136,74 @@ class SevenNetMLIP(MLIP):
         cp = util.load_checkpoint(name)
         module = cp.build_model()
         label = "sevennet-0" if name == "7net-0" else name
-        return cls(module, device=device, dtype=dtype, name=label)
+        return cls(module, device=device, dtype=dtype, name=label, config=_e3nn_config(cp))
+
+    @classmethod
+    def from_checkpoint(cls, path, *, device="auto", dtype=torch.float32):
+        """Load a SevenNet checkpoint file (as written by sevenn or :meth:`save`).
+
+        The file is a pickle read by sevenn with ``weights_only=False``: only load files you
+        trust.
+        """
+        _require("sevenn", "sevennet")
+        from sevenn.checkpoint import SevenNetCheckpoint
+
+        cp = SevenNetCheckpoint(os.fspath(path))
+        return cls(cp.build_model(), device=device, dtype=dtype,
+                   name=os.path.basename(os.fspath(path)), config=_e3nn_config(cp))
+
+    # -- reference energies and persistence ------------------------------------------------
+    def _reference_table(self):
+        """``rescale_atomic_energy.shift`` (eV per atom), indexed by the type map: SevenNet's
+        atomic energy is ``scale[t] e_i + shift[t]`` with ``t = type_map[Z_i]``."""
+        rescale = self.module._modules.get("rescale_atomic_energy")
+        shift = getattr(rescale, "shift", None)
+        n_types = len(self.module.type_map)
+        # a scalar shift (Rescale) or a modality-wise one has no per-element slot
+        if shift is None or shift.dim() != 1 or shift.numel() != n_types \
+                or getattr(rescale, "use_modal_wise_shift", False):
+            return None, {}
+        return shift, {int(z): int(t) for z, t in self.module.type_map.items()}
+
+    def save(self, path) -> Path:
+        """Write a SevenNet checkpoint (the dict ``SevenNetCheckpoint`` reads: ``config``,
+        ``model_state_dict``, ...) with the current weights; returns the path.
+
+        Raises
+        ------
+        ValueError
+            If the handle has no SevenNet ``config`` (a bare network wrapped by
+            :func:`skntk.models.load`): pass ``config=`` when building the handle.
+        """
+        import sevenn
+
+        if self.config is None:
+            raise ValueError(
+                f"{self.name} has no SevenNet config, which a checkpoint needs: wrap the network "
+                "with SevenNetMLIP(module, config=checkpoint.config) or load it from a checkpoint."
+            )
+        config = copy.deepcopy(self.config)
+        config["version"] = sevenn.__version__  # the state dict is in this version's layout
+        refs = self.reference_energies()
+        if refs and isinstance(config.get("shift"), list) and len(config["shift"]) == 119:
+            for z, v in refs.items():  # keep the config's per-Z (universal) shift in sync
+                config["shift"][z] = v
+        path = Path(path)
+        torch.save({
+            "config": config,
+            "epoch": None,
+            # a deep-copied e3nn fx module registers its folded constants as buffers
+            # (``..._compiled_main_left_right._tensor_constant0``): not weights, and a fresh
+            # SevenNet network (strict load) has no such keys
+            "model_state_dict": {k: v.detach().cpu().clone()
+                                 for k, v in self.module.state_dict().items()
+                                 if not _COMPILED_CONSTANT.search(k)},
+            "optimizer_state_dict": {},
+            "scheduler_state_dict": {},
+            "time": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "hash": uuid.uuid4().hex,
+        }, path)
+        return path
 
     # -- protocol -------------------------------------------------------------------------
     def collate(self, atoms: Sequence, device=None) -> BackendBatch:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from ase import Atoms
 from sklearn.utils import check_random_state
 
 from skntk.selection._base import BaseSelector
@@ -11,8 +14,42 @@ from skntk.selection._kernel import _KernelCentresSelector
 __all__ = ["RandomSelector", "MaxDistSelector"]
 
 
+class _Structures:
+    """Stand-in for a sequence of structures: random selection needs only its length."""
+
+    shortlist = None
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+
+def _n_structures(X):
+    """Length of ``X`` if it is one ``ase.Atoms`` or a non-empty sequence of them, else ``None``.
+
+    Lists, tuples and object arrays are checked item by item; any other sequence (a lazy pool)
+    by its first item.
+    """
+    if isinstance(X, Atoms):
+        return 1
+    if isinstance(X, np.ndarray):
+        if X.dtype != object or X.ndim != 1 or X.size == 0:
+            return None
+        return len(X) if all(isinstance(a, Atoms) for a in X) else None
+    if isinstance(X, (list, tuple)):
+        return len(X) if X and all(isinstance(a, Atoms) for a in X) else None
+    if isinstance(X, Sequence) and not isinstance(X, (str, bytes)):
+        return len(X) if len(X) and isinstance(X[0], Atoms) else None
+    return None
+
+
 class RandomSelector(BaseSelector):
     """Uniformly random selection without replacement (the baseline every method must beat).
+
+    Besides features it accepts the structures themselves (one ``ase.Atoms`` or a sequence of
+    them): only their number matters, so no featurisation is needed.
 
     Parameters
     ----------
@@ -37,6 +74,10 @@ class RandomSelector(BaseSelector):
     >>> idx = RandomSelector(n_to_select=3, random_state=0).fit(X).select(X)
     >>> len(set(idx.tolist())), bool(idx.max() < 10)
     (3, True)
+    >>> from ase.build import molecule
+    >>> pool = [molecule("H2O"), molecule("CH4"), molecule("NH3")]
+    >>> RandomSelector(n_to_select=2, random_state=0).fit(pool[:1]).select(pool).shape
+    (2,)
     """
 
     _parameter_constraints: dict = {
@@ -54,7 +95,8 @@ class RandomSelector(BaseSelector):
 
         Parameters
         ----------
-        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+        X : FeatureBlocks, array-like of shape (n_structures, n_features) or sequence of ase.Atoms
+            Labelled set (structures: only their number is used, no ``n_features_in_``).
         y : None
             Ignored.
 
@@ -66,6 +108,32 @@ class RandomSelector(BaseSelector):
         X = self._check_X(X, reset=True)
         self.n_train_ = len(X)
         return self
+
+    def _check_X(self, X, *, reset):
+        """Features as in :class:`BaseSelector`; structures (ase.Atoms) reduced to their count."""
+        n = _n_structures(X)
+        if n is None:
+            return super()._check_X(X, reset=reset)
+        if reset and hasattr(self, "n_features_in_"):
+            del self.n_features_in_  # a refit on structures forgets a previous feature width
+        return _Structures(n)
+
+    def select(self, X, n_to_select=None):
+        """Pick ``n_to_select`` structures of ``X`` uniformly at random, without replacement.
+
+        Parameters
+        ----------
+        X : FeatureBlocks, array-like of shape (n_structures, n_features) or sequence of ase.Atoms
+            Candidate pool. If it carries a ``shortlist``, only those structures are candidates.
+        n_to_select : int, float or None, default=None
+            Overrides the ``n_to_select`` parameter for this call.
+
+        Returns
+        -------
+        selected_idx : ndarray of int of shape (n_to_select,)
+            Indices into ``X`` in selection order (also stored as ``selected_idx_``).
+        """
+        return super().select(X, n_to_select=n_to_select)
 
     def _select(self, X, candidates, n_to_select):
         rng = check_random_state(self.random_state)
@@ -91,6 +159,7 @@ class MaxDistSelector(_KernelCentresSelector):
     normalize : bool, default=True
     sel_with_train : bool, default=True
     random_state : int, RandomState instance or None, default=None
+        Seed of the gram sketch (``None``: the fixed seed 0).
     working_memory : float or None, default=None
 
     Attributes

@@ -163,3 +163,22 @@ def test_default_subset_resolves_to_the_declared_one():
         [n for n, _ in other.parameters("last_block")]
     assert [n for n, _ in other.parameters("default")] != \
         [n for n, _ in other.parameters("readout")]
+
+
+def test_module_state_restores_buffers_replaced_by_to():
+    """``.to(dtype)`` replaces buffer objects; module_state must put the originals back."""
+    import torch
+
+    from skntk.models.base import module_state
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+            self.register_buffer("shift", torch.tensor([1.25], dtype=torch.float64))
+
+    net = Net()
+    with module_state(net, dtype=torch.float32):
+        assert net.shift.dtype == torch.float32
+    assert net.shift.dtype == torch.float64
+    assert net.shift.item() == 1.25

@@ -149,3 +149,40 @@ def test_joint_ntk_transformer_end_to_end(model, atoms):
 
     blocks = check_joint_transformer(model, atoms, "last_block", rtol=1e-9)
     assert blocks.kind == "joint" and blocks.rows.shape[0] == 2 * (1 + 3 * 5)
+
+
+# -- reference energies, copies, saving, ASE calculator (checks shared with other backends) ---
+def test_reference_energies_are_e0s(model, atoms):
+    from tests.models.test_protocol_extras import check_reference_energies
+
+    assert model.reference_energies() == {1: -0.5, 6: -1.5, 8: -2.0, 29: -3.0}
+    check_reference_energies(model, atoms, atol=1e-10, missing_z=7)
+
+
+def test_copy_is_independent_and_identical(model, atoms):
+    from tests.models.test_protocol_extras import check_copy
+
+    check_copy(model, atoms, atol=1e-12)
+
+
+@pytest.mark.parametrize("filename", ["saved.model", "saved.pt"])  # .pt: found by content
+def test_save_load_round_trip(model, atoms, tmp_path, filename):
+    from mace.calculators import MACECalculator
+
+    from tests.models.test_protocol_extras import check_save_load, evaluate
+
+    twin, path = check_save_load(model, atoms, tmp_path / filename, atol=1e-12)
+    own = torch.load(path, map_location="cpu", weights_only=False)  # MACE's format
+    assert type(own) is type(model.module)
+    e, f = evaluate(twin, atoms)
+    calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+    mol = atoms[0].copy()
+    mol.calc = calc
+    np.testing.assert_allclose(mol.get_potential_energy(), e[0], rtol=1e-12)
+    np.testing.assert_allclose(mol.get_forces(), f[:len(mol)], atol=1e-10)
+
+
+def test_ase_calculator(model, atoms):
+    from tests.models.test_protocol_extras import check_calculator
+
+    check_calculator(model, atoms, atol=1e-12)

@@ -1,0 +1,474 @@
+"""The active-learning loop: select → label → fine-tune → evaluate, round after round, resumable.
+
+:class:`ActiveLearningLoop` composes a selector (a :class:`~skntk.pipeline.SelectionPipeline` with a
+featuriser, a :class:`~skntk.al.committee.CommitteeSelector`, a
+:class:`~skntk.selection.baselines.RandomSelector`), a regressor
+(:class:`~skntk.finetune.MLIPRegressor`) and an oracle (:mod:`skntk.al.oracles`). Every round
+fine-tunes from the **pretrained** model on all labels so far, so rounds are comparable.
+
+With a ``checkpoint_dir`` every finished step is on disk before the next begins: the picks of a round
+(``round-<k>-picks.json``) before labelling, each label as soon as it exists (``labels/<i>.extxyz``),
+the round's state (``state.json``, written atomically) after evaluation. A killed run restarted with
+the same arguments resumes from its last finished round, reuses the recorded picks and labels (nothing
+is labelled twice) and ends in the state an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, clone
+from sklearn.pipeline import Pipeline
+from tqdm.auto import tqdm
+
+from skntk.atoms import as_atoms_list
+from skntk.metrics import evaluate
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ActiveLearningLoop", "ActiveLearningResult"]
+
+_STAGES = ("featurize", "select", "label", "finetune", "evaluate")
+
+
+@dataclass
+class ActiveLearningResult:
+    """What :meth:`ActiveLearningLoop.run` returns.
+
+    Attributes
+    ----------
+    history : list of dict
+        One entry per round (round 0: the initial labelled set): ``round``, ``n_labelled``,
+        ``metrics`` (``{test_set: evaluate(...) dict}``), ``timings`` (seconds per stage:
+        featurize, select, label, finetune, evaluate; ``committee_finetune`` for a committee),
+        ``selected`` (pool indices labelled in that round), ``failed`` (pool index → reason).
+    selected : list of int
+        Pool indices in labelling order (successful labels only).
+    failed : dict of int to str
+        Pool indices whose labelling failed, with the reason.
+    model : MLIP
+        The last fine-tuned handle.
+    labelled : list of ase.Atoms
+        The initial labelled structures followed by the new labels, in labelling order.
+    """
+
+    history: list
+    selected: list
+    failed: dict
+    model: object
+    labelled: list = field(default_factory=list, repr=False)
+
+    def to_frame(self):
+        """The history as a long :class:`pandas.DataFrame`: one row per (round, test set)."""
+        import pandas as pd
+
+        rows = []
+        for h in self.history:
+            for name, m in h["metrics"].items():
+                rows.append({"round": h["round"], "n_labelled": h["n_labelled"], "test_set": name,
+                             **{k: v for k, v in m.items() if not isinstance(v, dict)},
+                             **{f"time_{k}": v for k, v in h["timings"].items()}})
+        return pd.DataFrame(rows)
+
+    def plot(self, metric="force_mae", ax=None):
+        """Learning curves: ``metric`` against the number of labels, one line per test set.
+
+        Returns the matplotlib ``Axes``.
+        """
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3.5))
+        names = sorted({n for h in self.history for n in h["metrics"]})
+        for name in names:
+            pts = [(h["n_labelled"], h["metrics"][name][metric]) for h in self.history
+                   if name in h["metrics"]]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        unit = "eV/Å" if metric.startswith("force") else "eV/atom"
+        ax.set_xlabel("labelled structures")
+        ax.set_ylabel(f"{metric} ({unit})")
+        ax.legend()
+        return ax
+
+
+def _content_hash(structures) -> str:
+    h = hashlib.sha256()
+    for a in structures:
+        for arr in (a.numbers, a.positions, a.cell.array, a.pbc):
+            h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _describe(obj) -> str:
+    """A description of an argument that is stable across processes (no memory addresses)."""
+    from skntk.models.base import MLIP
+
+    if isinstance(obj, MLIP):  # the weights too: another model with the same repr differs
+        h = hashlib.sha256()
+        for name, t in obj.module.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+        return f"{obj!r}[state {h.hexdigest()[:12]}]"
+    if hasattr(obj, "get_params"):
+        params = obj.get_params(deep=False)
+        items = ", ".join(f"{k}={_describe(params[k])}" for k in sorted(params)
+                          if k not in ("progress_bar", "verbose", "n_jobs"))
+        return f"{type(obj).__name__}({items})"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(_describe(v) for v in obj) + "]"
+    if hasattr(obj, "parameters") and hasattr(obj, "calculate"):  # an ASE calculator
+        params = {k: repr(v) for k, v in sorted(dict(obj.parameters).items())}
+        return f"{type(obj).__name__}({params})"
+    if type(obj).__module__.startswith("skntk.al"):  # oracles: their arguments
+        items = ", ".join(f"{k}={_describe(v)}" for k, v in sorted(vars(obj).items())
+                          if not k.startswith("_") and k != "n_jobs")
+        return f"{type(obj).__name__}({items})"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _split_featurizer(selector):
+    """``(featuriser, tail)`` for a pipeline whose first step featurises, else ``(None, selector)``."""
+    from skntk.selection._base import BaseSelector
+
+    if isinstance(selector, Pipeline) and len(selector.steps) > 1:
+        first = selector.steps[0][1]
+        if hasattr(first, "transform") and not isinstance(first, BaseSelector) \
+                and not hasattr(first, "select"):
+            return first, selector[1:]
+    return None, selector
+
+
+def _seed_all(estimator, seed: int):
+    """Set every ``random_state`` parameter left at ``None`` (at any depth) to ``seed``."""
+    if not hasattr(estimator, "get_params"):
+        return estimator
+    unset = {k: seed for k, v in estimator.get_params(deep=True).items()
+             if k.split("__")[-1] == "random_state" and v is None}
+    return estimator.set_params(**unset) if unset else estimator
+
+
+class ActiveLearningLoop(BaseEstimator):
+    """Rounds of select → label → fine-tune → evaluate, resumable from a checkpoint directory.
+
+    Parameters
+    ----------
+    selector : estimator with ``fit(X_labelled)`` and ``select(X_candidates, n_to_select)``
+        A :class:`~skntk.pipeline.SelectionPipeline` whose first step featurises ``ase.Atoms``
+        (features of the pool are then computed once and indexed each round), a
+        :class:`~skntk.al.committee.CommitteeSelector`, a
+        :class:`~skntk.selection.baselines.RandomSelector`, or anything taking lists of Atoms.
+    regressor : MLIPRegressor
+        Fine-tuned from its (pretrained) ``model`` on all labels each round.
+    oracle : PoolOracle or CalculatorOracle
+    n_rounds : int, default=3
+        Rounds of selection after round 0 (the initial labelled set).
+    batch_size : int, default=10
+        Structures selected per round (failed labels are not replaced).
+    test_sets : dict of str to list of ase.Atoms, list of ase.Atoms or None, default=None
+        Labelled structures evaluated every round (a list is named ``"test"``).
+    refeaturize : {"pretrained", "current"}, default="pretrained"
+        Features of the pretrained model (computed once; the paper) or of the latest fine-tuned
+        model (the featuriser's ``model`` parameter is set to it each round).
+    groups : str or None, default=None
+        ``info`` key for per-subgroup test metrics (:func:`skntk.metrics.evaluate`).
+    checkpoint_dir : str, os.PathLike or None, default=None
+        Where rounds are saved; a rerun with the same arguments resumes (a finished run returns
+        at once); a directory written with other arguments is refused.
+    random_state : int or None, default=None
+        Seeds the whole run: every unset ``random_state`` of the selector, and each round's
+        fine-tuning (``SeedSequence(random_state)`` spawns one seed per round).
+    progress_bar : bool, default=True
+
+    Examples
+    --------
+    See ``examples/active_learning_emt.py`` and docs/active_learning.md.
+    """
+
+    def __init__(self, selector, regressor, oracle, *, n_rounds=3, batch_size=10,
+                 test_sets=None, refeaturize="pretrained", groups=None, checkpoint_dir=None,
+                 random_state=None, progress_bar=True):
+        self.selector = selector
+        self.regressor = regressor
+        self.oracle = oracle
+        self.n_rounds = n_rounds
+        self.batch_size = batch_size
+        self.test_sets = test_sets
+        self.refeaturize = refeaturize
+        self.groups = groups
+        self.checkpoint_dir = checkpoint_dir
+        self.random_state = random_state
+        self.progress_bar = progress_bar
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _validate(self, labelled, pool):
+        if self.refeaturize not in ("pretrained", "current"):
+            raise ValueError(f"refeaturize must be 'pretrained' or 'current'; got "
+                             f"{self.refeaturize!r}.")
+        for name in ("n_rounds", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < (0 if name == "n_rounds" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'n_rounds' else 1}; "
+                                 f"got {v!r}.")
+        labelled = as_atoms_list(labelled, name="labelled")
+        pool = as_atoms_list(pool, name="pool")
+        if not labelled:
+            raise ValueError("labelled is empty: the loop fine-tunes on it in round 0.")
+        if not pool:
+            raise ValueError("pool is empty: nothing to select from.")
+        tests = self.test_sets
+        if tests is None:
+            tests = {}
+        elif not isinstance(tests, dict):
+            tests = {"test": tests}
+        tests = {str(k): as_atoms_list(v, name=f"test_sets[{k!r}]") for k, v in tests.items()}
+        return labelled, pool, tests
+
+    def _config(self, labelled, pool, tests):
+        return {
+            "selector": _describe(self.selector),
+            "regressor": _describe(self.regressor),
+            "oracle": _describe(self.oracle),
+            "batch_size": int(self.batch_size),
+            "refeaturize": self.refeaturize,
+            "groups": self.groups,
+            "random_state": self.random_state,
+            "labelled": _content_hash(labelled),
+            "pool": _content_hash(pool),
+            "test_sets": {k: _content_hash(v) for k, v in sorted(tests.items())},
+        }
+
+    def _open_checkpoint(self, config):
+        if self.checkpoint_dir is None:
+            return None, None
+        ckpt = Path(self.checkpoint_dir)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "labels").mkdir(exist_ok=True)
+        cfg_path = ckpt / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if diff:
+                detail = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {config.get(k)!r}"
+                                   for k in diff)
+                raise ValueError(f"checkpoint {str(ckpt)!r} was written with other arguments "
+                                 f"({detail}); use another checkpoint_dir.")
+        else:
+            _atomic_json(cfg_path, config)
+        state_path = ckpt / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        return ckpt, state
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, labelled, pool) -> ActiveLearningResult:
+        """Run (or resume) the rounds.
+
+        Parameters
+        ----------
+        labelled : list of ase.Atoms
+            Initial labelled structures (labels as :func:`skntk.io.get_labels` reads them).
+        pool : list of ase.Atoms
+            Candidates; the oracle labels those picked.
+
+        Returns
+        -------
+        result : ActiveLearningResult
+        """
+        labelled, pool, tests = self._validate(labelled, pool)
+        config = self._config(labelled, pool, tests)
+        ckpt, state = self._open_checkpoint(config)
+        seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_rounds + 2)
+        selector = _seed_all(clone(self.selector), int(seeds[-1]))
+        featurizer, tail = _split_featurizer(selector)
+
+        history, selected, failed = [], [], {}
+        labels: dict[int, object] = {}
+        model = None
+        if state is not None:
+            history = state["history"]
+            selected = [int(i) for i in state["selected"]]
+            failed = {int(k): v for k, v in state["failed"].items()}
+            labels = {i: self._read_label(ckpt, i) for i in selected}
+            model = self._load_model(ckpt)
+        done = len(history)
+        features = None
+        bar = tqdm(range(done, self.n_rounds + 1), desc="active learning",
+                   disable=not self.progress_bar, unit="round")
+        for rnd in bar:
+            timings = dict.fromkeys(_STAGES, 0.0)
+            new, new_failed = [], {}
+            if rnd > 0:
+                picks = self._read_picks(ckpt, rnd)
+                if picks is None:
+                    if features is None and featurizer is not None \
+                            and self.refeaturize == "pretrained":
+                        features = self._featurize(featurizer, labelled + pool, labelled, ckpt,
+                                                   timings)
+                    picks = self._select(selector, featurizer, tail, features, labelled, pool,
+                                         labels, selected, failed, model, timings)
+                    if ckpt is not None:
+                        _atomic_json(ckpt / f"round-{rnd}-picks.json", picks)
+                new, new_failed = self._label(pool, picks, labels, failed, ckpt, timings)
+                selected += new
+                failed.update(new_failed)
+            train = labelled + [labels[i] for i in selected]
+            t0 = time.perf_counter()
+            reg = clone(self.regressor).set_params(random_state=int(seeds[rnd]))
+            reg.fit(train)
+            model = reg.model_
+            timings["finetune"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            metrics = {name: evaluate(reg, atoms, groups=self.groups)
+                       for name, atoms in tests.items()}
+            timings["evaluate"] = time.perf_counter() - t0
+            entry = {"round": rnd, "n_labelled": len(train), "metrics": metrics,
+                     "timings": timings, "selected": new,
+                     "failed": {str(k): v for k, v in new_failed.items()}}
+            history.append(entry)
+            if ckpt is not None:
+                self._commit(ckpt, history, selected, failed, model)
+            logger.info("round %d: %d labelled, %s", rnd, len(train),
+                        {k: round(m.get("force_mae", float("nan")), 4)
+                         for k, m in metrics.items()})
+        if model is None:  # n_rounds finished earlier and nothing was loaded
+            raise RuntimeError("no model: the checkpoint holds no finished round.")
+        return ActiveLearningResult(history=history, selected=selected, failed=failed,
+                                    model=model,
+                                    labelled=labelled + [labels[i] for i in selected])
+
+    # -- stages --------------------------------------------------------------------------------
+    def _featurize(self, featurizer, structures, fit_on, ckpt, timings):
+        from skntk.cache import transform_cached
+
+        t0 = time.perf_counter()
+        featurizer.fit(fit_on)
+        if ckpt is not None:
+            out = transform_cached(featurizer, structures, ckpt / "features")
+        else:
+            out = featurizer.transform(structures)
+        timings["featurize"] += time.perf_counter() - t0
+        return out
+
+    def _select(self, selector, featurizer, tail, features, labelled, pool, labels, selected,
+                failed, model, timings):
+        taken = set(selected) | set(failed)
+        candidates = np.array([i for i in range(len(pool)) if i not in taken], dtype=np.int64)
+        n = min(int(self.batch_size), candidates.size)
+        if n == 0:
+            return []
+        train_atoms = labelled + [labels[i] for i in selected]
+        L = len(labelled)
+        if featurizer is not None and self.refeaturize == "current" and model is not None:
+            featurizer.set_params(model=model)
+            t0 = time.perf_counter()
+            featurizer.fit(train_atoms)
+            feats = featurizer.transform(train_atoms + [pool[i] for i in candidates])
+            timings["featurize"] += time.perf_counter() - t0
+            train_f, cand_f = feats[np.arange(len(train_atoms))], feats[
+                np.arange(len(train_atoms), len(feats))]
+        elif featurizer is not None and features is not None:
+            train_f = features[np.concatenate([np.arange(L), L + np.asarray(selected, int)])]
+            cand_f = features[L + candidates]
+        else:
+            tail, train_f, cand_f = selector, train_atoms, [pool[i] for i in candidates]
+        t0 = time.perf_counter()
+        tail.fit(train_f)
+        idx = np.asarray(tail.select(cand_f, n), dtype=np.int64)
+        timings["select"] += time.perf_counter() - t0
+        fit_time = getattr(tail, "fit_time_", None)
+        if fit_time is not None:
+            timings["committee_finetune"] = float(fit_time)
+        return [int(i) for i in candidates[idx]]
+
+    def _label(self, pool, picks, labels, failed, ckpt, timings):
+        todo = [i for i in picks if i not in labels and i not in failed]
+        new_failed = {}
+        done = {}
+        if ckpt is not None:  # labelled before an interruption: reuse, never label twice
+            for i in list(todo):
+                path = ckpt / "labels" / f"{i}.extxyz"
+                fail = ckpt / "labels" / f"{i}.failed"
+                if path.exists():
+                    done[i] = self._read_label(ckpt, i)
+                    todo.remove(i)
+                elif fail.exists():
+                    new_failed[i] = fail.read_text()
+                    todo.remove(i)
+        t0 = time.perf_counter()
+        for i in todo:  # one at a time, so each label is on disk as soon as it exists
+            (res,) = self.oracle.label([pool[i]])
+            if res.error is None:
+                done[i] = res.atoms
+                if ckpt is not None:  # what a resumed run will read: use the same bytes now
+                    self._write_label(ckpt, i, res.atoms)
+                    done[i] = self._read_label(ckpt, i)
+            else:
+                new_failed[i] = res.error
+                logger.warning("labelling pool structure %d failed: %s", i, res.error)
+                if ckpt is not None:
+                    _atomic_text(ckpt / "labels" / f"{i}.failed", res.error)
+        timings["label"] += time.perf_counter() - t0
+        labels.update(done)
+        return [i for i in picks if i in done], new_failed
+
+    # -- persistence ---------------------------------------------------------------------------
+    @staticmethod
+    def _write_label(ckpt, i, atoms):
+        import ase.io
+
+        path = ckpt / "labels" / f"{i}.extxyz"
+        tmp = path.with_name(path.name + ".tmp")
+        ase.io.write(tmp, atoms, format="extxyz")
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _read_label(ckpt, i):
+        import ase.io
+
+        return ase.io.read(ckpt / "labels" / f"{i}.extxyz", format="extxyz")
+
+    @staticmethod
+    def _read_picks(ckpt, rnd):
+        if ckpt is None:
+            return None
+        path = ckpt / f"round-{rnd}-picks.json"
+        return [int(i) for i in json.loads(path.read_text())] if path.exists() else None
+
+    def _commit(self, ckpt, history, selected, failed, model):
+        torch.save(model.module.state_dict(), ckpt / "model.pt.tmp")
+        os.replace(ckpt / "model.pt.tmp", ckpt / "model.pt")
+        _atomic_json(ckpt / "state.json", {
+            "history": history, "selected": selected,
+            "failed": {str(k): v for k, v in failed.items()}})
+        with open(ckpt / "history.jsonl", "w") as fh:  # the log, rewritten from the state
+            for h in history:
+                fh.write(json.dumps(h) + "\n")
+
+    def _load_model(self, ckpt):
+        from skntk.transformers import _resolve_model
+
+        base = _resolve_model(self.regressor.model, "ActiveLearningLoop")
+        model = base.copy()
+        state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+        model.module.load_state_dict(state)
+        return model
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,154 @@
+"""Errors of a model on labelled structures, the same way for every model.
+
+:func:`evaluate` is what :class:`skntk.al.ActiveLearningLoop` logs each round and what the evidence
+benchmarks report: per-atom energy errors (eV/atom), also after removing each system's mean offset,
+and force errors on free atoms (eV/Å).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from skntk.atoms import as_atoms_list
+from skntk.io import free_atoms, get_labels
+
+__all__ = ["evaluate", "error_metrics"]
+
+
+def _predict(model, atoms):
+    """``(energies, forces)`` of an MLIP handle, a fitted regressor or an ASE calculator."""
+    from skntk.finetune import predict_energies_forces
+    from skntk.models.base import MLIP
+
+    if hasattr(model, "model_"):  # a fitted MLIPRegressor (or anything exposing its handle)
+        model = model.model_
+    if isinstance(model, MLIP):
+        return predict_energies_forces(model, atoms)
+    if hasattr(model, "get_potential_energy") or hasattr(model, "calculate"):
+        energies, forces = [], []
+        for a in atoms:
+            b = a.copy()
+            b.calc = model
+            energies.append(float(b.get_potential_energy()))
+            forces.append(np.asarray(b.get_forces(), dtype=float))
+        return np.asarray(energies), forces
+    raise TypeError(f"evaluate() takes an MLIP handle, a fitted MLIPRegressor or an ASE "
+                    f"calculator; got {type(model).__name__}.")
+
+
+def _system(a, key):
+    if key in a.info:
+        return str(a.info[key])
+    return a.get_chemical_formula()
+
+
+def error_metrics(atoms, energies, forces, pred_energies, pred_forces, *, system_key="sid"):
+    """The errors of :func:`evaluate` from labels and predictions.
+
+    Parameters
+    ----------
+    atoms : list of ase.Atoms of length n_structures
+    energies, pred_energies : array-like of shape (n_structures,)
+        Labelled and predicted total energies in eV.
+    forces, pred_forces : list of (ndarray of shape (n_atoms_i, 3) or None)
+        Labelled and predicted forces in eV/Å (``None`` labels are skipped).
+    system_key : str, default="sid"
+        ``info`` key naming a structure's system (its chemical formula when absent).
+
+    Returns
+    -------
+    metrics : dict
+        ``energy_mae``, ``energy_rmse`` (eV/atom), ``energy_mae_centered``,
+        ``energy_rmse_centered`` (eV/atom, after subtracting each system's mean per-atom error),
+        ``force_mae``, ``force_rmse`` (eV/Å, components of free atoms), ``n_structures``,
+        ``n_force_atoms``.
+    """
+    n_atoms = np.array([len(a) for a in atoms], dtype=float)
+    err = (np.asarray(pred_energies, float) - np.asarray(energies, float)) / n_atoms
+    groups = defaultdict(list)
+    for i, a in enumerate(atoms):
+        groups[_system(a, system_key)].append(i)
+    centred = err.copy()
+    for idx in groups.values():
+        centred[idx] -= err[idx].mean()
+    dF = [(np.asarray(pf) - np.asarray(f))[free_atoms(a)]
+          for a, f, pf in zip(atoms, forces, pred_forces, strict=True) if f is not None]
+    dF = np.concatenate(dF).ravel() if dF else np.empty(0)
+    nan = float("nan")
+    return {
+        "energy_mae": float(np.mean(np.abs(err))),
+        "energy_rmse": float(np.sqrt(np.mean(err ** 2))),
+        "energy_mae_centered": float(np.mean(np.abs(centred))),
+        "energy_rmse_centered": float(np.sqrt(np.mean(centred ** 2))),
+        "force_mae": float(np.mean(np.abs(dF))) if dF.size else nan,
+        "force_rmse": float(np.sqrt(np.mean(dF ** 2))) if dF.size else nan,
+        "n_structures": len(atoms),
+        "n_force_atoms": int(dF.size // 3),
+    }
+
+
+def evaluate(model, atoms, *, groups=None, system_key="sid") -> dict:
+    """Energy and force errors of ``model`` on labelled structures.
+
+    Parameters
+    ----------
+    model : MLIP, fitted MLIPRegressor or ase.calculators.calculator.Calculator
+    atoms : list of ase.Atoms of length n_structures, or a structure file path
+        Labelled structures (calculator results or ``REF_energy`` / ``REF_forces``).
+    groups : str, array-like of shape (n_structures,) or None, default=None
+        Also report the errors per subgroup: an ``info`` key (e.g. ``"temperature"``,
+        ``"sid"``) or one label per structure.
+    system_key : str, default="sid"
+        ``info`` key naming each structure's system for the centred energy errors (the chemical
+        formula when absent).
+
+    Returns
+    -------
+    metrics : dict
+        ``energy_mae``, ``energy_rmse`` (eV/atom: per-structure ``|E_pred - E_ref| / N``),
+        ``energy_mae_centered``, ``energy_rmse_centered`` (eV/atom, after removing each system's
+        mean per-atom offset), ``force_mae``, ``force_rmse`` (eV/Å, over the force components of
+        free atoms: OC20's ``fixed`` and ASE ``FixAtoms`` exclude atoms), ``n_structures``,
+        ``n_force_atoms``; with ``groups``, also ``"groups": {label: metrics}``.
+
+    Examples
+    --------
+    >>> from ase.build import bulk
+    >>> from ase.calculators.emt import EMT
+    >>> frames = []
+    >>> for k in range(2):
+    ...     a = bulk("Cu", cubic=True)
+    ...     a.rattle(0.05, seed=k)
+    ...     a.calc = EMT()
+    ...     a.get_forces()
+    ...     frames.append(a)
+    >>> m = evaluate(EMT(), frames)
+    >>> m["energy_mae"], m["force_mae"]
+    (0.0, 0.0)
+    """
+    atoms = as_atoms_list(atoms)
+    if not atoms:
+        raise ValueError("evaluate() needs at least one labelled structure; got none.")
+    energies, forces = get_labels(atoms)
+    pred_e, pred_f = _predict(model, atoms)
+    out = error_metrics(atoms, energies, forces, pred_e, pred_f, system_key=system_key)
+    if groups is not None:
+        if isinstance(groups, str):
+            missing = [i for i, a in enumerate(atoms) if groups not in a.info]
+            if missing:
+                raise KeyError(f"structure {missing[0]} has no info[{groups!r}] to group on.")
+            labels = [a.info[groups] for a in atoms]
+        else:
+            labels = list(groups)
+            if len(labels) != len(atoms):
+                raise ValueError(f"groups has {len(labels)} labels; there are {len(atoms)} "
+                                 f"structures.")
+        out["groups"] = {}
+        for g in sorted({str(v) for v in labels}):
+            idx = [i for i, v in enumerate(labels) if str(v) == g]
+            out["groups"][g] = error_metrics(
+                [atoms[i] for i in idx], energies[idx], [forces[i] for i in idx],
+                pred_e[idx], [pred_f[i] for i in idx], system_key=system_key)
+    return out
