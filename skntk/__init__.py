@@ -2,9 +2,14 @@
 
 Data flows one way: ``ase.Atoms`` → :mod:`skntk.atoms` batch → :mod:`skntk.models` handle →
 :mod:`skntk.ntk` rows (:class:`FeatureBlocks`) → :mod:`skntk.selection` selectors → indices.
+Around it, :mod:`skntk.al` runs the active-learning loop: select, label (:mod:`skntk.al.oracles`),
+fine-tune (:class:`MLIPRegressor`), evaluate (:func:`evaluate`).
 """
 
+from skntk.al import ActiveLearningLoop, CalculatorOracle, CommitteeSelector, PoolOracle
 from skntk.blocks import FeatureBlocks, as_blocks
+from skntk.finetune import MLIPRegressor
+from skntk.metrics import evaluate
 from skntk.models import MLIP, load
 from skntk.models.builtin import BuiltinMLIP
 from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
@@ -16,6 +21,12 @@ from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ActiveLearningLoop",
+    "CalculatorOracle",
+    "CommitteeSelector",
+    "MLIPRegressor",
+    "PoolOracle",
+    "evaluate",
     "BuiltinMLIP",
     "ChunkedPosteriorVarianceSelector",
     "EmbeddingTransformer",

@@ -6,11 +6,12 @@ featuriser, a :class:`~skntk.al.committee.CommitteeSelector`, a
 (:class:`~skntk.finetune.MLIPRegressor`) and an oracle (:mod:`skntk.al.oracles`). Every round
 fine-tunes from the **pretrained** model on all labels so far, so rounds are comparable.
 
-With a ``checkpoint_dir`` every finished step is on disk before the next begins: the picks of a round
-(``round-<k>-picks.json``) before labelling, each label as soon as it exists (``labels/<i>.extxyz``),
-the round's state (``state.json``, written atomically) after evaluation. A killed run restarted with
-the same arguments resumes from its last finished round, reuses the recorded picks and labels (nothing
-is labelled twice) and ends in the state an uninterrupted run reaches.
+With a ``checkpoint_dir`` every finished step is on disk before the next begins: the picks of a
+round (``round-<k>-picks.json``) before labelling, each label as soon as it exists
+(``labels/<i>.extxyz``), the round's state (``state.json``, written atomically) after evaluation.
+A killed run restarted with the same arguments resumes from its last finished round, reuses the
+recorded picks and labels (nothing is labelled twice) and ends in the state an uninterrupted run
+reaches.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def _atomic_json(path: Path, obj) -> None:
 
 
 def _split_featurizer(selector):
-    """``(featuriser, tail)`` for a pipeline whose first step featurises, else ``(None, selector)``."""
+    """``(featuriser, tail)`` for a pipeline whose first step featurises, else
+    ``(None, selector)``."""
     from skntk.selection._base import BaseSelector
 
     if isinstance(selector, Pipeline) and len(selector.steps) > 1:

@@ -22,10 +22,8 @@ energies and forces with early stopping), :meth:`BuiltinMLIP.save` and :meth:`Bu
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ import torch
 from torch import nn
 
 from skntk.atoms import AtomsBatch, as_atoms_list, collate, validate_structures
-from skntk.models.base import MLIP, module_state
+from skntk.models.base import MLIP
 
 logger = logging.getLogger(__name__)
 
@@ -259,11 +257,13 @@ class BuiltinMLIP(MLIP):
     # -- training ------------------------------------------------------------------------------
     def fit(self, X, energies=None, forces=None, *, validation=0.1, energy_weight=1.0,
             force_weight=10.0, max_epochs=300, batch_size=16, lr=3e-3, patience=20,
-            max_time=None, random_state=0, refit_shifts=True, device=None) -> BuiltinMLIP:
-        """Train on energies (eV) and forces (eV/Å) with Adam and early stopping.
+            random_state=0, refit_shifts=True) -> BuiltinMLIP:
+        """Train this network in place on energies (eV) and forces (eV/Å).
 
-        Loss per mini-batch: ``energy_weight · mean(((E - E_ref) / N)²) +
-        force_weight · mean((F - F_ref)²)``. The best weights on the validation set are kept.
+        A thin call of :class:`skntk.finetune.MLIPRegressor` (the one trainer of skntk) on all
+        parameters, whose weights are then written back into :attr:`module`. With
+        ``refit_shifts`` the energy scale is first set to the RMS of the label forces (the
+        network starts from random weights) and the per-element shifts are refitted.
 
         Parameters
         ----------
@@ -272,35 +272,27 @@ class BuiltinMLIP(MLIP):
             Total energies in eV; ``None`` reads the labels stored with ``X``.
         forces : list of array-like of shape (n_atoms_i, 3) or None, default=None
             Forces in eV/Å; ``None`` reads them from ``X``.
-        validation : float or list of ase.Atoms, default=0.1
-            Fraction of ``X`` held out for early stopping, or labelled validation structures.
+        validation : float, default=0.1
+            Fraction of ``X`` held out for early stopping.
         energy_weight, force_weight : float
-            Loss weights.
-        max_epochs : int, default=300
-        batch_size : int, default=16
-        lr : float, default=3e-3
-            Adam learning rate (halved when the validation loss stalls for ``patience // 2``).
-        patience : int, default=20
-            Epochs without improvement before stopping.
-        max_time : float or None, default=None
-            Wall-clock budget in seconds.
-        random_state : int, default=0
-            Seed of the split and the batch order.
+            Loss weights (per-atom energy and force mean squared errors).
+        max_epochs, batch_size, lr, patience, random_state
+            ``epochs``, ``batch_size``, ``learning_rate``, ``patience`` and ``random_state`` of
+            the regressor.
         refit_shifts : bool, default=True
-            Fit per-element energy shifts and the energy scale to the training data first
-            (turn off when fine-tuning).
-        device : str or None, default=None
-            Training device; the network is moved there and stays (``None``: where it is).
 
         Returns
         -------
         self : BuiltinMLIP
-            Fitted in place; ``history_`` holds per-epoch train/validation losses.
+            Fitted in place; ``history_`` holds the regressor's per-epoch losses.
         """
+        from ase.calculators.singlepoint import SinglePointCalculator
+
+        from skntk.finetune import MLIPRegressor
+        from skntk.io import get_labels
+
         X = validate_structures(as_atoms_list(X), species=self.species)
         if energies is None or forces is None:
-            from skntk.io import get_labels
-
             e_lab, f_lab = get_labels(X, require_forces=forces is None)
             energies = e_lab if energies is None else energies
             forces = f_lab if forces is None else forces
@@ -308,106 +300,24 @@ class BuiltinMLIP(MLIP):
         if energies.shape != (len(X),):
             raise ValueError(f"energies has shape {energies.shape}; X has {len(X)} structures.")
         forces = [np.asarray(f, dtype=np.float64) for f in forces]
-        for i, (a, f) in enumerate(zip(X, forces, strict=True)):
+        labelled = []
+        for i, (a, e, f) in enumerate(zip(X, energies, forces, strict=True)):
             if f.shape != (len(a), 3):
                 raise ValueError(f"forces[{i}] has shape {f.shape}; X[{i}] has {len(a)} atoms.")
-        rng = np.random.default_rng(random_state)
-        if isinstance(validation, float):
-            perm = rng.permutation(len(X))
-            n_val = max(1, int(round(validation * len(X)))) if len(X) > 1 else 0
-            val_idx, tr_idx = perm[:n_val], perm[n_val:]
-            val = ([X[i] for i in val_idx], energies[val_idx], [forces[i] for i in val_idx])
-            tr = ([X[i] for i in tr_idx], energies[tr_idx], [forces[i] for i in tr_idx])
-        else:
-            val_atoms = as_atoms_list(validation, name="validation")
-            from skntk.io import get_labels
-
-            ve, vf = get_labels(val_atoms, require_forces=True)
-            val = (val_atoms, ve, vf)
-            tr = (X, energies, forces)
-        if not tr[0]:
-            raise ValueError("no training structures left after the validation split.")
-        net = self.module
-        if device is not None:  # training moves the network for good
-            net.to(torch.device(device))
-        device = self.device
-        with module_state(net, train=True):
-            if refit_shifts:
-                self._fit_shifts(tr[0], tr[1], tr[2])
-            train_batches = self._make_batches(*tr, batch_size, device, rng)
-            val_batches = self._make_batches(*val, 64, device, None) if val[0] else []
-            params = [p for p in net.parameters() if p.requires_grad]
-            opt = torch.optim.Adam(params, lr=lr)
-            best, best_state, stall, history = math.inf, None, 0, []
-            t0 = time.perf_counter()
-            for epoch in range(max_epochs):
-                net.train(True)
-                tr_loss = 0.0
-                for k in rng.permutation(len(train_batches)):
-                    b, e_ref, f_ref = train_batches[k]
-                    opt.zero_grad(set_to_none=True)
-                    loss = self._loss(b, e_ref, f_ref, energy_weight, force_weight, True)
-                    loss.backward()
-                    opt.step()
-                    tr_loss += loss.item() / len(train_batches)
-                net.train(False)
-                if val_batches:
-                    v = sum(self._loss(b, e, f, energy_weight, force_weight, False).item()
-                            for b, e, f in val_batches) / len(val_batches)
-                else:
-                    v = tr_loss
-                history.append({"epoch": epoch, "train_loss": tr_loss, "val_loss": v})
-                logger.debug("epoch %d train %.5g val %.5g", epoch, tr_loss, v)
-                if v < best * (1 - 1e-4):
-                    best, stall = v, 0
-                    best_state = copy.deepcopy(net.state_dict())
-                else:
-                    stall += 1
-                    if stall and stall % max(1, patience // 2) == 0:
-                        for g in opt.param_groups:
-                            g["lr"] *= 0.5
-                    if stall >= patience:
-                        break
-                if max_time is not None and time.perf_counter() - t0 > max_time:
-                    logger.info("BuiltinMLIP.fit stopped at the time budget after %d epochs",
-                                epoch + 1)
-                    break
-            if best_state is not None:
-                with torch.no_grad():
-                    for name, t in net.state_dict().items():
-                        t.copy_(best_state[name])
-        self.history_ = history
-        return self
-
-    def _fit_shifts(self, atoms, energies, forces):
-        species = self.module.config["species"]
-        counts = np.array([[np.sum(a.numbers == z) for z in species] for a in atoms], float)
-        shifts, *_ = np.linalg.lstsq(counts, energies, rcond=None)
-        fall = np.concatenate([f.ravel() for f in forces])
-        scale = float(np.sqrt(np.mean(fall ** 2))) if fall.size else 1.0
+            b = a.copy()
+            b.calc = SinglePointCalculator(b, energy=float(e), forces=f)
+            labelled.append(b)
+        if refit_shifts:
+            fall = np.concatenate([f.ravel() for f in forces])
+            with torch.no_grad():
+                self.module.scale.fill_(max(float(np.sqrt(np.mean(fall ** 2))), 1e-3))
+        reg = MLIPRegressor(self, parameters="all", epochs=max_epochs, learning_rate=lr,
+                            batch_size=batch_size, energy_weight=energy_weight,
+                            force_weight=force_weight, validation_fraction=validation,
+                            patience=patience, refit_shifts=refit_shifts,
+                            device=str(self.device), random_state=random_state).fit(labelled)
         with torch.no_grad():
-            self.module.shifts.copy_(torch.as_tensor(shifts))
-            self.module.scale.fill_(max(scale, 1e-3))
-
-    def _make_batches(self, atoms, energies, forces, batch_size, device, rng):
-        order = np.arange(len(atoms)) if rng is None else rng.permutation(len(atoms))
-        out = []
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            b = collate([atoms[i] for i in idx], self.cutoff, device=device, dtype=self.dtype,
-                        validate=False)
-            e = torch.as_tensor(energies[idx], dtype=torch.float64, device=device)
-            f = torch.as_tensor(np.concatenate([forces[i] for i in idx]), dtype=self.dtype,
-                                device=device)
-            out.append((b, e, f))
-        return out
-
-    def _loss(self, batch, e_ref, f_ref, we, wf, create_graph):
-        pos = batch.positions.detach().requires_grad_(True)
-        with torch.enable_grad():
-            energy = self.module(batch, pos)
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
-        n = batch.n_atoms_per_structure.to(torch.float64)
-        le = torch.mean(((energy - e_ref) / n) ** 2)
-        lf = torch.mean((-grad - f_ref) ** 2)
-        return we * le.to(grad.dtype) + wf * lf
+            for name, t in self.module.state_dict().items():
+                t.copy_(reg.model_.module.state_dict()[name])
+        self.history_ = reg.history_
+        return self

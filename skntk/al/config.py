@@ -1,0 +1,271 @@
+"""Active-learning runs from a TOML file: the engine of ``skntk learn --config run.toml``.
+
+A config names the model, the data, the selection method, the fine-tuning recipe, the oracle and
+the rounds (docs/active_learning.md shows a complete file)::
+
+    output = "al_out"                # history, plot, labelled extxyz, model, checkpoint/
+    [model]
+    name = "sevennet-0"              # or chgnet-0.3.0, a MACE .model file, a built-in model file
+    [data]
+    labelled = "train.extxyz"
+    pool = "pool.extxyz"
+    test = {heldout = "test.extxyz"} # or one path
+    [selector]
+    method = "pv_lcmd"               # see METHODS
+    [finetune]                       # MLIPRegressor parameters
+    epochs = 10
+    [oracle]
+    type = "pool"                    # pool | emt | tblite
+    [loop]
+    n_rounds = 3
+    batch_size = 10
+    random_state = 0
+
+:func:`build_selector` is also what the evidence benchmarks use to build each method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["METHODS", "build_selector", "build_oracle", "load_config", "run_config"]
+
+#: Selection methods by name (DESIGN §1 baselines and the paper's chain).
+METHODS = {
+    "random": "uniformly random",
+    "maxdist_embedding": "MaxDist (farthest point) on pretrained embeddings",
+    "pv_energy": "PV top-B on energy NTK features",
+    "pv_force": "PV top-B on force NTK features",
+    "pv_lcmd": "joint NTK: PV shortlist -> LCMD (the paper's method)",
+    "embedding_pv_lcmd": "pretrained embeddings: PV shortlist -> LCMD",
+    "greedy_pv": "greedy batch PV on joint NTK features",
+    "pool_variance_reduction": "pool-variance reduction on joint NTK features",
+    "lcmd": "joint NTK: LCMD over the whole pool (no PV shortlist)",
+    "committee": "query by committee: force disagreement of fine-tuned models",
+}
+
+_SECTIONS = {"output", "model", "data", "selector", "finetune", "oracle", "loop"}
+_NTK_KEYS = {"parameters", "n_features", "force_rows", "n_probes", "energy_weight",
+             "force_weight", "batch_size", "device", "dtype"}
+
+
+def build_selector(method, model, *, regressor=None, n_to_select=None, random_state=0,
+                   sigma2=1e-3, shortlist_size=None, n_members=4, **ntk):
+    """A selector for ``method`` (a key of :data:`METHODS`) on ``model``'s features.
+
+    Parameters
+    ----------
+    method : str
+    model : MLIP
+        The pretrained handle the features come from.
+    regressor : MLIPRegressor or None
+        Required for ``"committee"``.
+    n_to_select : int or None
+        Budget of the final step (the loop passes its own).
+    random_state : int, default=0
+        Seed of the features (sketch, probes) and of every random step.
+    sigma2 : float, default=1e-3
+        Noise variance of the PV steps (normalised features).
+    shortlist_size : int or None, default=None
+        PV shortlist handed to LCMD (``None``: 50).
+    n_members : int, default=4
+        Committee size.
+    **ntk
+        :class:`~skntk.transformers.ForceNTKTransformer` parameters (``parameters``,
+        ``n_features``, ``force_rows``, ``n_probes``, ...).
+
+    Returns
+    -------
+    selector : estimator with ``fit(list[Atoms])`` and ``select(list[Atoms], n)``
+    """
+    from skntk.al.committee import CommitteeSelector
+    from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
+    from skntk.selection.baselines import MaxDistSelector, RandomSelector
+    from skntk.selection.lcmd import LCMDSelector
+    from skntk.selection.pv import ChunkedPosteriorVarianceSelector
+    from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
+
+    unknown = sorted(set(ntk) - _NTK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown selector option(s) {unknown}; NTK options are "
+                         f"{sorted(_NTK_KEYS)}.")
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; expected one of "
+                         f"{sorted(METHODS)}.")
+
+    def ntk_features(kind):
+        return ForceNTKTransformer(model, kind=kind, random_state=random_state, **ntk)
+
+    def pv(**kw):
+        return ChunkedPosteriorVarianceSelector(sigma2, n_to_select=n_to_select, **kw)
+
+    shortlist = shortlist_size if shortlist_size is not None else 50
+    if method == "random":
+        return RandomSelector(n_to_select, random_state=random_state)
+    if method == "committee":
+        if regressor is None:
+            raise ValueError("method 'committee' needs the fine-tuning regressor.")
+        return CommitteeSelector(regressor, n_members=n_members, n_to_select=n_to_select,
+                                 random_state=random_state)
+    if method == "maxdist_embedding":
+        return SelectionPipeline([("features", EmbeddingTransformer(model)),
+                                  ("maxdist", MaxDistSelector(n_to_select))])
+    if method == "pv_energy":
+        return SelectionPipeline([("features", ntk_features("energy")), ("pv", pv())])
+    if method == "pv_force":
+        return SelectionPipeline([("features", ntk_features("force")), ("pv", pv())])
+    if method == "greedy_pv":
+        return SelectionPipeline([("features", ntk_features("joint")), ("pv", pv(greedy=True))])
+    if method == "pool_variance_reduction":
+        return SelectionPipeline([("features", ntk_features("joint")),
+                                  ("pv", pv(criterion="pool_variance_reduction"))])
+    if method == "lcmd":
+        return SelectionPipeline([("features", ntk_features("joint")),
+                                  ("lcmd", LCMDSelector(n_to_select, random_state=random_state))])
+    features = EmbeddingTransformer(model) if method == "embedding_pv_lcmd" \
+        else ntk_features("joint")
+    return make_pv_lcmd_pipeline(features, n_to_select=n_to_select, shortlist_size=shortlist,
+                                 sigma2=sigma2, random_state=random_state)
+
+
+def build_oracle(spec):
+    """An oracle from the ``[oracle]`` table: ``type = "pool" | "emt" | "tblite"``."""
+    from skntk.al.oracles import CalculatorOracle, PoolOracle
+
+    spec = dict(spec or {})
+    kind = spec.pop("type", "pool")
+    n_jobs = int(spec.pop("n_jobs", 1))
+    if kind == "pool":
+        if spec or n_jobs != 1:
+            raise ValueError(f"oracle type 'pool' takes no options; got {sorted(spec)}.")
+        return PoolOracle()
+    if kind == "emt":
+        from ase.calculators.emt import EMT
+
+        return CalculatorOracle(EMT(**spec), n_jobs=n_jobs)
+    if kind == "tblite":
+        try:
+            from tblite.ase import TBLite
+        except ImportError as err:
+            raise ValueError("oracle type 'tblite' needs the tblite package: "
+                             "pip install skntk[oracles]") from err
+        spec.setdefault("method", "GFN2-xTB")
+        spec.setdefault("verbosity", 0)
+        return CalculatorOracle(TBLite(**spec), n_jobs=n_jobs)
+    raise ValueError(f"unknown oracle type {kind!r}; expected 'pool', 'emt' or 'tblite'.")
+
+
+def load_config(path) -> dict:
+    """Read and check a run config (TOML); paths are resolved against the file's folder."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+    unknown = sorted(set(cfg) - _SECTIONS)
+    if unknown:
+        raise ValueError(f"config {str(path)!r} has unknown section(s) {unknown}; expected "
+                         f"{sorted(_SECTIONS)}.")
+    data = cfg.get("data", {})
+    for key in ("labelled", "pool"):
+        if key not in data:
+            raise ValueError(f"config {str(path)!r} needs data.{key} (a structure file).")
+    base = path.parent
+
+    def resolve(p):
+        q = Path(p)
+        q = q if q.is_absolute() else base / q
+        if not q.is_file():
+            raise FileNotFoundError(f"data file {str(q)!r} (from {str(path)!r}) does not exist.")
+        return q
+
+    data = dict(data)
+    data["labelled"], data["pool"] = resolve(data["labelled"]), resolve(data["pool"])
+    test = data.get("test", {})
+    data["test"] = {"test": resolve(test)} if isinstance(test, str) else \
+        {k: resolve(v) for k, v in test.items()}
+    cfg["data"] = data
+    out = Path(cfg.get("output", "al_out"))
+    cfg["output"] = out if out.is_absolute() else base / out
+    cfg.setdefault("model", {}).setdefault("name", "sevennet-0")
+    return cfg
+
+
+def run_config(cfg, *, progress_bar=False):
+    """Run (or resume) the loop a config describes and write its outputs.
+
+    Writes to ``cfg["output"]``: ``checkpoint/`` (resumable state), ``history.json``,
+    ``learning_curve.png`` (with matplotlib), ``labelled.extxyz`` (initial + new labels) and
+    the fine-tuned model (``model.<ext>`` in the backend's format).
+
+    Returns
+    -------
+    result : ActiveLearningResult
+    """
+    import ase.io
+
+    from skntk.al.loop import ActiveLearningLoop
+    from skntk.finetune import MLIPRegressor
+    from skntk.io import read_structures
+    from skntk.models import load
+
+    out = Path(cfg["output"])
+    out.mkdir(parents=True, exist_ok=True)  # before any work: an unwritable output fails now
+    mcfg = dict(cfg["model"])
+    model = load(mcfg.pop("name"), **mcfg)
+    ft = dict(cfg.get("finetune", {}))
+    ft.setdefault("progress_bar", False)
+    regressor = MLIPRegressor(model, **ft)
+    loop_cfg = dict(cfg.get("loop", {}))
+    seed = loop_cfg.get("random_state", 0)
+    loop_cfg["random_state"] = seed
+    sel = dict(cfg.get("selector", {}))
+    method = sel.pop("method", "pv_lcmd")
+    selector = build_selector(method, model, regressor=regressor, random_state=seed, **sel)
+    oracle = build_oracle(cfg.get("oracle"))
+    data = cfg["data"]
+    labelled, pool = read_structures(data["labelled"]), read_structures(data["pool"])
+    tests = {k: read_structures(v) for k, v in data["test"].items()}
+    loop = ActiveLearningLoop(selector, regressor, oracle, test_sets=tests,
+                              checkpoint_dir=out / "checkpoint", progress_bar=progress_bar,
+                              **loop_cfg)
+    result = loop.run(labelled, pool)
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    ase.io.write(out / "labelled.extxyz", result.labelled, format="extxyz")
+    try:
+        result.model.save(out / _model_filename(result.model))
+    except (NotImplementedError, ValueError) as err:
+        logger.warning("the fine-tuned model could not be saved in its own format (%s); "
+                       "its weights are in checkpoint/model.pt", err)
+    if tests:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            ax = result.plot()
+            ax.figure.tight_layout()
+            ax.figure.savefig(out / "learning_curve.png", dpi=120)
+            plt.close(ax.figure)
+        except ImportError:
+            logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
+    return result
+
+
+def _model_filename(model) -> str:
+    name = type(model).__name__
+    return {"MACEMLIP": "model.model", "SevenNetMLIP": "model.pth",
+            "CHGNetMLIP": "model.pth.tar"}.get(name, "model.pt")
