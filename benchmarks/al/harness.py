@@ -1,0 +1,346 @@
+"""Active-learning evidence harness: every (split, method, seed) of an experiment through the loop.
+
+    python benchmarks/al/harness.py run benchmarks/al/configs/acac_shift_50.toml [--max-hours 2]
+    python benchmarks/al/harness.py report benchmarks/results/al/acac_shift_50
+
+``run`` writes one JSON per (split, method, seed) to ``benchmarks/results/al/<experiment>/`` as soon
+as it finishes (keys ``experiment``, ``split``, ``method``, ``seed``, ``config``, ``rounds``: the
+loop's history, plus ``selected``, ``failed``, ``seconds``, ``machine``); finished files are
+skipped, an unfinished (method, seed) resumes from its loop checkpoint (``.ckpt/``), and
+``--max-hours`` stops starting new runs after that long, so a CPU-sized matrix runs in pieces.
+``report`` turns the JSONs into a table (mean ± std over seeds per round, median ratio to random and
+seeds beating random, time per method) and learning-curve plots.
+
+A config (TOML) names the data and the split rule, the model, the selector options, the
+fine-tuning recipe, the rounds, the seeds and the methods (see ``configs/``). Paths are relative to
+the config file. Split rules:
+
+- ``files``: ``n_labelled`` + ``n_pool`` frames drawn from ``source`` (one seed, one draw), test
+  sets drawn from their own files (``test.<name> = {file, n}``) or from what ``source`` has left;
+- ``shift``: the labelled set from ``labelled_file``; the pool mixes ``pool_files`` with
+  ``pool_fractions``; test sets as for ``files``;
+- ``sid``: OC20-style relaxations split by ``sid``: ``unseen`` systems (rotated by seed among the
+  eligible ones, whose elements all occur in other systems) form the out-of-distribution test set,
+  ``test_fraction`` of each other system's frames the in-distribution test set, the rest the pool,
+  from which ``n_labelled`` frames start labelled; frames are thinned by ``frame_stride``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "al"
+
+
+# -- config and data ------------------------------------------------------------------------------
+def load_config(path) -> dict:
+    import tomllib
+
+    path = Path(path).resolve()
+    cfg = tomllib.loads(path.read_text())
+    for key in ("experiment", "model", "methods", "seeds", "data", "loop"):
+        if key not in cfg:
+            raise ValueError(f"config {str(path)!r} needs '{key}'.")
+    cfg["_dir"] = str(path.parent)
+    return cfg
+
+
+def _read(cfg, name):
+    from skntk.io import read_structures
+
+    p = Path(name)
+    return read_structures(p if p.is_absolute() else Path(cfg["_dir"]) / p)
+
+
+def _draw(rng, frames, n, tag=None):
+    idx = rng.permutation(len(frames))
+    chosen = [frames[i] for i in idx[:n]]
+    rest = [frames[i] for i in idx[n:]]
+    if tag:
+        for a in chosen:
+            a.info.setdefault("group", tag)
+    return chosen, rest
+
+
+def make_split(cfg, seed):
+    """``(labelled, pool, tests, split_name)`` for one seed (the split depends on the seed)."""
+    d = cfg["data"]
+    rng = np.random.default_rng(seed)
+    rule = d["split"]
+    tests = {}
+    if rule == "files":
+        src = _read(cfg, d["source"])
+        labelled, rest = _draw(rng, src, d["n_labelled"])
+        pool, rest = _draw(rng, rest, d["n_pool"])
+        for name, t in d.get("test", {}).items():
+            frames = _read(cfg, t["file"]) if "file" in t else rest
+            tests[name], rest2 = _draw(rng, frames, t["n"], tag=name)
+            if "file" not in t:
+                rest = rest2
+        return labelled, pool, tests, f"s{seed}"
+    if rule == "shift":
+        lab_src = _read(cfg, d["labelled_file"])
+        labelled, lab_rest = _draw(rng, lab_src, d["n_labelled"])
+        pool = []
+        for f, frac in zip(d["pool_files"], d["pool_fractions"], strict=True):
+            frames = lab_rest if f == d["labelled_file"] else _read(cfg, f)
+            for a in frames:
+                a.info["group"] = Path(f).stem
+            pool += _draw(rng, frames, int(round(frac * d["n_pool"])))[0]
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        for name, t in d.get("test", {}).items():
+            tests[name] = _draw(rng, _read(cfg, t["file"]), t["n"], tag=name)[0]
+        return labelled, pool, tests, f"s{seed}"
+    if rule == "sid":
+        return _sid_split(cfg, d, seed, rng)
+    raise ValueError(f"unknown split rule {rule!r}: expected files, shift or sid.")
+
+
+def eligible_unseen(by_sid):
+    """Systems whose every element occurs in some other system (testable when unseen)."""
+    els = {s: set(fr[0].numbers.tolist()) for s, fr in by_sid.items()}
+    return sorted(s for s in els
+                  if els[s] <= set().union(*[e for t, e in els.items() if t != s]))
+
+
+def _sid_split(cfg, d, seed, rng):
+    from collections import defaultdict
+
+    frames = _read(cfg, d["source"])
+    by_sid = defaultdict(list)
+    for a in frames:
+        by_sid[a.info["sid"]].append(a)
+    for fr in by_sid.values():
+        n = len(fr)
+        for k, a in enumerate(fr):
+            a.info["stage"] = ("early", "mid", "late")[min(2, 3 * k // n)]
+    if d.get("max_atoms"):
+        by_sid = {s: fr for s, fr in by_sid.items() if len(fr[0]) <= d["max_atoms"]}
+    eligible = eligible_unseen(by_sid)
+    n_unseen = d.get("n_unseen", 1)
+    start = (seed * n_unseen) % len(eligible)
+    unseen = [eligible[(start + k) % len(eligible)] for k in range(n_unseen)]
+    # every element of the unseen systems must remain in the other systems
+    rest_els = set().union(*[set(fr[0].numbers.tolist()) for s, fr in by_sid.items()
+                             if s not in unseen])
+    for s in unseen:
+        missing = set(by_sid[s][0].numbers.tolist()) - rest_els
+        if missing:
+            raise ValueError(f"split {seed}: unseen system {s} has elements {sorted(missing)} "
+                             f"found in no other system.")
+    stride = d.get("frame_stride", 1)
+    pool_all, test_in, test_out = [], [], []
+    for s, fr in sorted(by_sid.items()):
+        fr = fr[::stride]
+        if s in unseen:
+            test_out += fr
+            continue
+        idx = rng.permutation(len(fr))
+        n_test = int(round(d.get("test_fraction", 0.2) * len(fr)))
+        test_in += [fr[i] for i in idx[:n_test]]
+        pool_all += [fr[i] for i in idx[n_test:]]
+    labelled, pool = _draw(rng, pool_all, d["n_labelled"])
+    if d.get("n_pool"):
+        pool = _draw(rng, pool, d["n_pool"])[0]
+    tests = {"in_distribution": test_in, "unseen_systems": test_out}
+    if d.get("n_test"):
+        tests = {k: _draw(rng, v, d["n_test"])[0] for k, v in tests.items()}
+    return labelled, pool, tests, "unseen-" + "+".join(unseen)
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+
+
+def run_one(cfg, method, seed, out_dir, model):
+    from skntk.al import ActiveLearningLoop, PoolOracle
+    from skntk.al.config import build_selector
+    from skntk.finetune import MLIPRegressor
+
+    labelled, pool, tests, split = make_split(cfg, seed)
+    path = out_dir / f"{split}-{method}-{seed}.json"
+    if path.exists():
+        return path, False
+    reg = MLIPRegressor(model, **cfg.get("finetune", {}))
+    sel = build_selector(method, model, regressor=reg, random_state=seed,
+                         **cfg.get("selector", {}))
+    t0 = time.perf_counter()
+    loop = ActiveLearningLoop(sel, reg, PoolOracle(), test_sets=tests,
+                              groups=cfg["data"].get("groups"), random_state=seed,
+                              checkpoint_dir=out_dir / ".ckpt" / path.stem,
+                              progress_bar=False, **cfg["loop"])
+    res = loop.run(labelled, pool)
+    record = {
+        "experiment": cfg["experiment"], "split": split, "method": method, "seed": seed,
+        "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
+        "rounds": res.history, "selected": res.selected,
+        "failed": {str(k): v for k, v in res.failed.items()},
+        "seconds": time.perf_counter() - t0, "machine": _machine(),
+        "n_labelled0": len(labelled), "n_pool": len(pool),
+        "n_test": {k: len(v) for k, v in tests.items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return path, True
+
+
+def cmd_run(args):
+    from skntk.models import load
+
+    cfg = load_config(args.config)
+    out_dir = Path(args.out) if args.out else RESULTS / cfg["experiment"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load(cfg["model"], device=cfg.get("device", "cpu"))
+    methods = args.methods or cfg["methods"]
+    seeds = args.seeds if args.seeds is not None else cfg["seeds"]
+    t_start = time.perf_counter()
+    for seed in seeds:
+        for method in methods:
+            if args.max_hours and time.perf_counter() - t_start > 3600 * args.max_hours:
+                print(f"stopping: --max-hours {args.max_hours} reached; rerun to continue")
+                return 0
+            t0 = time.perf_counter()
+            path, ran = run_one(cfg, method, seed, out_dir, model)
+            print(f"{'ran' if ran else 'skip'} {path.name} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    return 0
+
+
+# -- report ----------------------------------------------------------------------------------------
+def load_results(directory):
+    return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
+
+
+def summarise(records, metric="force_mae"):
+    """``{test_set: {method: {"rounds": [(n_labelled, mean, std, n)], "final": {seed: value},
+    "seconds": mean}}}``."""
+    out = {}
+    for r in records:
+        for h in r["rounds"]:
+            for test, m in h["metrics"].items():
+                cell = out.setdefault(test, {}).setdefault(r["method"], {"by_round": {},
+                                                                         "final": {},
+                                                                         "seconds": []})
+                cell["by_round"].setdefault(h["round"], []).append((h["n_labelled"], m[metric]))
+        for test in out:
+            if r["method"] in out[test]:
+                last = r["rounds"][-1]
+                if test in last["metrics"]:
+                    out[test][r["method"]]["final"][(r["split"], r["seed"])] = \
+                        last["metrics"][test][metric]
+                    out[test][r["method"]]["seconds"].append(r["seconds"])
+    for test in out.values():
+        for cell in test.values():
+            cell["rounds"] = [(int(np.mean([v[0] for v in vals])),
+                               float(np.mean([v[1] for v in vals])),
+                               float(np.std([v[1] for v in vals])), len(vals))
+                              for _, vals in sorted(cell.pop("by_round").items())]
+            cell["seconds"] = float(np.mean(cell["seconds"])) if cell["seconds"] else float("nan")
+    return out
+
+
+def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
+    records = load_results(directory)
+    if not records:
+        return f"No results in {directory}.\n"
+    exp = records[0]["experiment"]
+    lines = [f"### {exp}", "",
+             f"{len(records)} runs; machine: {records[0]['machine']}; "
+             f"config: `{records[0]['config'].get('model')}`, "
+             f"rounds {records[0]['config']['loop']}, fine-tuning "
+             f"{records[0]['config'].get('finetune', {})}.", ""]
+    for metric in metrics:
+        unit = "eV/Å" if metric.startswith("force") else "eV/atom"
+        summ = summarise(records, metric)
+        for test, methods in sorted(summ.items()):
+            lines += [f"**{metric} ({unit}) on `{test}`** — mean ± std over seeds per round "
+                      f"(labelled structures in brackets); last columns: median ratio to random "
+                      f"at the last round and seeds where the method beats random (paired).", ""]
+            n_rounds = max(len(c["rounds"]) for c in methods.values())
+            head = ["method"] + [f"r{k}" for k in range(n_rounds)] + \
+                ["÷ random", "beats random", "s/run"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            rand = methods.get("random", {}).get("final", {})
+            for name, cell in sorted(methods.items()):
+                row = [name] + [f"{m:.4f} ± {s:.4f} ({n}, n={c})" for n, m, s, c in cell["rounds"]]
+                row += [""] * (1 + n_rounds - len(row))
+                paired = [(v, rand[k]) for k, v in cell["final"].items() if k in rand]
+                if paired and name != "random":
+                    ratio = float(np.median([v / r for v, r in paired]))
+                    wins = sum(v < r for v, r in paired)
+                    row += [f"{ratio:.3f}", f"{wins}/{len(paired)}"]
+                else:
+                    row += ["—", "—"]
+                row.append(f"{cell['seconds']:.0f}")
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(directory, metric="force_mae"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = summarise(load_results(directory), metric)
+    if not summ:
+        return None
+    fig, axes = plt.subplots(1, len(summ), figsize=(4.5 * len(summ), 3.5), squeeze=False)
+    for ax, (test, methods) in zip(axes[0], sorted(summ.items()), strict=True):
+        for name, cell in sorted(methods.items()):
+            x = [r[0] for r in cell["rounds"]]
+            y = np.array([r[1] for r in cell["rounds"]])
+            s = np.array([r[2] for r in cell["rounds"]])
+            ax.errorbar(x, y, yerr=s, marker="o", capsize=2, label=name)
+        ax.set_title(test)
+        ax.set_xlabel("labelled structures")
+        ax.set_ylabel(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(directory) / f"curves_{metric}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cmd_report(args):
+    text = report_markdown(args.directory)
+    for metric in ("force_mae", "energy_mae"):
+        try:
+            plot_curves(args.directory, metric)
+        except ImportError:
+            pass
+    (Path(args.directory) / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Active-learning evidence harness (run / report).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run every (method, seed) of a config; resumes")
+    r.add_argument("config")
+    r.add_argument("--methods", nargs="+", default=None, help="subset of the config's methods")
+    r.add_argument("--seeds", nargs="+", type=int, default=None)
+    r.add_argument("--max-hours", type=float, default=None,
+                   help="start no new run after this many hours (rerun to continue)")
+    r.add_argument("--out", default=None, help="result folder (default results/al/<experiment>)")
+    p = sub.add_parser("report", help="table + plots from a result folder")
+    p.add_argument("directory")
+    args = ap.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The evidence harness (benchmarks/al/harness.py) on a tiny config: resume and report."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from skntk.models.builtin import BuiltinMLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "ethanol_40.extxyz"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks/al/harness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _config(tmp_path):
+    model = BuiltinMLIP([1, 6, 8], n_hidden=8, n_blocks=1, random_state=0).save(tmp_path / "m.pt")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f"""
+experiment = "tiny"
+model = "{model}"
+methods = ["random", "pv_lcmd", "maxdist_embedding"]
+seeds = [0, 1]
+[data]
+split = "files"
+source = "{DATA}"
+n_labelled = 4
+n_pool = 12
+test = {{heldout = {{n = 8}}}}
+[selector]
+n_features = 16
+shortlist_size = 6
+[finetune]
+parameters = "all"
+epochs = 1
+[loop]
+n_rounds = 2
+batch_size = 2
+""")
+    return cfg
+
+
+def test_harness_resumes_and_reports(harness, tmp_path, capsys):
+    cfg, out = _config(tmp_path), tmp_path / "out"
+    assert harness.main(["run", str(cfg), "--out", str(out)]) == 0
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 6  # 3 methods x 2 seeds
+    rec = json.loads(files[0].read_text())
+    for key in ("experiment", "split", "method", "seed", "config", "rounds"):
+        assert key in rec
+    assert [h["n_labelled"] for h in rec["rounds"]] == [4, 6, 8]
+    for key in ("energy_mae", "energy_rmse", "force_mae", "force_rmse"):
+        assert np.isfinite(rec["rounds"][-1]["metrics"]["heldout"][key])
+
+    # an interrupted matrix: one result missing -> only that one runs again
+    victim = out / "s1-pv_lcmd-1.json"
+    before = {p.name: p.stat().st_mtime_ns for p in files}
+    victim.unlink()
+    capsys.readouterr()
+    harness.main(["run", str(cfg), "--out", str(out)])
+    log = capsys.readouterr().out
+    assert log.count("ran ") == 1 and "ran s1-pv_lcmd-1.json" in log
+    assert log.count("skip ") == 5
+    for p in out.glob("*.json"):
+        if p.name != victim.name:
+            assert p.stat().st_mtime_ns == before[p.name]
+
+    # the report's numbers are those of the JSONs
+    records = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    summ = harness.summarise(records, "force_mae")
+    for method in ("random", "pv_lcmd", "maxdist_embedding"):
+        finals = [r["rounds"][-1]["metrics"]["heldout"]["force_mae"] for r in records
+                  if r["method"] == method]
+        n, mean, std, count = summ["heldout"][method]["rounds"][-1]
+        assert count == 2 and n == 8
+        assert mean == pytest.approx(np.mean(finals)) and std == pytest.approx(np.std(finals))
+        if method != "random":
+            rand = {r["seed"]: r["rounds"][-1]["metrics"]["heldout"]["force_mae"]
+                    for r in records if r["method"] == "random"}
+            mine = {r["seed"]: r["rounds"][-1]["metrics"]["heldout"]["force_mae"]
+                    for r in records if r["method"] == method}
+            ratio = np.median([mine[s] / rand[s] for s in rand])
+            text = harness.report_markdown(out)
+            row = next(line for line in text.splitlines()
+                       if line.startswith(f"| {method} |") and "±" in line)
+            assert f"{ratio:.3f}" in row
+            assert f"{sum(mine[s] < rand[s] for s in rand)}/2" in row
+    assert f"{np.mean(finals):.4f} ± {np.std(finals):.4f}" in harness.report_markdown(out)
