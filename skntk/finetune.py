@@ -1,10 +1,10 @@
 """Fine-tuning any MLIP handle as a scikit-learn regressor.
 
-:class:`MLIPRegressor` trains a **copy** of a handle's network (the user's model is never changed)
-on labelled ``ase.Atoms``: first it refits the per-element reference energies on the residuals
-``E_label - E_model`` (:func:`refit_reference_energies`), then it trains a parameter subset with Adam
-on per-atom energy and force losses, keeping the weights of the best validation epoch (the pretrained
-weights included: a fine-tuning that does not help is not kept).
+:class:`MLIPRegressor` trains a **copy** of a handle's network (the user's model is never
+changed) on labelled ``ase.Atoms``: first it refits the per-element reference energies on the
+residuals ``E_label - E_model`` (:func:`refit_reference_energies`), then it trains a parameter
+subset with Adam on per-atom energy and force losses, keeping the weights of the best validation
+epoch (the pretrained weights included: a fine-tuning that does not help is not kept).
 """
 
 from __future__ import annotations
@@ -184,10 +184,10 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
 
     Notes
     -----
-    Defaults were chosen on held-out SevenNet-0 / 3BPA frames (docs/finetune.md): small batches and a
-    moderate learning rate on the ``last_block`` subset lower the force error within a few epochs,
-    and early stopping on the validation split (which includes the untrained model) guards
-    against making it worse.
+    Defaults were chosen on held-out SevenNet-0 / 3BPA frames (docs/active_learning.md): batches
+    of 4 and a learning rate of 1e-3 on the ``last_block`` subset lower the force error within a
+    few epochs, and early stopping on the validation split (which includes the untrained model,
+    epoch 0) guards against making it worse.
 
     Examples
     --------
@@ -365,7 +365,10 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
                 opt.step()
                 train_loss += float(loss.detach()) / len(train_batches)
             val_loss = self._evaluate(model, val_batches)
-            score = val_loss if val_batches else train_loss
+            # without a validation split, monitor the training loss of the weights as they are
+            # now (the running ``train_loss`` is that of the weights before each step, one
+            # update behind the weights that would be kept)
+            score = val_loss if val_batches else self._evaluate(model, train_batches)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                             "seconds": time.perf_counter() - t_start})
             bar.set_postfix(val=f"{score:.4g}")
