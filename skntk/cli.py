@@ -37,7 +37,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sigma2", type=float, default=1e-3,
                        help="noise variance (normalised units)")
         p.add_argument("--device", default="auto")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of every random component (same inputs + seed: same batch)")
         p.add_argument("--cache", default=None,
                        help="directory for resumable pool features (rerun resumes there)")
         p.add_argument("--no-plot", action="store_true")
@@ -51,6 +52,10 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--pool", required=True, help="candidate structures (any ASE format)")
             p.add_argument("-o", "--output", default="selected.extxyz")
 
+    learn = sub.add_parser("learn", help="run (or resume) active-learning rounds from a TOML "
+                           "config: select, label, fine-tune, evaluate")
+    learn.add_argument("--config", required=True, help="run config (docs/active_learning.md)")
+    learn.add_argument("-v", "--verbose", action="store_true", help="log and show tracebacks")
     selection_args(sub.add_parser("select", help="select a batch from a pool"), demo=False)
     selection_args(sub.add_parser("demo", help="run a selection on the bundled OC20 frames"),
                    demo=True)
@@ -68,6 +73,9 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     train, pool : list of ase.Atoms
     n_to_select : int
         Batch size B.
+    seed : int, default=0
+        Seed of every random component (NTK sketch and probes, LCMD's gram sketch): the same
+        inputs and seed give the same selection in every run.
 
     Returns
     -------
@@ -107,7 +115,9 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     Psi_pool = pv.transform(G_pool)  # posterior features, carrying the top-M shortlist
     timings["PV screen"] = time.perf_counter() - t
     t = time.perf_counter()
-    lcmd = LCMDSelector(n_to_select=n_to_select).fit(Psi_train)
+    # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram sketch
+    # here (used only when the exact gram route does not fit in memory); PV has none
+    lcmd = LCMDSelector(n_to_select=n_to_select, random_state=seed).fit(Psi_train)
     selected = lcmd.select(Psi_pool)
     timings["LCMD"] = time.perf_counter() - t
     return {"selected": np.asarray(selected), "pv": np.asarray(scores),
@@ -191,6 +201,8 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from skntk.io import example_path, read_structures, split_by
 
+    if args.command == "learn":
+        return _learn(args)
     if args.command == "demo":
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +240,28 @@ def main(argv=None) -> int:
     summary = {k: v for k, v in result.items() if k in ("timings",)}
     summary["selected"] = result["selected"].tolist()
     (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def _learn(args) -> int:
+    """``skntk learn``: one line on stderr and exit code 2 for bad input (``-v``: traceback)."""
+    from skntk.al.config import load_config, run_config
+
+    try:
+        cfg = load_config(args.config)
+        result = run_config(cfg, progress_bar=sys.stderr.isatty())
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg["output"])
+    for h in result.history:
+        errs = ", ".join(f"{name}: E {m['energy_mae']:.4f} eV/atom, F {m['force_mae']:.4f} eV/Å"
+                         for name, m in h["metrics"].items())
+        print(f"round {h['round']}: {h['n_labelled']} labelled" + (f"; {errs}" if errs else ""))
+    print(f"{len(result.selected)} structures labelled ({len(result.failed)} failed); outputs in "
+          f"{out}/ (history.json, labelled.extxyz, model, learning_curve.png)")
     return 0
 
 

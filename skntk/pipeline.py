@@ -9,10 +9,16 @@ the upstream (non-selector) steps so that ``GridSearchCV`` can compare settings 
 
 from __future__ import annotations
 
+from numbers import Integral
+
+import numpy as np
+from ase import Atoms
+from sklearn.base import clone
 from sklearn.pipeline import Pipeline
+from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 
-from skntk.blocks import as_blocks
+from skntk.blocks import FeatureBlocks, as_blocks
 from skntk.selection._base import BaseSelector, selection_score
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
@@ -27,18 +33,62 @@ def _final_estimator_has(attr):
     return check
 
 
+def _is_atoms_input(X):
+    """Whether ``X`` is one ``ase.Atoms`` or a list/tuple of them."""
+    if isinstance(X, Atoms):
+        return True
+    return isinstance(X, (list, tuple)) and len(X) > 0 and isinstance(X[0], Atoms)
+
+
+def _reiterable(X):
+    """Whether ``X`` can be passed to the steps again (not a one-shot iterator)."""
+    try:
+        return iter(X) is not X
+    except TypeError:
+        return True
+
+
+def _atoms_labels(atoms, y):
+    """``(energies, forces)`` of ``atoms``: ``y`` (eV) if given, else the stored labels; forces
+    from the stored labels (entries None where missing). ``None`` when there are no labels."""
+    from skntk.io import get_labels
+
+    try:
+        energies, forces = get_labels(atoms)
+    except ValueError:
+        if y is None:
+            return None
+        energies, forces = None, [None] * len(atoms)
+    if y is not None:
+        energies = np.asarray(y, dtype=np.float64).reshape(-1)
+        if energies.shape[0] != len(atoms):
+            raise ValueError(f"y has {energies.shape[0]} energies; X has {len(atoms)} structures.")
+    return energies, forces
+
+
 class SelectionPipeline(Pipeline):
     """A :class:`~sklearn.pipeline.Pipeline` ending in a selector, with :meth:`select`.
 
     ``fit(X_labelled)`` fits every step on the labelled structures (a PV step then hands the
     posterior features of the train set to the next selector, which uses them as centres);
     ``select(X_pool)`` transforms the pool through all steps but the last (a PV step with
-    ``shortlist_size`` carries its shortlist) and lets the final selector pick.
+    ``shortlist_size`` carries its shortlist) and lets the final selector pick. :meth:`score`
+    turns a selection into one number for ``GridSearchCV``: by default the error of linearised
+    fine-tuning on the labelled structures plus the selected ones, on the rest of the pool.
 
     Parameters
     ----------
     steps : list of (str, estimator) tuples
         Transformers (any upstream featuriser, then selectors with ``transform``), last a selector.
+    scoring : callable or None, default=None
+        Objective of :meth:`score`. ``None``: linearised fine-tuning (see :meth:`score`). A
+        callable ``scoring(train_atoms, rest_atoms) -> float`` (larger is better) gets the
+        labelled structures given to ``fit`` followed by the selected pool structures, and the
+        unselected pool structures; e.g. real fine-tuning for small searches::
+
+            from skntk.finetune import MLIPRegressor
+            scoring = lambda train, rest: MLIPRegressor(model, epochs=30,
+                                                        random_state=0).fit(train).score(rest)
     memory, transform_input, verbose
         As for :class:`~sklearn.pipeline.Pipeline`.
 
@@ -54,6 +104,34 @@ class SelectionPipeline(Pipeline):
     >>> pipe.fit(rng.normal(size=(20, 3))).select(rng.normal(size=(50, 3))).shape
     (4,)
     """
+
+    def __init__(self, steps, *, scoring=None, transform_input=None, memory=None,
+                 verbose=False):
+        super().__init__(steps, transform_input=transform_input, memory=memory, verbose=verbose)
+        self.scoring = scoring
+
+    def fit(self, X, y=None, **params):
+        """Fit every step on the labelled ``X`` (as :meth:`Pipeline.fit`).
+
+        ``X`` and ``y`` are also remembered (by reference) for :meth:`score`, which fits the
+        linearised fine-tuning model on them together with the selected structures.
+
+        Parameters
+        ----------
+        X : any input the first step accepts (e.g. list of ase.Atoms, arrays, FeatureBlocks)
+            Labelled structures.
+        y : array-like of shape (n_structures,) or None, default=None
+            Energies (eV) or targets; ``None`` for Atoms uses their stored labels in :meth:`score`.
+        **params
+            Routed as :meth:`sklearn.pipeline.Pipeline.fit` does.
+
+        Returns
+        -------
+        self : SelectionPipeline
+        """
+        super().fit(X, y, **params)
+        self._labelled = (X, y) if _reiterable(X) else None
+        return self
 
     @available_if(_final_estimator_has("select"))
     def select(self, X, n_to_select=None):
@@ -74,6 +152,20 @@ class SelectionPipeline(Pipeline):
         _, Xt = self._transform_for_final(X)
         return self._final_estimator.select(Xt, n_to_select)
 
+    def _upstream_steps(self):
+        """The fitted steps before the first selector."""
+        out = []
+        for _, _, step in self._iter(with_final=False):
+            if isinstance(step, BaseSelector):
+                break
+            out.append(step)
+        return out
+
+    def _upstream_transform(self, X):
+        for step in self._upstream_steps():
+            X = step.transform(X)
+        return X
+
     def _transform_for_final(self, X):
         """``(upstream, Xt)``: ``X`` after the steps before the first selector, and after all but
         the last step (each step runs once)."""
@@ -93,50 +185,197 @@ class SelectionPipeline(Pipeline):
     def score(self, X, y=None, **params):
         """Selection quality at the final step's budget (one float, larger is better).
 
-        Selects from ``X`` and returns minus the RMSE on the unselected structures of a ridge /
-        linearised-GP mean fitted on the selected ones, computed on the *upstream* features (the
-        output of the steps before the first selector). The yardstick therefore does not change
-        with the selectors' own parameters (σ², reduction, shortlist size, kernel), which is what
-        ``GridSearchCV`` needs to compare them.
+        Selects from the pool ``X``, then evaluates the batch on the unselected rest of ``X``:
+
+        - **Atoms** (the default objective, *linearised fine-tuning*): minus the RMSE on the
+          unselected structures of the pretrained model fine-tuned to first order on the labelled
+          structures given to :meth:`fit` plus the selected ones — a ridge / linearised-GP mean on
+          the upstream features (the NTK rows) fitted to the residuals ``y − f(θ₀)`` of the
+          featuriser's model, after per-element composition offsets refitted on labelled ∪
+          selected (:mod:`skntk.selection._scoring`). Units: eV/atom for energy rows of a
+          ``normalize="atoms"`` featuriser, eV/Å for force components of exact force/joint rows,
+          pooled row by row. Labels come from the structures (``skntk.io.get_labels``); ``y``,
+          when given, replaces their energies. Invariant to a constant per-atom shift of the
+          energies or to any per-element reference.
+        - **Arrays / FeatureBlocks**: minus the RMSE (units of ``y``) of a ridge on the upstream
+          features fitted on the labelled (when :meth:`fit` had ``y``) and selected structures,
+          targets centred on their mean (:func:`~skntk.selection._base.selection_score`).
+        - ``scoring=callable``: ``scoring(labelled + selected atoms, rest atoms)``.
+
+        The yardstick uses the *upstream* features (the output of the steps before the first
+        selector), so it does not change with the selectors' own parameters (σ², reduction,
+        shortlist size, kernel), which is what ``GridSearchCV`` needs to compare them.
 
         Parameters
         ----------
         X : any input the first step accepts
-        y : ndarray of shape (n_structures,) or sequence of per-structure arrays
-            Energies (eV), or per-row targets for each block (energies and forces).
+            A pool with labels.
+        y : ndarray of shape (n_structures,) or sequence of per-structure arrays, or None
+            Energies (eV), or per-row targets for each block (arrays only); ``None`` for Atoms
+            uses their stored labels.
 
         Returns
         -------
         score : float
         """
-        if y is None:
-            raise ValueError("SelectionPipeline.score needs targets y for the structures in X.")
+        atoms_in = _is_atoms_input(X) or (
+            not isinstance(X, (np.ndarray, FeatureBlocks)) and self._model_step() is not None)
+        if atoms_in:
+            from skntk.atoms import as_atoms_list
+
+            X = as_atoms_list(X)
+        if self.scoring is not None:
+            if not atoms_in:
+                raise ValueError("scoring=callable needs a pool of ase.Atoms.")
+            idx = self.select(X)
+            rest = np.setdiff1d(np.arange(len(X)), idx)
+            lab = self._labelled_atoms()
+            train = (lab or []) + [X[i] for i in idx]
+            return float(self.scoring(train, [X[i] for i in rest]))
         upstream, Xt = self._transform_for_final(X)
         idx = self._final_estimator.select(Xt)
-        return selection_score(as_blocks(upstream), y, idx)
+        if atoms_in:
+            return self._linearised_score(X, as_blocks(upstream), y, idx)
+        if y is None:
+            raise ValueError("SelectionPipeline.score needs targets y for the structures in X.")
+        labelled = None
+        lab = getattr(self, "_labelled", None)
+        if lab is not None and lab[1] is not None:
+            labelled = (as_blocks(self._upstream_transform(lab[0])), lab[1])
+        return selection_score(as_blocks(upstream), y, idx, labelled=labelled)
+
+    def _model_step(self):
+        """The first upstream step holding an MLIP handle (``model_``), or None."""
+        for step in self._upstream_steps():
+            if getattr(step, "model_", None) is not None:
+                return step
+        return None
+
+    def _labelled_atoms(self):
+        lab = getattr(self, "_labelled", None)
+        if lab is None or not (_is_atoms_input(lab[0]) or isinstance(lab[0], str)):
+            return None
+        from skntk.atoms import as_atoms_list
+
+        return as_atoms_list(lab[0])
+
+    def _linearised_score(self, atoms, upstream, y, idx):
+        from skntk.selection._scoring import linearised_finetune_score
+
+        step = self._model_step()
+        pool_labels = _atoms_labels(atoms, y)
+        if pool_labels is None:
+            raise ValueError("SelectionPipeline.score needs energy labels for the pool "
+                             "structures (stored with the Atoms, or as y).")
+        lab_atoms = self._labelled_atoms()
+        lab_labels = lab_blocks = None
+        if lab_atoms:
+            lab_labels = _atoms_labels(lab_atoms, self._labelled[1])
+            if lab_labels is not None:
+                lab_blocks = as_blocks(self._upstream_transform(lab_atoms))
+
+        def predict(structures):
+            if step is None or structures is None:
+                return None
+            return _model_predictions(step.model_, structures,
+                                      device=getattr(step, "device_", "cpu"),
+                                      batch_size=getattr(step, "batch_size", 16))
+
+        return linearised_finetune_score(
+            lab_blocks, lab_atoms, lab_labels, upstream, atoms, pool_labels, idx,
+            lab_pred=predict(lab_atoms if lab_blocks is not None else None),
+            pool_pred=predict(atoms),
+            per_atom=getattr(step, "normalize", "atoms") == "atoms",
+            kind_hint=getattr(step, "kind", None))
+
+
+def _model_predictions(model, atoms, *, device="cpu", batch_size=16):
+    """Energies (eV) and forces (eV/Å) of the MLIP handle ``model`` (in eval mode).
+
+    Parameters
+    ----------
+    model : skntk.models.base.MLIP
+    atoms : list of ase.Atoms
+    device : str or torch.device, default="cpu"
+    batch_size : int, default=16
+
+    Returns
+    -------
+    energies : ndarray of shape (n_structures,)
+    forces : list of ndarray of shape (n_atoms_i, 3)
+    """
+    import torch
+
+    from skntk.models.base import module_state
+
+    energies, forces = [], []
+    with module_state(model.module, device=device, train=False), torch.enable_grad():
+        for s in range(0, len(atoms), batch_size):
+            chunk = list(atoms[s:s + batch_size])
+            batch = model.collate(chunk, device)
+            e, f = model.energy_and_forces(batch, create_graph=False)
+            e = e.detach().to("cpu", torch.float64).numpy().reshape(-1)
+            f = f.detach().to("cpu", torch.float64).numpy()
+            ptr = batch.ptr.to("cpu").numpy()
+            energies.append(e)
+            forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
+    return (np.concatenate(energies) if energies else np.zeros(0)), forces
+
+
+def _seed_of(random_state):
+    """One int seed for every step: ``None`` → 0, an int as is, a RandomState → one draw."""
+    if random_state is None:
+        return 0
+    if isinstance(random_state, Integral) and not isinstance(random_state, bool):
+        return int(random_state)
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _seeded(transformer, seed):
+    """``transformer`` with every ``random_state`` parameter that is ``None`` set to ``seed``
+    (a clone when something changes; the caller's object is left alone)."""
+    if not hasattr(transformer, "get_params"):
+        return transformer
+    unset = {k: seed for k, v in transformer.get_params(deep=True).items()
+             if (k == "random_state" or k.endswith("__random_state")) and v is None}
+    if not unset:
+        return transformer
+    return clone(transformer).set_params(**unset)
 
 
 def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=None,
                           sigma2=1e-3, normalize=True, reduction="trace", criterion="variance",
                           kernel="auto", gram_features="auto", n_sketch_features=1024,
-                          random_state=None, working_memory=None):
+                          random_state=None, working_memory=None, scoring=None):
     """The paper's selection chain: PV screen → top-M shortlist → LCMD in posterior space.
+
+    Reproducible by construction: the same inputs give the same indices in every call and every
+    process. ``random_state`` seeds every random step built here (the LCMD gram sketch, when
+    the exact gram route is not affordable) and every ``random_state`` of ``transformer`` that is
+    ``None`` (the NTK sketch and force probes); a seed already set on the transformer is kept.
 
     Parameters
     ----------
     transformer : estimator or None, default=None
         Upstream featuriser (e.g. an NTK transformer turning ``list[ase.Atoms]`` into
-        ``FeatureBlocks``); ``None`` when the inputs already are features.
+        ``FeatureBlocks``); ``None`` when the inputs already are features. If it has
+        ``random_state=None`` parameters, the pipeline holds a clone with them set to the seed.
     n_to_select : int, float or None, default=None
         Batch size ``B`` chosen by LCMD.
     shortlist_size : int or None, default=None
         Size ``M`` of the PV shortlist handed to LCMD (``None``: LCMD sees the whole pool).
     sigma2, normalize, reduction, criterion
         Of the :class:`~skntk.selection.pv.ChunkedPosteriorVarianceSelector` step ``"pv"``.
-    kernel, gram_features, n_sketch_features, random_state
-        Of the :class:`~skntk.selection.lcmd.LCMDSelector` step ``"lcmd"``.
+    kernel, gram_features, n_sketch_features
+        Of the :class:`~skntk.selection.lcmd.LCMDSelector` step ``"lcmd"`` (``gram_features="auto"``
+        takes the exact, seed-free route whenever it fits the memory budget).
+    random_state : int, RandomState instance or None, default=None
+        Seed of every step; ``None`` is the fixed seed 0, a ``RandomState`` gives one draw shared
+        by all steps.
     working_memory : float or None, default=None
         MiB budget of both selector steps.
+    scoring : callable or None, default=None
+        Objective of :meth:`SelectionPipeline.score` (``None``: linearised fine-tuning).
 
     Returns
     -------
@@ -155,12 +394,13 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
     >>> len(set(idx.tolist())), set(idx.tolist()) <= set(shortlist.tolist())
     (5, True)
     """
-    steps = [] if transformer is None else [("features", transformer)]
+    seed = _seed_of(random_state)
+    steps = [] if transformer is None else [("features", _seeded(transformer, seed))]
     steps.append(("pv", ChunkedPosteriorVarianceSelector(
         sigma2, normalize=normalize, reduction=reduction, criterion=criterion,
         shortlist_size=shortlist_size, working_memory=working_memory)))
     steps.append(("lcmd", LCMDSelector(
         n_to_select, kernel=kernel, gram_features=gram_features,
-        n_sketch_features=n_sketch_features, random_state=random_state,
+        n_sketch_features=n_sketch_features, random_state=seed,
         working_memory=working_memory)))
-    return SelectionPipeline(steps)
+    return SelectionPipeline(steps, scoring=scoring)

@@ -101,6 +101,15 @@ def test_score_uses_upstream_features():
     assert score == ref
     with pytest.raises(ValueError, match="needs targets y"):
         pipe.score(X[10:])
+    # labelled targets given to fit join the ridge; a constant offset of y changes nothing
+    pipe.fit(X[:10], y[:10])
+    score = pipe.score(X[10:], y[10:])
+    ref = selection_score(FeatureBlocks.from_array(upstream), y[10:], pipe.selected_idx_,
+                          labelled=(FeatureBlocks.from_array(pipe["scale"].transform(X[:10])),
+                                    y[:10]))
+    assert score == ref
+    pipe.fit(X[:10], y[:10] + 50.0)
+    np.testing.assert_allclose(pipe.score(X[10:], y[10:] + 50.0), score, rtol=1e-9)
 
 
 def test_grid_search_over_selector_parameters():

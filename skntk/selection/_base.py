@@ -117,12 +117,15 @@ def _targets_as_rows(X, y):
     return X, np.concatenate(parts) if parts else np.empty(0)
 
 
-def selection_score(X, y, selected_idx, *, sigma2=SCORE_SIGMA2):
+def selection_score(X, y, selected_idx, *, sigma2=SCORE_SIGMA2, labelled=None):
     """Minus the RMSE on the unselected structures of a ridge model fitted on the selected ones.
 
     The ridge model is the posterior mean of the linearised GP on the features ``X`` (normalised so
-    the mean squared row norm of the selected rows is 1, penalty ``sigma2``). Larger is better; the
-    value measures how informative the selected batch is about the rest of ``X`` at a fixed budget.
+    the mean squared row norm of the fit rows is 1, penalty ``sigma2``), fitted on the selected
+    structures (and the ``labelled`` ones, when given). With one target per structure the model has
+    an unpenalised intercept (rows and targets centred on the fit means), so adding a constant to
+    ``y`` changes nothing. Larger is better; the value measures how informative the selected batch
+    is about the rest of ``X`` at a fixed budget, in the units of ``y``.
 
     Parameters
     ----------
@@ -131,12 +134,14 @@ def selection_score(X, y, selected_idx, *, sigma2=SCORE_SIGMA2):
         Per-structure energies (eV), or per-row targets (energies and forces) for each block.
     selected_idx : ndarray of int
     sigma2 : float, default=SCORE_SIGMA2
+    labelled : (FeatureBlocks, y) or None, default=None
+        Labelled structures fitted together with the selected ones (the pipeline's train set).
 
     Returns
     -------
     score : float
     """
-    from skntk.selection._posterior import FeaturePosterior
+    from skntk.selection._scoring import ridge_rmse
 
     Xr, yr = _targets_as_rows(X, y)
     n = len(Xr)
@@ -146,17 +151,23 @@ def selection_score(X, y, selected_idx, *, sigma2=SCORE_SIGMA2):
             f"score needs unselected structures to evaluate on; all {n} structures were selected "
             "(lower n_to_select)."
         )
-
     sel_rows = row_indices(Xr.offsets, selected_idx)
     rest_rows = row_indices(Xr.offsets, rest)
-    post = FeaturePosterior(sigma2, normalize=True)
-    sel_X = FeatureBlocks(Xr.rows[sel_rows], np.arange(sel_rows.size + 1))
-    if not np.any(sel_X.rows):
-        pred = np.zeros(rest_rows.size)
-    else:
-        post.fit(sel_X, yr[sel_rows])
-        pred = post.predict(FeatureBlocks(Xr.rows[rest_rows], np.arange(rest_rows.size + 1)))
-    return -float(np.sqrt(np.mean((pred - yr[rest_rows]) ** 2)))
+    fit_X, fit_y = [np.asarray(Xr.rows[sel_rows], dtype=np.float64)], [yr[sel_rows]]
+    if labelled is not None:
+        Lr, ly = _targets_as_rows(labelled[0], labelled[1])
+        fit_X.insert(0, np.asarray(Lr.rows, dtype=np.float64))
+        fit_y.insert(0, ly)
+    fit_X, fit_y = np.concatenate(fit_X), np.concatenate(fit_y)
+    return ridge_rmse(fit_X, fit_y, Xr.rows[rest_rows], yr[rest_rows], sigma2=sigma2,
+                      fit_intercept=_one_target_per_structure(y))
+
+
+def _one_target_per_structure(y):
+    try:
+        return np.asarray(y, dtype=np.float64).ndim == 1
+    except (TypeError, ValueError):  # ragged per-row targets
+        return False
 
 
 class BaseSelector(BaseEstimator):
@@ -252,8 +263,11 @@ class BaseSelector(BaseEstimator):
         """Selection quality at the fixed budget ``n_to_select`` (one float, larger is better).
 
         Selects from ``X``, fits the linearised-GP / ridge posterior mean on the selected
-        structures' features and targets, and returns minus the RMSE on the unselected rest of
-        ``X`` (see :func:`selection_score`). Usable as the objective of ``GridSearchCV``.
+        structures' features and targets (centred when there is one target per structure, so a
+        constant offset in ``y`` changes nothing), and returns minus the RMSE on the unselected
+        rest of ``X`` in the units of ``y`` (see :func:`selection_score`). Usable as the
+        objective of ``GridSearchCV``. For the linearised fine-tuning error of a pretrained
+        model, score a :class:`~skntk.pipeline.SelectionPipeline` on ``ase.Atoms`` instead.
 
         Parameters
         ----------

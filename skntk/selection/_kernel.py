@@ -14,7 +14,10 @@ Kernels:
   invariant under rotations of feature space. Exact route: ``φ(A)`` = upper triangle of ``G_AᵀG_A``
   with off-diagonal entries times √2 (dimension ``d(d+1)/2``). Sketched route: the tensor sketch
   ``φ(A) = Σ_rows (g R₁) ⊙ (g R₂) / √D`` with Gaussian ``R₁, R₂`` (d x D), an unbiased estimate of
-  the exact kernel (``E[φ(A)·φ(B)] = k(A, B)``).
+  the exact kernel (``E[φ(A)·φ(B)] = k(A, B)``). ``gram_features="auto"`` prefers the exact route
+  whenever it is affordable (:func:`exact_gram_affordable`); the sketch is seeded by
+  ``random_state``, and ``random_state=None`` means the fixed seed 0, so a selection never depends
+  on an unseeded generator.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 import numpy as np
+from sklearn import get_config
 from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
@@ -31,7 +35,54 @@ from skntk.linalg import chunk_n_rows, gen_structure_chunks, segment_sum
 from skntk.selection._base import BaseSelector
 from skntk.selection._posterior import FeaturePosterior
 
-__all__ = ["gram_features_exact", "gram_features_sketch", "greedy_centres", "nearest_centres"]
+__all__ = [
+    "exact_gram_affordable",
+    "gram_features_exact",
+    "gram_features_sketch",
+    "greedy_centres",
+    "nearest_centres",
+]
+
+
+def exact_gram_affordable(n_features, n_train, n_sketch_features, *, working_memory=None):
+    """Whether ``gram_features="auto"`` takes the exact (unsketched) gram route.
+
+    Exact when its dimension ``D = d(d+1)/2`` is at most ``n_sketch_features`` (then it is also
+    the cheaper route), or when the exact features of the ``n_train`` train centres take at most
+    half of ``working_memory`` (the other half is left to the candidates' features). The exact
+    route needs no seed, so a selection cannot depend on one.
+
+    Parameters
+    ----------
+    n_features : int
+        ``d``, the width of the rows.
+    n_train : int
+        Train structures (the initial centres).
+    n_sketch_features : int
+        Dimension of the sketched route.
+    working_memory : float or None, default=None
+        MiB budget; ``None`` uses ``sklearn.get_config()``.
+
+    Returns
+    -------
+    exact : bool
+
+    Examples
+    --------
+    >>> from skntk.selection._kernel import exact_gram_affordable
+    >>> exact_gram_affordable(40, 10_000, 1024)      # 820 <= 1024 sketch features
+    True
+    >>> exact_gram_affordable(512, 100, 1024, working_memory=1024)   # 100 x 1 MiB <= 512 MiB
+    True
+    >>> exact_gram_affordable(512, 5000, 1024, working_memory=1024)  # 5000 MiB: sketch
+    False
+    """
+    D = n_features * (n_features + 1) // 2
+    if D <= n_sketch_features:
+        return True
+    if working_memory is None:
+        working_memory = get_config()["working_memory"]
+    return max(n_train, 1) * D * 8 <= 0.5 * working_memory * 2**20
 
 
 def gram_features_exact(X, *, working_memory=None):
@@ -60,14 +111,24 @@ def gram_features_exact(X, *, working_memory=None):
     """
     d = X.n_features
     iu, ju = np.triu_indices(d)
+    flat = iu * d + ju
     w = np.where(iu == ju, 1.0, np.sqrt(2.0))
     out = np.empty((len(X), iu.size))
-    max_rows = chunk_n_rows(8 * (iu.size + d), max_n_rows=max(X.n_rows, 1),
+    m = X.n_rows_per_structure
+    # one structure at a time: G_sᵀG_s by gemm (m d² flops), then the upper triangle; temporaries
+    # O(d²) whatever the budget, so working_memory only bounds the float64 cast of the rows
+    max_rows = chunk_n_rows(8 * max(d, 1), max_n_rows=max(X.n_rows, 1),
                             working_memory=working_memory)
     for sl in gen_structure_chunks(X.offsets, max_rows):
         lo, hi = X.offsets[sl.start], X.offsets[sl.stop]
         G = np.asarray(X.rows[lo:hi], dtype=np.float64)
-        out[sl] = segment_sum((G[:, iu] * G[:, ju]) * w, X.offsets[sl.start:sl.stop + 1] - lo)
+        off = X.offsets[sl.start:sl.stop + 1] - lo
+        for k, i in enumerate(range(sl.start, sl.stop)):
+            if m[i] == 0:
+                out[i] = 0.0
+                continue
+            Gi = G[off[k]:off[k + 1]]
+            out[i] = np.take(Gi.T @ Gi, flat) * w
     return out
 
 
@@ -247,12 +308,16 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         if self.kernel_ == "gram":
             route = self.gram_features
             if route == "auto":
-                route = "exact" if d * (d + 1) // 2 <= self.n_sketch_features else "sketch"
+                route = ("exact" if exact_gram_affordable(d, len(X), self.n_sketch_features,
+                                                          working_memory=self.working_memory)
+                         else "sketch")
             self.gram_features_ = route
         else:
             self.gram_features_ = None
         if self.gram_features_ == "sketch":
-            rng = check_random_state(self.random_state)
+            # None is the fixed seed 0: the same inputs give the same selection in every call and
+            # every process (pass a RandomState instance for fresh draws)
+            rng = check_random_state(0 if self.random_state is None else self.random_state)
             D = self.n_sketch_features
             self.sketch_ = (rng.standard_normal((d, D)), rng.standard_normal((d, D)))
         if self.features == "posterior":

@@ -34,7 +34,9 @@ class LCMDSelector(_KernelCentresSelector):
     kernel : {"auto", "linear", "gram"}, default="auto"
         ``"auto"``: linear when every train structure has one row, else gram.
     gram_features : {"auto", "exact", "sketch"}, default="auto"
-        Route of the gram kernel; ``"auto"`` is exact when ``d(d+1)/2 <= n_sketch_features``.
+        Route of the gram kernel; ``"auto"`` is exact when ``d(d+1)/2 <= n_sketch_features`` or
+        when the exact features of the train centres fit in half of ``working_memory``
+        (:func:`~skntk.selection._kernel.exact_gram_affordable`), so that no seed is involved.
     n_sketch_features : int, default=1024
         Sketch dimension ``D`` of the sketched gram route.
     features : {"prior", "posterior"}, default="prior"
@@ -46,7 +48,9 @@ class LCMDSelector(_KernelCentresSelector):
     sel_with_train : bool, default=True
         Use the train structures as initial centres (bmdal's TP mode); ``False``: P mode.
     random_state : int, RandomState instance or None, default=None
-        Seeds the sketch matrices (resolved in :meth:`fit`).
+        Seeds the sketch matrices (resolved in :meth:`fit`; sketched route only). ``None`` is the
+        fixed seed 0, so equal inputs always give equal selections; pass a ``RandomState``
+        instance for fresh draws.
     working_memory : float or None, default=None
         MiB budget for chunked temporaries; ``None`` uses ``sklearn.get_config()``.
 

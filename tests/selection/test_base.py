@@ -80,14 +80,31 @@ def test_row_indices():
 def test_selection_score_against_plain_ridge():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(20, 3))
-    y = rng.normal(size=20)
+    y = rng.normal(size=20) + 5.0
     sel = np.array([0, 3, 5, 7, 9, 11])
     rest = np.setdiff1d(np.arange(20), sel)
-    c2 = 1.0 / np.mean(np.sum(X[sel] ** 2, axis=1))
-    w = np.linalg.solve(c2 * X[sel].T @ X[sel] + 1e-3 * np.eye(3), np.sqrt(c2) * X[sel].T @ y[sel])
-    rmse = np.sqrt(np.mean((np.sqrt(c2) * X[rest] @ w - y[rest]) ** 2))
+    # one target per structure: an unpenalised intercept (rows and targets centred on the fit)
+    Xc, yc = X - X[sel].mean(0), y - y[sel].mean()
+    c2 = 1.0 / np.mean(np.sum(Xc[sel] ** 2, axis=1))
+    w = np.linalg.solve(c2 * Xc[sel].T @ Xc[sel] + 1e-3 * np.eye(3),
+                        np.sqrt(c2) * Xc[sel].T @ yc[sel])
+    rmse = np.sqrt(np.mean((np.sqrt(c2) * Xc[rest] @ w - yc[rest]) ** 2))
     got = selection_score(FeatureBlocks.from_array(X), y, sel)
     assert isinstance(got, float)
+    np.testing.assert_allclose(got, -rmse, rtol=1e-10)
+    # a constant offset of y changes nothing; labelled rows join the fit
+    np.testing.assert_allclose(selection_score(FeatureBlocks.from_array(X), y - 1e4, sel), got,
+                               rtol=1e-8)
+    lab = rng.normal(size=(5, 3)), rng.normal(size=5)
+    fit_X, fit_y = np.vstack([lab[0], X[sel]]), np.r_[lab[1], y[sel]]
+    x_mean, y_mean = fit_X.mean(0), fit_y.mean()
+    fit_X = fit_X - x_mean
+    c2 = 1.0 / np.mean(np.sum(fit_X**2, axis=1))
+    w = np.linalg.solve(c2 * fit_X.T @ fit_X + 1e-3 * np.eye(3),
+                        np.sqrt(c2) * fit_X.T @ (fit_y - y_mean))
+    rmse = np.sqrt(np.mean((np.sqrt(c2) * (X[rest] - x_mean) @ w + y_mean - y[rest]) ** 2))
+    got = selection_score(FeatureBlocks.from_array(X), y, sel,
+                          labelled=(FeatureBlocks.from_array(lab[0]), lab[1]))
     np.testing.assert_allclose(got, -rmse, rtol=1e-10)
 
 
