@@ -1,11 +1,33 @@
-"""Resumable featurisation: feature blocks persisted shard by shard.
+"""Content-addressed, resumable feature cache: feature blocks persisted per structure.
 
-A long screening run (hours of NTK featurisation) must not lose work when interrupted. Structures
-are featurised in shards of ``shard_size``; each finished shard is written atomically to
-``directory/shard-<start>-<stop>.npz`` (rows, offsets, kind). Rerunning with the same directory,
-transformer parameters and structures loads finished shards and computes only the missing ones.
-A ``manifest.json`` records a fingerprint of the transformer's parameters and the structures so
-that a cache made for other inputs is refused instead of silently reused.
+A long screening run (hours of NTK featurisation) must not lose work when interrupted, and must
+never be served features computed for another model, setting or structure. Every cached block is
+keyed by two SHA-256 digests:
+
+- the **transformer key** (:func:`transformer_key`): the transformer's class and every setting that
+  changes rows — its ``get_params()`` less those that do not (``device``, ``batch_size``,
+  ``progress_bar``, ``n_jobs``, ``verbose``), the fitted attributes that resolve them
+  (``force_rows_``, ``seed_``, ``n_features_out_``, ``parameter_names_``, ``n_params_``) and, for a
+  transformer with a ``model_``, a digest of the model: handle class, cutoff, species and the
+  bytes, names, dtypes and shapes of every tensor of ``model_.module.state_dict()`` (parameters
+  *and* buffers: upstream weights change even readout gradients); plus the skntk version;
+- the **structure key** (:func:`structure_key`): atomic numbers, positions, cell and pbc.
+
+Layout of ``directory``: one sub-directory per transformer key (so one directory serves several
+models or settings), holding
+
+- ``<digest>.shard`` files of a few structures each (at most ``shard_size`` structures or
+  ``flush_seconds`` of work), written atomically (temporary file + ``os.replace``);
+- ``index.bin``, mapping structure keys to (shard, position), rebuilt from the shard headers when
+  missing or damaged, and extended by scanning for shards it does not list (an interrupted run);
+- ``key.json``, the human-readable ingredients of the transformer key (informational only).
+
+Every file is a small container (:func:`_write_container`): a header (JSON) protected by its own
+SHA-256 and a payload whose SHA-256 and length the header records, so a truncated, emptied or
+bit-flipped file is detected before anything is parsed. An index entry is a hint only: the shard
+it points to is verified (checksums, transformer key, structure key at that position) before its
+rows are used. A shard that fails is reported with :class:`CorruptCacheWarning` naming its path,
+deleted, and its structures recomputed.
 """
 
 from __future__ import annotations
@@ -13,7 +35,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import struct
+import time
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,75 +49,447 @@ from skntk.blocks import FeatureBlocks
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["transform_cached", "transformer_key", "structure_key", "CorruptCacheWarning"]
 
-def _fingerprint(transformer, structures) -> str:
-    h = hashlib.sha256()
-    params = transformer.get_params(deep=False)
-    h.update(json.dumps({k: repr(v) for k, v in sorted(params.items())
-                         if k not in ("progress_bar", "device", "batch_size", "n_jobs")}).encode())
-    h.update(type(transformer).__name__.encode())
-    for atoms in structures:
-        h.update(atoms.numbers.tobytes())
-        h.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
-        h.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).tobytes())
+#: Bump when the key ingredients or the container layout change (old entries then just miss).
+FORMAT_VERSION = 1
+_MAGIC = b"SKNTKC\x00\x01"
+_PREFIX = struct.Struct("<8sQ")  # magic, header length
+_DIGEST = 32
+#: Parameters that never change rows (where the work runs, how it is batched, what is shown).
+_IGNORED_PARAMS = frozenset({"device", "batch_size", "progress_bar", "n_jobs", "verbose"})
+#: Fitted attributes that resolve row-changing settings (e.g. ``force_rows="auto"``).
+_FITTED_ATTRS = ("force_rows_", "seed_", "n_features_out_", "parameter_names_", "n_params_")
+
+
+class CorruptCacheWarning(RuntimeWarning):
+    """A cache file failed to load or verify; it is deleted (or ignored) and recomputed."""
+
+
+class _Corrupt(Exception):
+    pass
+
+
+# -- keys ----------------------------------------------------------------------------------------
+def _qualname(obj) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tensor_digest(t) -> str:
+    import torch
+
+    t = t.detach().to("cpu")
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    try:  # the raw bytes, whatever the dtype (bfloat16 included)
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    except (RuntimeError, TypeError, NotImplementedError):  # sparse, quantized, ...: exact values
+        dense = t.to_dense() if t.is_sparse else t
+        dense = dense.dequantize() if dense.is_quantized else dense
+        h.update(repr(dense.tolist()).encode())
     return h.hexdigest()
 
 
-def _save_atomic(path: Path, blocks: FeatureBlocks) -> None:
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, rows=blocks.rows, offsets=blocks.offsets, kind=np.array(blocks.kind))
-    os.replace(tmp, path)
+def _module_digest(module) -> dict:
+    """Class and the digest of all tensors (parameters and buffers) of a ``torch.nn.Module``."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        h.update(name.encode() + b"\x00")
+        if isinstance(value, torch.Tensor):
+            h.update(_tensor_digest(value).encode())
+        else:  # extra state
+            h.update(json.dumps(_canonical(value), sort_keys=True).encode())
+        h.update(b"\x01")
+    return {"module": _qualname(module), "state_sha256": h.hexdigest()}
 
 
-def _load(path: Path) -> FeatureBlocks:
-    with np.load(path) as f:
-        return FeatureBlocks(f["rows"], f["offsets"], kind=str(f["kind"]))
+def _model_digest(model) -> dict:
+    species = getattr(model, "species", None)
+    cutoff = getattr(model, "cutoff", None)
+    return {"handle": _qualname(model),
+            "cutoff": None if cutoff is None else float(cutoff),
+            "species": None if species is None else sorted(int(z) for z in species),
+            **_module_digest(model.module)}
 
 
-def transform_cached(transformer, structures, directory, *, shard_size=64) -> FeatureBlocks:
-    """``transformer.transform(structures)``, persisted and resumable shard by shard.
+def _canonical(v):
+    """A JSON-able, process-independent description of a parameter value."""
+    import torch
+
+    from skntk.models.base import MLIP
+
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return {"float": float(v).hex()}
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return {"set": sorted(json.dumps(_canonical(x), sort_keys=True) for x in v)}
+    if isinstance(v, dict):
+        return {"dict": sorted([str(k), _canonical(x)] for k, x in v.items())}
+    if isinstance(v, np.ndarray):
+        a = np.ascontiguousarray(v)
+        return {"ndarray": [str(a.dtype), list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()]}
+    if isinstance(v, torch.Tensor):
+        return {"tensor": _tensor_digest(v)}
+    if isinstance(v, (torch.dtype, torch.device, os.PathLike)):
+        return {_qualname(v): str(v)}
+    if isinstance(v, MLIP):
+        return {"model": _model_digest(v)}
+    if isinstance(v, torch.nn.Module):
+        return _module_digest(v)
+    if hasattr(v, "get_params"):  # a nested estimator
+        return {"estimator": _qualname(v), "params": _canonical(v.get_params(deep=False))}
+    # Anything else by repr: an unstable repr (an address) only makes the cache miss.
+    return {"repr": _qualname(v) + ":" + repr(v)}
+
+
+def _transformer_description(transformer) -> dict:
+    params = dict(transformer.get_params(deep=False)) if hasattr(transformer, "get_params") else {}
+    model = getattr(transformer, "model_", None)
+    if model is not None:
+        params.pop("model", None)  # what was resolved (and its weights) is what counts
+    if hasattr(transformer, "seed_"):
+        params.pop("random_state", None)  # resolved into seed_
+    params = {k: v for k, v in params.items() if k not in _IGNORED_PARAMS}
+    desc = {"format": FORMAT_VERSION, "skntk": _skntk_version(),
+            "transformer": _qualname(transformer),
+            "params": _canonical(params),
+            "fitted": {a: _canonical(getattr(transformer, a)) for a in _FITTED_ATTRS
+                       if hasattr(transformer, a)}}
+    if model is not None:
+        desc["model"] = _model_digest(model) if hasattr(model, "module") else _canonical(model)
+    return desc
+
+
+def _skntk_version() -> str:
+    from skntk import __version__
+
+    return __version__
+
+
+def transformer_key(transformer) -> str:
+    """SHA-256 (hex) of everything of a fitted transformer that changes its rows.
 
     Parameters
     ----------
-    transformer : fitted transformer returning :class:`~skntk.blocks.FeatureBlocks`
-    structures : list of ase.Atoms of length n_structures
-    directory : str or os.PathLike
-        Where shards live; created if missing.
-    shard_size : int, default=64
-        Structures per shard (the work lost at most when interrupted).
+    transformer : fitted transformer
+        Its class, ``get_params()`` (less ``device``, ``batch_size``, ``progress_bar``,
+        ``n_jobs``, ``verbose``), the fitted ``force_rows_``, ``seed_``, ``n_features_out_``,
+        ``parameter_names_``, ``n_params_`` where present, and the digest of ``model_`` (class,
+        cutoff, species, every tensor of ``model_.module.state_dict()``) where present.
 
     Returns
     -------
-    blocks : FeatureBlocks of length n_structures
+    key : str of 64 hex digits
     """
+    desc = _transformer_description(transformer)
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def structure_key(atoms) -> bytes:
+    """SHA-256 (32 bytes) of a structure's atomic numbers, positions, cell and pbc."""
+    numbers = np.ascontiguousarray(atoms.numbers, dtype=np.int64)
+    h = hashlib.sha256(b"skntk-atoms-1" + struct.pack("<q", numbers.shape[0]))
+    h.update(numbers.tobytes())
+    h.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(atoms.pbc, dtype=np.uint8).tobytes())
+    return h.digest()
+
+
+# -- containers ----------------------------------------------------------------------------------
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _container(meta: dict, payload: bytes) -> tuple[bytes, str]:
+    """File bytes and header digest of ``meta`` + ``payload``."""
+    meta = {**meta, "payload_len": len(payload),
+            "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header = json.dumps(meta, sort_keys=True).encode()
+    prefix = _PREFIX.pack(_MAGIC, len(header))
+    digest = hashlib.sha256(prefix + header).digest()
+    return prefix + header + digest + payload, digest.hex()
+
+
+def _read_container(path: Path, *, header_only: bool = False) -> tuple[dict, bytes | None]:
+    """Header (and payload) of a container file, verified; raises ``_Corrupt``."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) != _PREFIX.size:
+                raise _Corrupt(f"truncated ({len(prefix)} bytes)")
+            magic, n_header = _PREFIX.unpack(prefix)
+            if magic != _MAGIC or n_header > 1 << 30:
+                raise _Corrupt("not a skntk cache file (bad magic or header length)")
+            header = f.read(n_header)
+            digest = f.read(_DIGEST)
+            if len(header) != n_header or len(digest) != _DIGEST:
+                raise _Corrupt("truncated header")
+            if hashlib.sha256(prefix + header).digest() != digest:
+                raise _Corrupt("header checksum mismatch")
+            meta = json.loads(header)
+            if header_only:
+                return meta, None
+            payload = f.read(int(meta["payload_len"]) + 1)
+    except OSError as err:
+        raise _Corrupt(f"unreadable: {err}") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise _Corrupt(f"bad header: {err}") from err
+    if len(payload) != meta["payload_len"]:
+        raise _Corrupt(f"payload of {len(payload)} bytes, header says {meta['payload_len']}")
+    if hashlib.sha256(payload).hexdigest() != meta["payload_sha256"]:
+        raise _Corrupt("payload checksum mismatch")
+    return meta, payload
+
+
+# -- the store of one transformer key ------------------------------------------------------------
+class _Store:
+    """Shards and index of one transformer key."""
+
+    def __init__(self, directory: Path, key: str):
+        self.dir = directory / key[:32]
+        self.key = key
+        self.index_path = self.dir / "index.bin"
+        self.where: dict[bytes, tuple[str, int]] = {}  # structure key -> (shard name, position)
+        self.dirty = False
+
+    # index ---------------------------------------------------------------------------------
+    def open(self, description: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = self.dir / "key.json"
+        if not info.exists():
+            _write_atomic(info, json.dumps({"key": self.key, **description}, indent=1,
+                                           sort_keys=True).encode())
+        listed: set[str] = set()
+        if self.index_path.exists():
+            try:
+                meta, payload = _read_container(self.index_path)
+                if meta.get("kind") != "index" or meta.get("transformer_key") != self.key:
+                    raise _Corrupt("index of another transformer key")
+                shards = meta["shards"]
+                n = int(meta["n"])
+                keys = np.frombuffer(payload, np.uint8, 32 * n, 0).reshape(n, 32)
+                sid = np.frombuffer(payload, np.int64, n, 32 * n)
+                pos = np.frombuffer(payload, np.int64, n, 40 * n)
+                self.where = {k.tobytes(): (shards[s], int(p))
+                              for k, s, p in zip(keys, sid.tolist(), pos.tolist(), strict=True)}
+                listed = set(shards)
+            except (_Corrupt, ValueError, KeyError, TypeError, IndexError) as err:
+                self._warn(self.index_path, err, "rebuilding it from the shards")
+                self.where, listed = {}, set()
+                self.dirty = True
+        present = {p.name for p in self.dir.glob("*.shard")}
+        gone = listed - present
+        if gone:  # entries of deleted shards
+            self.where = {k: v for k, v in self.where.items() if v[0] not in gone}
+            self.dirty = True
+        for name in sorted(present - listed):  # shards the index does not list (interrupted run)
+            path = self.dir / name
+            try:
+                meta, _ = _read_container(path, header_only=True)
+                self._check_meta(meta)
+            except _Corrupt as err:
+                self._drop(path, err)
+                continue
+            for p, k in enumerate(meta["keys"]):
+                self.where[bytes.fromhex(k)] = (name, p)
+            self.dirty = True
+
+    def save_index(self) -> None:
+        if not self.dirty:
+            return
+        shards = sorted({v[0] for v in self.where.values()})
+        sid = {s: i for i, s in enumerate(shards)}
+        n = len(self.where)
+        keys = np.frombuffer(b"".join(self.where), np.uint8).reshape(n, 32)
+        loc = np.array([(sid[s], p) for s, p in self.where.values()], np.int64).reshape(n, 2)
+        payload = keys.tobytes() + loc[:, 0].tobytes() + loc[:, 1].tobytes()
+        data, _ = _container({"kind": "index", "transformer_key": self.key, "shards": shards,
+                              "n": n}, payload)
+        _write_atomic(self.index_path, data)
+        self.dirty = False
+
+    # shards --------------------------------------------------------------------------------
+    def _check_meta(self, meta: dict) -> None:
+        if meta.get("kind") != "shard" or meta.get("transformer_key") != self.key:
+            raise _Corrupt("not a shard of this transformer key")
+        n = len(meta["keys"])
+        if len(meta["offsets"]) != n + 1:
+            raise _Corrupt("offsets do not match the structures")
+
+    def load(self, name: str) -> tuple[list[bytes], FeatureBlocks] | None:
+        """Verified keys and blocks of shard ``name``; ``None`` (warned, deleted) when bad."""
+        path = self.dir / name
+        try:
+            meta, payload = _read_container(path)
+            self._check_meta(meta)
+            n_rows, n_cols = meta["shape"]
+            dtype = np.dtype(meta["dtype"])
+            if n_rows * n_cols * dtype.itemsize != len(payload):
+                raise _Corrupt("rows do not match the payload")
+            rows = np.frombuffer(payload, dtype).reshape(n_rows, n_cols)
+            blocks = FeatureBlocks(rows, np.asarray(meta["offsets"], np.int64), kind=meta["blocks"])
+        except (_Corrupt, ValueError, KeyError, TypeError) as err:
+            self._drop(path, err)
+            return None
+        return [bytes.fromhex(k) for k in meta["keys"]], blocks
+
+    def write(self, keys: list[bytes], blocks: FeatureBlocks) -> str:
+        rows = np.ascontiguousarray(blocks.rows)
+        meta = {"kind": "shard", "transformer_key": self.key, "keys": [k.hex() for k in keys],
+                "offsets": blocks.offsets.tolist(), "blocks": blocks.kind,
+                "shape": list(rows.shape), "dtype": rows.dtype.str}
+        data, digest = _container(meta, rows.tobytes())
+        name = f"{digest[:32]}.shard"
+        _write_atomic(self.dir / name, data)
+        for p, k in enumerate(keys):
+            self.where[k] = (name, p)
+        self.dirty = True
+        return name
+
+    def _drop(self, path: Path, err) -> None:
+        self._warn(path, err, "deleting it; its structures are recomputed")
+        path.unlink(missing_ok=True)
+        self.where = {k: v for k, v in self.where.items() if v[0] != path.name}
+        self.dirty = True
+
+    @staticmethod
+    def _warn(path: Path, err, action: str) -> None:
+        warnings.warn(f"feature cache file {str(path)!r} is damaged ({err}); {action}.",
+                      CorruptCacheWarning, stacklevel=4)
+
+
+def _as_blocks(out, n: int) -> FeatureBlocks:
+    if not isinstance(out, FeatureBlocks):
+        out = FeatureBlocks.from_array(np.asarray(out))
+    if len(out) != n:
+        raise ValueError(f"the transformer returned {len(out)} blocks for {n} structures.")
+    return out
+
+
+def transform_cached(transformer, structures, directory, *, shard_size=8,
+                     flush_seconds=30.0) -> FeatureBlocks:
+    """``transformer.transform(structures)``, cached per structure and resumable.
+
+    Each structure's block is looked up under (:func:`transformer_key`, :func:`structure_key`);
+    only the structures without a verified entry are transformed, a few at a time, and each such
+    chunk is written as a shard as soon as it is done. A different model (weights included),
+    setting or structure therefore misses and is recomputed, a subset of the structures (a pool
+    shrinking over active-learning rounds) hits, and an interruption loses at most one chunk.
+
+    Parameters
+    ----------
+    transformer : fitted transformer returning FeatureBlocks (or a 2-D array)
+        The rows of one structure must not depend on the other structures passed with it (true
+        of :class:`~skntk.transformers.ForceNTKTransformer` and
+        :class:`~skntk.transformers.EmbeddingTransformer`).
+    structures : list of ase.Atoms of length n_structures, iterator or path
+    directory : str or os.PathLike
+        Cache directory (created if missing); may hold entries of several transformer keys.
+    shard_size : int, default=8
+        At most this many structures per ``transform`` call and shard.
+    flush_seconds : float, default=30.0
+        Target work per shard: after timing the first chunks (1, 2, 4, ... structures), a chunk
+        holds about as many structures as this many seconds of work (at least one).
+
+    Returns
+    -------
+    blocks : FeatureBlocks of length n_structures, in input order
+
+    Warns
+    -----
+    CorruptCacheWarning
+        A shard or index that fails to load or verify (named by path); it is deleted or rebuilt
+        and its structures recomputed.
+    """
+    from skntk.atoms import as_atoms_list
+
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be >= 1; got {shard_size}.")
+    if not float(flush_seconds) > 0:
+        raise ValueError(f"flush_seconds must be > 0; got {flush_seconds}.")
+    structures = as_atoms_list(structures, name="structures")
+    if not structures:
+        raise ValueError("transform_cached needs at least one structure.")
+    if hasattr(transformer, "get_params"):
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(transformer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    structures = list(structures)
-    key = _fingerprint(transformer, structures)
-    manifest = directory / "manifest.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text())
-        if old.get("fingerprint") != key:
-            raise ValueError(
-                f"feature cache {str(directory)!r} was made for other structures or transformer "
-                "parameters; use another directory or delete it."
-            )
-    else:
-        manifest.write_text(json.dumps({"fingerprint": key, "n_structures": len(structures),
-                                        "shard_size": shard_size}))
-    parts = []
-    for start in range(0, len(structures), shard_size):
-        stop = min(start + shard_size, len(structures))
-        path = directory / f"shard-{start:09d}-{stop:09d}.npz"
-        if path.exists():
-            logger.info("loading cached shard %s", path.name)
-            parts.append(_load(path))
-            continue
-        blocks = transformer.transform(structures[start:stop])
-        if not isinstance(blocks, FeatureBlocks):
-            blocks = FeatureBlocks.from_array(np.asarray(blocks))
-        _save_atomic(path, blocks)
-        parts.append(blocks)
-    if not parts:
-        raise ValueError("transform_cached needs at least one structure.")
-    return FeatureBlocks.concatenate(parts)
+    for old in ("manifest.json", "shard-000000000-*.npz"):
+        if next(directory.glob(old), None) is not None:
+            logger.warning("feature cache %s holds files of an older cache format (%s); they are "
+                           "no longer read and may be deleted.", directory, old)
+            break
+    description = _transformer_description(transformer)
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    skeys = [structure_key(a) for a in structures]
+    store = _Store(directory, key)
+    store.open(description)
+
+    found: dict[bytes, np.ndarray] = {}
+    kind = n_features = None
+
+    def take(entries, blocks):
+        nonlocal kind, n_features
+        if kind is None:
+            kind, n_features = blocks.kind, blocks.n_features
+        elif (blocks.kind, blocks.n_features) != (kind, n_features):
+            raise ValueError(f"cached blocks of kind={blocks.kind!r}, n_features="
+                             f"{blocks.n_features} next to kind={kind!r}, n_features={n_features}; "
+                             f"the transformer's rows depend on something its key misses.")
+        for p, k in entries:
+            found[k] = blocks.block(p)
+
+    try:
+        wanted = dict.fromkeys(skeys)  # unique, in input order
+        by_shard = dict.fromkeys(store.where[k][0] for k in wanted if k in store.where)
+        for name in by_shard:  # the index only routes: what is used comes from verified shards
+            loaded = store.load(name)
+            if loaded is not None:
+                keys, blocks = loaded
+                take([(p, k) for p, k in enumerate(keys) if k in wanted and k not in found], blocks)
+        todo, seen = [], set()  # first occurrence of every structure still missing
+        for i, k in enumerate(skeys):
+            if k not in found and k not in seen:
+                seen.add(k)
+                todo.append(i)
+        n_hit = len(wanted) - len(todo)
+        logger.info("feature cache %s: %d of %d structures cached, %d to compute", store.dir,
+                    n_hit, len(wanted), len(todo))
+        chunk, start = 1, 0
+        while start < len(todo):
+            idx = todo[start:start + chunk]
+            t0 = time.perf_counter()
+            blocks = _as_blocks(transformer.transform([structures[i] for i in idx]), len(idx))
+            elapsed = time.perf_counter() - t0
+            keys = [skeys[i] for i in idx]
+            store.write(keys, blocks)
+            take(list(enumerate(keys)), blocks)
+            start += len(idx)
+            per = elapsed / len(idx)
+            fit = math.floor(flush_seconds / per) if per > 0 else shard_size
+            chunk = int(max(1, min(shard_size, 2 * len(idx), fit)))
+    finally:
+        try:
+            store.save_index()
+        except OSError as err:  # the shards are safe; the next run rebuilds the index
+            logger.warning("could not write the feature cache index %s: %s", store.index_path, err)
+    parts = [found[k] for k in skeys]
+    m = np.fromiter((len(b) for b in parts), np.int64, len(parts))
+    return FeatureBlocks(np.concatenate(parts), np.concatenate([[0], np.cumsum(m)]), kind=kind)

@@ -199,7 +199,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
     ...     a = bulk("Cu", cubic=True)
     ...     a.rattle(0.05, seed=k)
     ...     a.calc = EMT()
-    ...     a.get_forces()
+    ...     _ = a.get_forces()
     ...     frames.append(a)
     >>> reg = MLIPRegressor(BuiltinMLIP([29], n_hidden=8, n_blocks=1), epochs=2,
     ...                     random_state=0).fit(frames)

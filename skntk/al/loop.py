@@ -293,8 +293,12 @@ class ActiveLearningLoop(BaseEstimator):
         labelled, pool, tests = self._validate(labelled, pool)
         config = self._config(labelled, pool, tests)
         ckpt, state = self._open_checkpoint(config)
-        seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_rounds + 2)
-        selector = _seed_all(clone(self.selector), int(seeds[-1]))
+        # round k fine-tunes with seeds[k] and the selector has a seed of its own; none depends on
+        # n_rounds (generate_state is prefix-stable), so a run grown to more rounds repeats the
+        # rounds of the shorter one
+        root = np.random.SeedSequence(self.random_state)
+        seeds = root.generate_state(self.n_rounds + 1)
+        selector = _seed_all(clone(self.selector), int(root.spawn(1)[0].generate_state(1)[0]))
         featurizer, tail = _split_featurizer(selector)
 
         history, selected, failed = [], [], {}
