@@ -37,7 +37,18 @@ from ase.neighborlist import primitive_neighbor_list
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AtomsBatch", "as_atoms_list", "validate_structures", "neighbor_pairs", "collate"]
+__all__ = ["AtomsBatch", "as_atoms_list", "validate_structures", "neighbor_pairs", "collate",
+           "MIN_DISTANCE", "MAX_ATOMIC_NUMBER"]
+
+#: Closest two atoms may be, in Å (periodic images included), for :func:`validate_structures`.
+#: Real interatomic distances are above ~0.5 Å (H2: 0.74 Å); atoms closer than this are a
+#: duplicated atom or a broken frame, and make the pair vector (nearly) zero, where radial bases
+#: and spherical harmonics give NaN/inf — and in a batched graph a NaN reaches the rows of every
+#: structure sharing the graph.
+MIN_DISTANCE = 0.1
+
+#: Largest atomic number accepted (oganesson); atomic numbers must be 1..MAX_ATOMIC_NUMBER.
+MAX_ATOMIC_NUMBER = 118
 
 
 def as_atoms_list(X, *, name: str = "X") -> list[Atoms]:
@@ -109,8 +120,10 @@ def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[At
     ------
     ValueError
         Naming the structure index and formula: an empty list, a structure without atoms,
-        non-finite positions or cell, elements outside ``species``, a periodic direction whose cell
-        vectors are linearly dependent (singular cell).
+        atomic numbers outside 1..:data:`MAX_ATOMIC_NUMBER` (naming the atom), non-finite
+        positions or cell, elements outside ``species``, a periodic direction whose cell vectors
+        are linearly dependent (singular cell), two atoms (or an atom and a periodic image)
+        closer than :data:`MIN_DISTANCE` Å (naming the pair and the distance).
 
     Examples
     --------
@@ -125,6 +138,12 @@ def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[At
     for i, a in enumerate(atoms_list):
         if len(a) == 0:
             raise ValueError(f"{name}[{i}] is an empty structure (no atoms).")
+        numbers = np.asarray(a.numbers)
+        invalid = (numbers < 1) | (numbers > MAX_ATOMIC_NUMBER)
+        if invalid.any():
+            k = int(np.flatnonzero(invalid)[0])
+            raise ValueError(f"{name}[{i}] has atomic number Z={int(numbers[k])} at atom {k}; "
+                             f"atomic numbers must be 1..{MAX_ATOMIC_NUMBER}.")
         pos = a.positions
         if not np.all(np.isfinite(pos)):
             bad = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])
@@ -156,7 +175,28 @@ def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[At
                     f"{cell.round(6).tolist()}: the periodic cell vectors are zero or linearly "
                     f"dependent."
                 )
+        _check_min_distance(a, i, name)
     return atoms_list
+
+
+def _check_min_distance(atoms: Atoms, i: int, name: str) -> None:
+    """Refuse two atoms (or an atom and a periodic image) closer than :data:`MIN_DISTANCE`."""
+    if len(atoms) < 2 and not np.any(atoms.pbc):
+        return
+    pos = np.asarray(atoms.positions, dtype=np.float64)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    a_idx, b_idx, S = neighbor_pairs(pos, cell, atoms.pbc, MIN_DISTANCE)
+    if len(a_idx) == 0:
+        return
+    d = np.linalg.norm(pos[b_idx] - pos[a_idx] + S @ cell, axis=1)
+    k = int(np.lexsort((b_idx, a_idx))[0])
+    p, q, dist = int(a_idx[k]), int(b_idx[k]), float(d[k])
+    where = (f"atom {p} is {dist:.3g} Å from its own periodic image" if p == q else
+             f"atoms {min(p, q)} and {max(p, q)} are {dist:.3g} Å apart"
+             + (" (across a periodic boundary)" if np.any(S[k]) else ""))
+    raise ValueError(f"{_label(atoms, i, name)}: {where}, closer than "
+                     f"skntk.atoms.MIN_DISTANCE = {MIN_DISTANCE} Å; overlapping atoms give "
+                     f"NaN/inf model outputs (remove the duplicated atom).")
 
 
 def neighbor_pairs(positions, cell, pbc, cutoff: float):

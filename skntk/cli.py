@@ -6,15 +6,45 @@ Only this module writes to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 logger = logging.getLogger("skntk")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+#: Errors that mean bad input: one line on stderr and exit code 2 (``-v`` shows the traceback).
+_INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, OSError,
+                 MemoryError)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -24,17 +54,17 @@ def _build_parser() -> argparse.ArgumentParser:
     def selection_args(p, demo):
         p.add_argument("--model", default="sevennet-0",
                        help="sevennet-0, chgnet-0.3.0, a MACE .model file or a built-in model file")
-        p.add_argument("-n", "--n-to-select", type=int, default=10, help="batch size B")
+        p.add_argument("-n", "--n-to-select", type=_positive_int, default=10, help="batch size B")
         p.add_argument("--kind", default="joint", choices=["energy", "force", "joint"])
         p.add_argument("--parameters", default=None,
                        help="parameter subset (readout, last_block, all); default: the backend's "
                             "default_subset (SevenNet-0: last_block)")
-        p.add_argument("--n-features", type=int, default=256, help="sketch dimension d")
+        p.add_argument("--n-features", type=_positive_int, default=256, help="sketch dimension d")
         p.add_argument("--force-rows", default="probes", choices=["exact", "probes", "auto"])
-        p.add_argument("--n-probes", type=int, default=4)
-        p.add_argument("--shortlist", type=int, default=None,
+        p.add_argument("--n-probes", type=_positive_int, default=4)
+        p.add_argument("--shortlist", type=_positive_int, default=None,
                        help="PV shortlist size M before LCMD (default: max(5 B, 50))")
-        p.add_argument("--sigma2", type=float, default=1e-3,
+        p.add_argument("--sigma2", type=_positive_float, default=1e-3,
                        help="noise variance (normalised units)")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0,
@@ -42,10 +72,11 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cache", default=None,
                        help="directory for resumable pool features (rerun resumes there)")
         p.add_argument("--no-plot", action="store_true")
-        p.add_argument("-v", "--verbose", action="store_true")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="log progress and show tracebacks of errors")
         if demo:
             p.add_argument("--out", default="demo_out", help="output directory")
-            p.add_argument("--max-pool", type=int, default=None,
+            p.add_argument("--max-pool", type=_positive_int, default=None,
                            help="use at most this many pool frames (faster trial runs)")
         else:
             p.add_argument("--train", required=True, help="labelled structures (any ASE format)")
@@ -82,8 +113,23 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     result : dict
         ``selected`` (indices into pool, in order), ``pv`` (n_pool,) scores, ``shortlist``
         indices, ``features`` (pool FeatureBlocks), ``timings`` (seconds per stage).
+
+    Raises
+    ------
+    ValueError
+        Before any featurisation: a model file that cannot be loaded, a bad structure (named as
+        ``train[i]`` / ``pool[i]``), ``n_to_select`` above the distinct pool structures,
+        ``shortlist < n_to_select``, a structure whose force rows would not fit in memory
+        (:class:`~skntk.transformers.InsufficientMemoryError`).
+
+    Notes
+    -----
+    Repeated pool structures (:func:`skntk.io.unique_structures`) are featurised and considered
+    once (a ``UserWarning`` counts them); indices and scores refer to the pool as given.
     """
+    from skntk.atoms import validate_structures
     from skntk.cache import transform_cached
+    from skntk.io import unique_structures
     from skntk.models import load
     from skntk.selection.lcmd import LCMDSelector
     from skntk.selection.pv import ChunkedPosteriorVarianceSelector
@@ -91,22 +137,40 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
 
     timings = {}
     t = time.perf_counter()
-    handle = load(model, device=device) if not hasattr(model, "energy_and_forces") else model
+    handle = _load_model(load, model, device)
     timings["load model"] = time.perf_counter() - t
+    # everything that can be refused is refused before the first structure is featurised
+    train = validate_structures(train, species=handle.species, name="train")
+    pool = validate_structures(pool, species=handle.species, name="pool")
+    first, inverse = unique_structures(pool)
+    n_dup = len(pool) - len(first)
+    if n_dup:
+        warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, cell, "
+                      f"pbc); each is a candidate once.", UserWarning, stacklevel=2)
+    if n_to_select > len(first):
+        raise ValueError(f"n_to_select={n_to_select} exceeds the {len(first)} distinct pool "
+                         f"structures ({n_dup} of the {len(pool)} are duplicates).")
+    if shortlist is not None and shortlist < n_to_select:
+        raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
+                         f"LCMD picks the batch from the shortlist.")
+    pool = [pool[i] for i in first]
 
     if parameters is None:  # the subset each backend chose by measurement (docs/backends.md)
         parameters = "default"
     ntk = ForceNTKTransformer(handle, kind=kind, parameters=parameters, n_features=n_features,
                               force_rows=force_rows, n_probes=n_probes, device=device,
                               random_state=seed, progress_bar=progress_bar)
+    ntk.fit(train)
+    ntk.check_memory(train, validate=False)
+    ntk.check_memory(pool, validate=False)
     t = time.perf_counter()
-    G_train = ntk.fit(train).transform(train)
+    G_train = ntk.transform(train)
     timings["features: train"] = time.perf_counter() - t
     t = time.perf_counter()
     G_pool = (transform_cached(ntk, pool, cache) if cache else ntk.transform(pool))
     timings["features: pool"] = time.perf_counter() - t
 
-    M = shortlist or max(5 * n_to_select, 50)
+    M = shortlist if shortlist is not None else max(5 * n_to_select, 50)
     M = min(M, len(pool))
     t = time.perf_counter()
     pv = ChunkedPosteriorVarianceSelector(sigma2=sigma2, shortlist_size=M)
@@ -120,8 +184,29 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     lcmd = LCMDSelector(n_to_select=n_to_select, random_state=seed).fit(Psi_train)
     selected = lcmd.select(Psi_pool)
     timings["LCMD"] = time.perf_counter() - t
-    return {"selected": np.asarray(selected), "pv": np.asarray(scores),
-            "shortlist": np.asarray(Psi_pool.shortlist), "features": G_pool, "timings": timings}
+    # indices into the pool as given (duplicates share their first copy's scores and rows)
+    selected, short = first[np.asarray(selected)], first[np.asarray(Psi_pool.shortlist)]
+    scores = np.asarray(scores)[inverse]
+    if n_dup:
+        G_pool = G_pool[inverse]
+    return {"selected": selected, "pv": scores, "shortlist": short, "features": G_pool,
+            "timings": timings}
+
+
+def _load_model(load, model, device):
+    """The handle of ``model``; an unreadable model file is a ValueError naming it."""
+    if hasattr(model, "energy_and_forces"):
+        return model
+    try:
+        return load(model, device=device)
+    except (ValueError, ImportError, FileNotFoundError):
+        raise
+    except Exception as err:  # e.g. a pickle error from a file that is not a model
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        if len(first_line) > 120 and ". " in first_line:  # its first sentence
+            first_line = first_line[:first_line.index(". ") + 1]
+        raise ValueError(f"model {str(model)!r} could not be loaded as a model file "
+                         f"({type(err).__name__}: {first_line}).") from err
 
 
 def _describe(atoms) -> str:
@@ -147,8 +232,14 @@ def _plot(path, result):
     Z = Z - Z.mean(0)
     U, S, _ = np.linalg.svd(Z, full_matrices=False)
     xy = U[:, :2] * S[:2]
+    if xy.shape[1] < 2:  # fewer than two structures or feature directions: pad with zeros
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    bins = np.logspace(np.log10(max(pv.min(), 1e-12)), np.log10(pv.max()), 30)
+    lo = max(float(pv.min()), 1e-12)
+    hi = max(float(pv.max()), lo)
+    if hi <= lo * (1 + 1e-9):  # one structure, or all alike: a decade around the value
+        lo, hi = lo / 10, hi * 10
+    bins = np.logspace(np.log10(lo), np.log10(hi), 30)
     a.hist(pv, bins=bins, color="0.75", label=f"pool (n={len(pv)})")
     a.hist(pv[shortlist], bins=bins, histtype="step", lw=2, color="C1",
            label=f"shortlist (M={len(shortlist)})")
@@ -196,50 +287,123 @@ def _write_selected(path, pool, result):
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit code (2 for bad input: one ``error: ...`` line on stderr,
+    a traceback only with ``-v``)."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from skntk.io import example_path, read_structures, split_by
-
     if args.command == "learn":
         return _learn(args)
+    try:
+        return _select(args)
+    except _INPUT_ERRORS as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _read(path, option):
+    """Structures of the file given to ``option``; errors name the option, file and frame."""
+    from skntk.io import read_structures
+
+    try:
+        frames = read_structures(path)
+    except (ValueError, OSError) as err:
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else (
+            OSError if isinstance(err, OSError) else ValueError)
+        raise kind(f"{option}: {err}") from err
+    if not frames:
+        raise ValueError(f"{option}: {path} holds no structures.")
+    return frames
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done."""
+    parent = path.parent
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a directory; give a file name.")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: directory {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{option} {path}: directory {parent} is not writable.")
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """skntk's own UserWarnings (e.g. duplicate pool structures) as ``warning: ...`` lines on
+    stderr; every other warning passes through unchanged."""
+    package = str(Path(__file__).resolve().parent)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning) and str(w.filename).startswith(package):
+                    print(f"warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _select(args) -> int:
+    """``skntk select`` and ``skntk demo``: check outputs, read inputs, select, write."""
+    from skntk.io import example_path, read_structures, split_by
+
+    if args.cache is not None and Path(args.cache).exists() and not Path(args.cache).is_dir():
+        raise NotADirectoryError(f"--cache {args.cache} exists and is not a directory.")
     if args.command == "demo":
         out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"--out {out_dir} exists and is not a directory.")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"--out {out_dir}: cannot create the directory ({err}).") from err
+        out_path, plot_path = out_dir / "selected.extxyz", out_dir / "selection.png"
+        _check_output_file(out_path, "--out")
         frames = read_structures(example_path())
         sids = sorted({a.info["sid"] for a in frames})
         train_idx, pool_idx = split_by(frames, "sid", sids[:2])
         train = [frames[i] for i in train_idx]
         pool = [frames[i] for i in pool_idx][: args.max_pool]
-        out_path, plot_path = out_dir / "selected.extxyz", out_dir / "selection.png"
         print(f"skntk demo: {args.model} {args.kind} NTK, train = {len(train)} frames of "
               f"{sids[:2]}, pool = {len(pool)} frames of {len(sids) - 2} other OC20 relaxations")
     else:
-        train, pool = read_structures(args.train), read_structures(args.pool)
         out_path = Path(args.output)
+        _check_output_file(out_path, "-o/--output")
         plot_path = out_path.with_suffix(".png")
+        train, pool = _read(args.train, "--train"), _read(args.pool, "--pool")
     if args.no_plot:
         plot_path = None
     if args.n_to_select > len(pool):
-        print(f"error: -n {args.n_to_select} exceeds the {len(pool)} pool structures",
-              file=sys.stderr)
-        return 2
-    result = run_selection(
-        args.model, train, pool, n_to_select=args.n_to_select, kind=args.kind,
-        parameters=args.parameters, n_features=args.n_features, force_rows=args.force_rows,
-        n_probes=args.n_probes, shortlist=args.shortlist, sigma2=args.sigma2,
-        device=args.device, seed=args.seed, cache=args.cache, progress_bar=sys.stderr.isatty())
+        raise ValueError(f"-n {args.n_to_select} exceeds the {len(pool)} pool structures")
+    if args.shortlist is not None and args.shortlist < args.n_to_select:
+        raise ValueError(f"--shortlist {args.shortlist} is smaller than -n {args.n_to_select}: "
+                         f"the batch is picked from the shortlist.")
+    with _one_line_warnings():
+        result = run_selection(
+            args.model, train, pool, n_to_select=args.n_to_select, kind=args.kind,
+            parameters=args.parameters, n_features=args.n_features, force_rows=args.force_rows,
+            n_probes=args.n_probes, shortlist=args.shortlist, sigma2=args.sigma2,
+            device=args.device, seed=args.seed, cache=args.cache,
+            progress_bar=sys.stderr.isatty())
     _write_selected(out_path, pool, result)
+    summary = {k: v for k, v in result.items() if k in ("timings",)}
+    summary["selected"] = result["selected"].tolist()
+    (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(summary, indent=1))
     if plot_path:
         try:
             _plot(plot_path, result)
         except ImportError:
             logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
             plot_path = None
+        except Exception as err:  # the plot is a by-product: never lose the selection over it
+            if args.verbose:
+                raise
+            print(f"warning: no plot ({type(err).__name__}: {err})", file=sys.stderr)
+            plot_path = None
     print(_report(result, pool, out_path, plot_path))
-    summary = {k: v for k, v in result.items() if k in ("timings",)}
-    summary["selected"] = result["selected"].tolist()
-    (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(summary, indent=1))
     return 0
 
 

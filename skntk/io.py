@@ -45,6 +45,8 @@ def iter_structures(source, index=":") -> Iterator[Atoms]:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no structure file at {str(path)!r}.")
+        if path.is_dir():
+            raise IsADirectoryError(f"{str(path)!r} is a directory, not a structure file.")
         if path.suffix == ".db":
             import ase.db
 
@@ -54,8 +56,19 @@ def iter_structures(source, index=":") -> Iterator[Atoms]:
             return
         import ase.io
 
-        yield from ase.io.iread(path, index=index)
-        return
+        k = 0
+        frames = ase.io.iread(path, index=index)
+        while True:
+            try:
+                atoms = next(frames)
+            except StopIteration:
+                return
+            except MemoryError:
+                raise
+            except Exception as err:  # a truncated or malformed file: name the file and frame
+                raise ValueError(f"{path}: frame {k}: {type(err).__name__}: {err}") from err
+            yield atoms
+            k += 1
     if not isinstance(source, Iterable):
         raise TypeError(
             "expected ase.Atoms, an iterable of ase.Atoms or a path to a structure file; "
@@ -65,6 +78,63 @@ def iter_structures(source, index=":") -> Iterator[Atoms]:
         if not isinstance(atoms, Atoms):
             raise TypeError(f"structure {i} is a {type(atoms).__name__}, not an ase.Atoms.")
         yield atoms
+
+
+def structure_hash(atoms: Atoms) -> str:
+    """Content hash of a structure: atomic numbers, positions, cell and pbc (nothing else).
+
+    Two structures with the same hash are the same physical structure to every featuriser
+    (labels, ``info`` and calculators are ignored); ``-0.0`` and ``0.0`` hash alike.
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> a = molecule("H2O")
+    >>> b = a.copy()
+    >>> b.info["tag"] = "copy"
+    >>> structure_hash(a) == structure_hash(b), structure_hash(a) == structure_hash(molecule("CH4"))
+    (True, False)
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(atoms.numbers, dtype=np.int64).tobytes())
+    h.update((np.ascontiguousarray(atoms.positions, dtype=np.float64) + 0.0).tobytes())
+    h.update((np.ascontiguousarray(atoms.cell.array, dtype=np.float64) + 0.0).tobytes())
+    h.update(np.ascontiguousarray(atoms.pbc, dtype=bool).tobytes())
+    return h.hexdigest()
+
+
+def unique_structures(structures) -> tuple[np.ndarray, np.ndarray]:
+    """First occurrences of distinct structures (by :func:`structure_hash`).
+
+    Parameters
+    ----------
+    structures : sequence of ase.Atoms of length n_structures
+
+    Returns
+    -------
+    first : ndarray of int64 of shape (n_unique,)
+        Increasing indices of the first copy of every distinct structure.
+    inverse : ndarray of int64 of shape (n_structures,)
+        ``structures[k]`` is a copy of ``structures[first[inverse[k]]]``.
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> first, inverse = unique_structures([molecule("H2O"), molecule("CH4"), molecule("H2O")])
+    >>> first.tolist(), inverse.tolist()
+    ([0, 1], [0, 1, 0])
+    """
+    seen: dict[str, int] = {}
+    first, inverse = [], []
+    for k, atoms in enumerate(structures):
+        key = structure_hash(atoms)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(k)
+        inverse.append(seen[key])
+    return np.asarray(first, dtype=np.int64), np.asarray(inverse, dtype=np.int64)
 
 
 def read_structures(source, index=":") -> list[Atoms]:

@@ -9,6 +9,8 @@ the upstream (non-selector) steps so that ``GridSearchCV`` can compare settings 
 
 from __future__ import annotations
 
+import os
+import warnings
 from numbers import Integral
 
 import numpy as np
@@ -46,6 +48,23 @@ def _reiterable(X):
         return iter(X) is not X
     except TypeError:
         return True
+
+
+def _deduplicate(X):
+    """``(X, first)``: a list of ``ase.Atoms`` without repeated structures and the pool indices
+    of the structures kept (``None`` when ``X`` is not Atoms or has no duplicates)."""
+    if not _is_atoms_input(X) or isinstance(X, Atoms):
+        return X, None
+    from skntk.io import unique_structures
+
+    X = list(X)
+    first, _ = unique_structures(X)
+    n_dup = len(X) - len(first)
+    if n_dup == 0:
+        return X, None
+    warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, cell, pbc); "
+                  f"each is a candidate once.", UserWarning, stacklevel=3)
+    return [X[i] for i in first], first
 
 
 def _atoms_labels(atoms, y):
@@ -148,9 +167,26 @@ class SelectionPipeline(Pipeline):
         -------
         selected_idx : ndarray of int of shape (n_to_select,)
             Indices into ``X`` in selection order.
+
+        Notes
+        -----
+        A pool of ``ase.Atoms`` is deduplicated first (:func:`skntk.io.unique_structures`: same
+        atomic numbers, positions, cell and pbc): only the first copy of a structure is a
+        candidate, a ``UserWarning`` says how many copies were set aside, and the indices
+        returned point into the original ``X``. A batch never holds two copies of one structure.
         """
+        self._pool_index = None
+        if isinstance(X, (str, os.PathLike)) and self._model_step() is not None:
+            from skntk.atoms import as_atoms_list
+
+            X = as_atoms_list(X)  # a structure file: read once, deduplicated below
+        X, first = _deduplicate(X)
         _, Xt = self._transform_for_final(X)
-        return self._final_estimator.select(Xt, n_to_select)
+        idx = self._final_estimator.select(Xt, n_to_select)
+        if first is not None:
+            self._pool_index = first
+            idx = first[idx]
+        return idx
 
     def _upstream_steps(self):
         """The fitted steps before the first selector."""
@@ -178,8 +214,11 @@ class SelectionPipeline(Pipeline):
 
     @property
     def selected_idx_(self):
-        """Indices picked by the last :meth:`select` (the final step's ``selected_idx_``)."""
-        return self._final_estimator.selected_idx_
+        """Indices into the pool picked by the last :meth:`select` (the final step's
+        ``selected_idx_``, mapped back to the pool when duplicates were set aside)."""
+        idx = self._final_estimator.selected_idx_
+        first = getattr(self, "_pool_index", None)
+        return idx if first is None else first[idx]
 
     @available_if(_final_estimator_has("select"))
     def score(self, X, y=None, **params):
@@ -233,6 +272,7 @@ class SelectionPipeline(Pipeline):
             train = (lab or []) + [X[i] for i in idx]
             return float(self.scoring(train, [X[i] for i in rest]))
         upstream, Xt = self._transform_for_final(X)
+        self._pool_index = None
         idx = self._final_estimator.select(Xt)
         if atoms_in:
             return self._linearised_score(X, as_blocks(upstream), y, idx)

@@ -23,13 +23,59 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from skntk import ntk
-from skntk.atoms import as_atoms_list, validate_structures
+from skntk.atoms import as_atoms_list, neighbor_pairs, validate_structures
 from skntk.blocks import FeatureBlocks
 from skntk.models.base import MLIP, module_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ForceNTKTransformer", "EmbeddingTransformer"]
+__all__ = ["ForceNTKTransformer", "EmbeddingTransformer", "InsufficientMemoryError",
+           "FORCE_ROW_BYTES_PER_EDGE", "DEFAULT_FORCE_ROW_BYTES_PER_EDGE"]
+
+#: Peak memory of force (or joint) NTK rows of one structure, in bytes per edge (directed
+#: neighbour pair within the model's cutoff), by backend class: one double-backward graph is
+#: alive at a time, and it grows with the edges. Measured on the CPU:
+#:
+#: - ``SevenNetMLIP`` (SevenNet-0, float32): 500-atom Cu cell 6.2 GB, about 12 MB per atom at ~42
+#:   edges per atom (fcc Cu, 5 Å cutoff) → ~3.0e5 bytes per edge; a 2,048-atom cell needs ~26 GB;
+#: - ``BuiltinMLIP`` (n_hidden=64, n_blocks=2, float64, peak RSS growth on 108- and 500-atom Cu
+#:   cells): 1.4–2.0e4 bytes per edge → 2.5e4.
+#:
+#: Backends not listed (CHGNet, MACE, your own) use :data:`DEFAULT_FORCE_ROW_BYTES_PER_EDGE`
+#: (SevenNet-0's value; not measured for them). ``SKNTK_SKIP_MEMORY_CHECK=1`` skips the check.
+FORCE_ROW_BYTES_PER_EDGE = {"SevenNetMLIP": 3.0e5, "BuiltinMLIP": 2.5e4}
+DEFAULT_FORCE_ROW_BYTES_PER_EDGE = 3.0e5
+
+
+class InsufficientMemoryError(ValueError, MemoryError):
+    """A structure's force rows would need more memory than is available (raised before any
+    featurisation); a ``ValueError`` and a ``MemoryError``."""
+
+
+def _available_memory(device) -> float | None:
+    """Bytes available for a new allocation on ``device``: free CUDA memory, or ``MemAvailable``
+    of ``/proc/meminfo`` on Linux; ``None`` when unknown (the check is then skipped)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return float(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # pragma: no cover - driver-specific
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -303,6 +349,14 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             Float64 rows of shape (n_rows, n_features_out_); blocks of 1 (energy), 3N (force),
             1 + 3N (joint) rows, or ``n_probes`` / ``1 + n_probes`` rows with probes
             (``kind="plain"`` then, as the rows have no per-atom layout).
+
+        Raises
+        ------
+        ValueError
+            Before any featurisation: a bad structure (:func:`skntk.atoms.validate_structures`),
+            or one whose force/joint rows would not fit in memory
+            (:class:`InsufficientMemoryError`, see :meth:`check_memory`). During it: a structure
+            whose rows are non-finite, named by its index in ``X`` and its formula.
         """
         check_is_fitted(self, "sketch_")
         model = self.model_
@@ -312,6 +366,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         if names != self.parameter_names_:
             raise ValueError("the model's parameter subset changed since fit; refit the "
                              "transformer.")
+        self.check_memory(X, validate=False)
         per_structure = self.kind != "energy" and self.force_rows_ in ("exact", "probes")
         groups = _groups(X, self.batch_size, _SMALL_GRAPH_ATOMS if per_structure else None)
         blocks = []
@@ -327,7 +382,93 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         offsets = np.concatenate([[0], np.cumsum(m)])
         return FeatureBlocks(rows, offsets, kind=self._rows_kind())
 
+    def estimate_memory(self, X, *, validate=True) -> np.ndarray:
+        """Estimated peak bytes of featurising each structure of ``X`` on its own.
+
+        Force and joint rows: :data:`FORCE_ROW_BYTES_PER_EDGE` of the model's backend class times
+        the structure's edges (neighbour pairs within ``model_.cutoff``, counted with ASE's
+        neighbour list). Energy rows: 0 (one single backward; not estimated).
+
+        Returns
+        -------
+        n_bytes : ndarray of shape (n_structures,)
+        """
+        check_is_fitted(self, "sketch_")
+        X = (validate_structures(as_atoms_list(X), species=self.model_.species) if validate
+             else as_atoms_list(X))
+        if self.kind == "energy":
+            return np.zeros(len(X))
+        per_edge = FORCE_ROW_BYTES_PER_EDGE.get(type(self.model_).__name__,
+                                                DEFAULT_FORCE_ROW_BYTES_PER_EDGE)
+        return per_edge * self._edge_counts(X)
+
+    def _edge_counts(self, X) -> np.ndarray:
+        cutoff = float(self.model_.cutoff)
+        return np.array([len(neighbor_pairs(a.positions, a.cell.array, a.pbc, cutoff)[0])
+                         for a in X], dtype=np.float64)
+
+    def check_memory(self, X, *, validate=True) -> None:
+        """Refuse ``X`` before any featurisation when one structure's force rows would not fit.
+
+        Compares :meth:`estimate_memory` of every structure with the memory available on
+        ``device_`` (free CUDA memory, or ``MemAvailable`` from ``/proc/meminfo``; skipped where
+        neither is known, for ``kind="energy"``, and when the environment variable
+        ``SKNTK_SKIP_MEMORY_CHECK=1`` is set).
+
+        Raises
+        ------
+        InsufficientMemoryError
+            A ``ValueError`` naming the structure, its atom and edge counts, the estimate and
+            the available memory.
+        """
+        if self.kind == "energy" or os.environ.get("SKNTK_SKIP_MEMORY_CHECK", "") not in ("", "0"):
+            return
+        available = _available_memory(self.device_)
+        if available is None:
+            return
+        X = (validate_structures(as_atoms_list(X), species=self.model_.species) if validate
+             else as_atoms_list(X))
+        need = self.estimate_memory(X, validate=False)
+        if not len(need) or need.max() <= available:
+            return
+        i = int(np.argmax(need > available))
+        per_edge = FORCE_ROW_BYTES_PER_EDGE.get(type(self.model_).__name__,
+                                                DEFAULT_FORCE_ROW_BYTES_PER_EDGE)
+        edges = int(round(need[i] / per_edge))
+        raise InsufficientMemoryError(
+            f"X[{i}] ({X[i].get_chemical_formula()}) has {len(X[i])} atoms and ~{edges} edges; "
+            f"{self.kind} rows by {self.force_rows_!r} need about {_gb(need[i])}, "
+            f"{_gb(available)} available on {self.device_}; use kind='energy', fewer atoms "
+            f"per structure, or a machine with more memory (SKNTK_SKIP_MEMORY_CHECK=1 skips "
+            f"this check)."
+        )
+
     def _transform_batch(self, model, atoms, params, names, start):
+        out = self._batch_rows(model, atoms, params, names)
+        bad = [b for b, rows in enumerate(out) if not np.all(np.isfinite(rows))]
+        if not bad:
+            return out
+        if len(atoms) > 1:
+            # a NaN in one structure of a shared graph can reach every structure's rows: find the
+            # culprit by featurising the affected structures one by one
+            for b in bad:
+                alone = self._batch_rows(model, atoms[b:b + 1], params, names)[0]
+                if not np.all(np.isfinite(alone)):
+                    self._raise_non_finite(atoms[b], start + b)
+                out[b] = alone
+            logger.warning("structures %s gave non-finite rows only in a shared graph; "
+                           "recomputed one by one.", [start + b for b in bad])
+            return out
+        self._raise_non_finite(atoms[0], start)
+
+    def _raise_non_finite(self, atoms, i):
+        raise ValueError(
+            f"X[{i}] ({atoms.get_chemical_formula()}): {type(self.model_).__name__} gave "
+            f"non-finite (NaN/inf) {self.kind} NTK rows for this structure; check its geometry "
+            f"(distances, cell) and that the model supports it."
+        )
+
+    def _batch_rows(self, model, atoms, params, names):
         per_atom = self.normalize == "atoms"
         batch = model.collate(atoms, self.device_)
         n = [len(a) for a in atoms]
@@ -468,7 +609,16 @@ class EmbeddingTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimat
                 idx = ntk.structure_index(batch.ptr)
                 n = (batch.ptr[1:] - batch.ptr[:-1]).to(h.dtype).unsqueeze(1)
                 s = torch.zeros(n.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
-                out.append((s.index_add(0, idx, h) / n).cpu().numpy())
+                rows = (s.index_add(0, idx, h) / n).cpu().numpy()
+                bad = ~np.isfinite(rows).all(axis=1)
+                if bad.any():
+                    k = int(np.flatnonzero(bad)[0])
+                    raise ValueError(
+                        f"X[{start + k}] ({X[start + k].get_chemical_formula()}): "
+                        f"{type(model).__name__} gave non-finite (NaN/inf) embeddings for this "
+                        f"structure; check its geometry (distances, cell) and that the model "
+                        f"supports it.")
+                out.append(rows)
         return np.concatenate(out)
 
     def get_feature_names_out(self, input_features=None):

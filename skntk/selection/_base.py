@@ -246,6 +246,8 @@ class BaseSelector(BaseEstimator):
         X = self._check_X(X, reset=False)
         candidates = np.arange(len(X)) if X.shortlist is None else np.asarray(X.shortlist)
         n_cand, what = self._n_candidates(len(candidates))
+        if X.shortlist is not None and n_cand == len(candidates):
+            what = f"shortlisted candidates (X holds {len(X)} structures)"
         n = resolve_n_to_select(self.n_to_select if n_to_select is None else n_to_select,
                                 n_cand, what=what)
         idx = np.asarray(self._select(X, candidates, n), dtype=np.int64)

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FeaturePosterior", "condition_posterior_features"]
 
+#: Train features with entries above this magnitude (or below its inverse) are divided by their
+#: largest entry before their Gram matrix is formed, so its squares neither overflow nor underflow.
+_PRESCALE_ABOVE = 1e100
+
 
 def _row_chunks(blocks, working_memory, row_factor=3):
     """Structure slices whose float64 temporaries (``row_factor`` row copies) fit the budget."""
@@ -112,11 +116,32 @@ class FeaturePosterior:
             y = np.asarray(y, dtype=np.float64).reshape(-1)
             if y.shape[0] != X.n_rows:
                 raise ValueError(f"y has {y.shape[0]} targets; X has {X.n_rows} rows.")
+        # features whose squares over- or underflow float64 (|g| ~ 1e200 or 1e-200) are divided
+        # by their largest entry first; with normalize=True the result is the same posterior
+        pre, amax, worst = 1.0, 0.0, 0
+        for sl in _row_chunks(X, self.working_memory):
+            rows, offsets = _chunk_rows(X, sl)
+            if rows.size:
+                r = int(np.argmax(np.abs(rows).max(axis=1)))
+                m = float(np.abs(rows[r]).max())
+                if m > amax:
+                    amax = m
+                    worst = sl.start + int(np.searchsorted(offsets, r, side="right")) - 1
+        if amax > _PRESCALE_ABOVE or 0 < amax < 1 / _PRESCALE_ABOVE:
+            if not self.normalize and amax > _PRESCALE_ABOVE:
+                raise ValueError(
+                    f"train features are too large for float64 arithmetic: X[{worst}] has an "
+                    f"entry of magnitude {amax:.3g}, whose square overflows; use normalize=True "
+                    f"or rescale the features."
+                )
+            pre = 1.0 / amax
         gram = np.zeros((d, d))
         b = np.zeros(d) if y is not None else None
         sq_sum = 0.0
         for sl in _row_chunks(X, self.working_memory):
             rows, _ = _chunk_rows(X, sl)
+            if pre != 1.0:
+                rows = rows * pre
             gram += rows.T @ rows
             if y is not None:
                 b += rows.T @ y[X.offsets[sl.start]:X.offsets[sl.stop]]
@@ -129,7 +154,7 @@ class FeaturePosterior:
                     f"norm; got {sq_sum / X.n_rows!r}."
                 )
             scale = float(np.sqrt(X.n_rows / sq_sum))
-        self.scale_ = scale
+        self.scale_ = scale * pre
         self.n_features_ = d
         self.A_ = scale**2 * gram
         self.A_[np.diag_indices(d)] += self.sigma2
@@ -160,7 +185,8 @@ class FeaturePosterior:
         X = as_blocks(X)
         for sl in _row_chunks(X, self.working_memory):
             rows, _ = _chunk_rows(X, sl)
-            self.A_ += self.scale_**2 * (rows.T @ rows)
+            rows = self.scale_ * rows  # scaled first: c² and GᵀG may under/overflow on their own
+            self.A_ += rows.T @ rows
         self.n_rows_seen_ += X.n_rows
         self._factorise()
         return self

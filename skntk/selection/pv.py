@@ -296,6 +296,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
             cand_mask[X.shortlist] = True
         for sl, psi, offsets in post.iter_transform(X):
             s = self._reduce(psi, offsets, X.kind, N)
+            _check_scores(s, X, sl.start, post)
             scores[sl] = s
             if keep_psi:
                 psi_all[X.offsets[sl.start]:X.offsets[sl.stop]] = psi
@@ -409,8 +410,10 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         psi = self.posterior_.transform(sub).rows
         chosen = np.zeros(len(candidates), dtype=bool)
         picks = []
-        for _ in range(n_to_select):
+        for it in range(n_to_select):
             s = self._reduce(psi, offsets, sub.kind, N)
+            if it == 0:
+                _check_scores(s, sub, 0, self.posterior_, index=candidates)
             s[chosen] = -np.inf
             j = int(np.argmax(s))
             picks.append(j)
@@ -422,3 +425,22 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
                     N = Q @ N @ Q
         return candidates[np.asarray(picks, dtype=np.int64)]
 
+
+def _check_scores(scores, X, start, posterior, index=None):
+    """Refuse non-finite acquisition scores, naming the first structure (``X[start + k]``, or
+    ``X[index[k]]``): features too large for the fitted scale make ``|Ψ|²`` overflow float64, and
+    a ranking of infinities is arbitrary."""
+    bad = ~np.isfinite(scores)
+    if not bad.any():
+        return
+    k = int(np.flatnonzero(bad)[0])
+    i = int(index[k]) if index is not None else start + k
+    rows = np.asarray(X.rows[X.offsets[start + k]:X.offsets[start + k + 1]], dtype=np.float64)
+    amax = float(np.abs(rows).max()) if rows.size else 0.0
+    ref = 1.0 / posterior.scale_ if posterior.scale_ > 0 else float("inf")
+    raise ValueError(
+        f"X[{i}]: its posterior variance is {scores[k]} in float64 ({int(bad.sum())} of "
+        f"{len(scores)} structures in this chunk): its features (entries up to {amax:.3g}) are "
+        f"too large for the train features' scale ({ref:.3g}); rescale the features or check "
+        f"the model's output for this structure."
+    )

@@ -58,7 +58,8 @@ def test_random_selector_unique_reproducible_and_respects_shortlist():
     assert RandomSelector(10, random_state=1).fit(X).select(X).tolist() != a.tolist()
     blocks = FeatureBlocks.from_array(X).with_rows(X, shortlist=[4, 9, 30])
     assert sorted(sel.select(blocks, 3).tolist()) == [4, 9, 30]
-    with pytest.raises(ValueError, match="n_to_select=4 exceeds the 3 candidates"):
+    with pytest.raises(ValueError, match=r"n_to_select=4 exceeds the 3 shortlisted candidates "
+                                         r"\(X holds 50 structures\)"):
         sel.select(blocks, 4)
 
 

@@ -1,0 +1,299 @@
+"""What skntk refuses (docs/refusals.md): every refusal names its culprit, and comes before work.
+
+Items 4-8 of the "trust" issue: overlapping atoms and non-finite model output, duplicate pool
+frames, structures too big for memory, bad CLI input, invalid elements / overflowing features /
+the shortlist message.
+"""
+
+import re
+import subprocess
+import sys
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skntk import transformers
+from skntk.atoms import MIN_DISTANCE, validate_structures
+from skntk.cli import main
+from skntk.io import structure_hash, unique_structures
+from skntk.models.builtin import BuiltinMLIP
+from skntk.pipeline import make_pv_lcmd_pipeline
+from skntk.selection.lcmd import LCMDSelector
+from skntk.selection.pv import ChunkedPosteriorVarianceSelector
+from skntk.transformers import ForceNTKTransformer, InsufficientMemoryError
+
+NAMES = ["H2O", "CH4", "C2H6", "CH3OH", "C2H4", "CO2", "HCOOH", "H2CO"]
+
+
+def molecules(n, seed=0):
+    """``n`` distinct small H/C/O molecules (rattled copies of NAMES)."""
+    out = []
+    for k in range(n):
+        a = molecule(NAMES[k % len(NAMES)])
+        a.rattle(0.02, seed=seed + k)
+        out.append(a)
+    return out
+
+
+def tiny_model(species=(1, 6, 8)):
+    return BuiltinMLIP(list(species), n_hidden=8, n_blocks=1, random_state=0)
+
+
+# -- 4. overlapping atoms; non-finite model output ---------------------------------------------
+def test_overlapping_atoms_are_refused_naming_structure_and_pair():
+    X = molecules(8)
+    bad = X[6].copy()
+    bad.positions[3] = bad.positions[1] + [0.0, 0.0, 0.5 * MIN_DISTANCE]
+    X[6] = bad
+    ntk = ForceNTKTransformer(tiny_model(), n_features=8, random_state=0).fit(X[:2])
+    formula = bad.get_chemical_formula()
+    with pytest.raises(ValueError, match=rf"X\[6\] \({formula}\): atoms 1 and 3 are 0.05 Å apart, "
+                                         r"closer than skntk.atoms.MIN_DISTANCE = 0.1 Å"):
+        ntk.transform(X)
+    # periodic images count: an atom 0.05 Å from another one's image across the boundary
+    cu = bulk("Cu", "fcc", a=3.6, cubic=True)
+    cu.positions[1] = cu.positions[0] + cu.cell[0] + [0.05, 0.0, 0.0]
+    with pytest.raises(ValueError, match=r"X\[0\] \(Cu4\): atoms 0 and 1 are 0.05 Å apart "
+                                         r"\(across a periodic boundary\)"):
+        validate_structures([cu])
+
+
+def test_non_finite_rows_name_the_structure_in_X_not_the_batch_position():
+    model = tiny_model()
+    X = [molecule(n) for n in ["CH4", "C2H6", "CH4", "C2H6", "C2H4", "H2O", "CH4"]]
+    ntk = ForceNTKTransformer(model, n_features=8, batch_size=2, random_state=0).fit(X[:1])
+    with torch.no_grad():  # oxygen's embedding is NaN: only X[5] (H2O, batch position 1) is bad
+        model.module.embedding.weight[2] = float("nan")
+    with pytest.raises(ValueError, match=r"X\[5\] \(H2O\): BuiltinMLIP gave non-finite "
+                                         r"\(NaN/inf\) energy NTK rows"):
+        ntk.transform(X)
+    # in one shared graph the NaN may reach every row; the culprit is still X[5]
+    ntk.set_params(batch_size=32)
+    with pytest.raises(ValueError, match=r"X\[5\] \(H2O\)"):
+        ntk.transform(X)
+
+
+# -- 5. duplicates -------------------------------------------------------------------------------
+def test_duplicates_are_candidates_once_and_warned_about_once():
+    distinct = molecules(6, seed=10)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(24)
+    pool = [distinct[k % 6].copy() for k in order]  # 6 structures x 4 copies, shuffled
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_model(), n_features=16),
+                                 shortlist_size=6, n_to_select=5, random_state=0)
+    pipe.fit(molecules(3, seed=50))
+    message = (r"pool has 18 duplicate structures \(same numbers, positions, cell, pbc\); each is "
+               r"a candidate once")
+    with pytest.warns(UserWarning, match=message) as rec:
+        idx = pipe.select(pool)
+    assert len([w for w in rec if "duplicate" in str(w.message)]) == 1
+    assert len({structure_hash(pool[i]) for i in idx}) == 5
+    first, _ = unique_structures(pool)
+    assert set(idx.tolist()) <= set(first.tolist())  # first copies, indices into the given pool
+    assert pipe.selected_idx_.tolist() == idx.tolist()
+
+
+def test_adding_duplicates_never_repeats_a_structure_in_a_batch():
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_model(), n_features=16),
+                                 shortlist_size=8, n_to_select=4, random_state=0)
+    pipe.fit(molecules(3, seed=50))
+    distinct = molecules(8, seed=20)
+
+    @settings(max_examples=10, deadline=None, derandomize=True)
+    @given(st.lists(st.integers(0, 7), min_size=1, max_size=16), st.randoms(use_true_random=False))
+    def check(extra, rnd):
+        pool = [a.copy() for a in distinct] + [distinct[k].copy() for k in extra]
+        rnd.shuffle(pool)
+        with pytest.warns(UserWarning, match="duplicate structures"):
+            idx = pipe.select(pool)
+        hashes = [structure_hash(pool[i]) for i in idx]
+        assert len(set(hashes)) == len(hashes) == 4
+
+    check()
+
+
+# -- 6. memory -----------------------------------------------------------------------------------
+def test_too_big_structure_is_refused_before_any_featurisation(monkeypatch):
+    model = tiny_model((1, 6, 8, 29))
+    cu = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
+    X = [molecule("H2O"), cu, molecule("CH4")]
+    ntk = ForceNTKTransformer(model, kind="force", force_rows="probes", n_probes=2,
+                              n_features=8, random_state=0).fit(X[:1])
+    calls = []
+    monkeypatch.setattr(ForceNTKTransformer, "_batch_rows",
+                        lambda self, *a, **k: calls.append(1) or [])
+    monkeypatch.setattr(transformers, "_available_memory", lambda device: 5e6)
+    with pytest.raises(InsufficientMemoryError,
+                       match=r"X\[1\] \(Cu27\) has 27 atoms and ~\d+ edges; force rows by "
+                             r"'probes' need about [\d.]+ MB, 5.0 MB available on cpu; use "
+                             r"kind='energy', fewer atoms per structure, or a machine with more "
+                             r"memory") as err:
+        ntk.transform(X)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, MemoryError)
+    assert calls == []  # nothing was featurised (and so nothing lost)
+    assert ntk.estimate_memory(X)[1] > ntk.estimate_memory(X)[0] > 0
+    monkeypatch.setenv("SKNTK_SKIP_MEMORY_CHECK", "1")
+    ntk.transform(X)
+    assert calls  # the switch lets it run
+
+
+# -- 7. the command line -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    tiny_model().save(d / "model.pt")
+    ase.io.write(d / "train.extxyz", molecules(3, seed=50))
+    ase.io.write(d / "pool.extxyz", molecules(8, seed=0))
+    lines = (d / "pool.extxyz").read_text().splitlines()
+    n0, n1 = int(lines[0]), int(lines[int(lines[0]) + 2])
+    cut = n0 + 2 + 2 + n1 - 1  # frame 1 loses its last atom line
+    (d / "truncated.extxyz").write_text("\n".join(lines[:cut]) + "\n")
+    (d / "junk.pt").write_text("1 2 3: not a model\n")
+    overlap = molecules(4)
+    overlap[2].positions[1] = overlap[2].positions[0]
+    ase.io.write(d / "overlap.extxyz", overlap)
+    return d
+
+
+def _select(files, *extra, pool="pool.extxyz", model="model.pt"):
+    return ["select", "--model", str(files / model), "--train", str(files / "train.extxyz"),
+            "--pool", str(files / pool), "--kind", "energy", "--n-features", "8", "-n", "2",
+            *extra]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"error: --pool: no structure file at '.*missing.extxyz'\.\n"),
+    ("directory", r"error: --pool: '.*' is a directory, not a structure file\.\n"),
+    ("truncated", r"error: --pool: .*truncated.extxyz: frame 1: XYZError: .*Frame has \d+ atoms, "
+                  r"expected \d+\n"),
+    ("junk model", r"error: model '.*junk.pt' could not be loaded as a model file "
+                   r"\(UnpicklingError: .*\)\.\n"),
+    ("overlap", r"error: pool\[2\] \(C2H6\): atoms 0 and 1 are 0 Å apart, closer than "
+                r"skntk.atoms.MIN_DISTANCE = 0.1 Å.*\n"),
+    ("missing output dir", r"error: -o/--output .*nodir.sel.extxyz: directory .*nodir does not "
+                           r"exist\.\n"),
+])
+def test_cli_bad_input_is_one_error_line(files, tmp_path, capsys, monkeypatch, case, message):
+    import skntk.cli
+
+    out = ["-o", str(tmp_path / "sel.extxyz"), "--no-plot"]
+    no_dir = str(tmp_path / "nodir" / "sel.extxyz")
+    argv = {"missing": _select(files, *out, pool="missing.extxyz"),
+            "directory": ["select", "--model", str(files / "model.pt"), "--train",
+                          str(files / "train.extxyz"), "--pool", str(files), *out],
+            "truncated": _select(files, *out, pool="truncated.extxyz"),
+            "junk model": _select(files, *out, model="junk.pt"),
+            "overlap": _select(files, *out, pool="overlap.extxyz"),
+            "missing output dir": _select(files, "-o", no_dir)}[case]
+    if case == "missing output dir":  # refused before any featurisation
+        monkeypatch.setattr(skntk.cli, "run_selection", lambda *a, **k: pytest.fail("ran"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(message, err, flags=re.DOTALL), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shortlist", "0"], "argument --shortlist: must be >= 1; got 0"),
+    (["-n", "0"], "argument -n/--n-to-select: must be >= 1; got 0"),
+    (["--sigma2", "-1"], "argument --sigma2: must be a finite number > 0; got -1"),
+])
+def test_cli_options_are_validated(files, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(_select(files, *argv))
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_max_pool_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--max-pool", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --max-pool: must be >= 1; got -1" in capsys.readouterr().err
+
+
+def test_cli_shortlist_smaller_than_batch_and_duplicates(files, tmp_path, capsys):
+    assert main(_select(files, "--shortlist", "1", "-o", str(tmp_path / "s.extxyz"))) == 2
+    assert "error: --shortlist 1 is smaller than -n 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--shortlist 1 is smaller"):  # -v: the traceback
+        main(_select(files, "--shortlist", "1", "-v", "-o", str(tmp_path / "s.extxyz")))
+    dup = molecules(2) + molecules(2)  # 2 distinct structures, each twice
+    ase.io.write(tmp_path / "dup.extxyz", dup)
+    argv = _select(files, "-o", str(tmp_path / "d.extxyz"), "--no-plot")
+    argv[argv.index("--pool") + 1] = str(tmp_path / "dup.extxyz")
+    assert main(argv) == 0
+    warning = ("warning: pool has 2 duplicate structures (same numbers, positions, cell, pbc); "
+               "each is a candidate once.\n")
+    assert capsys.readouterr().err == warning
+    picked = ase.io.read(tmp_path / "d.extxyz", ":")
+    assert sorted(a.info["pool_index"] for a in picked) == [0, 1]
+    argv[argv.index("-n") + 1] = "3"
+    assert main(argv) == 2
+    assert capsys.readouterr().err == warning + (
+        "error: n_to_select=3 exceeds the 2 distinct pool structures (2 of the 4 are "
+        "duplicates).\n")
+
+
+def test_cli_one_structure_pool_with_plot(files, tmp_path, capsys):
+    ase.io.write(tmp_path / "one.extxyz", molecules(1))
+    out = tmp_path / "sel.extxyz"
+    argv = _select(files, "-o", str(out))
+    argv[argv.index("--pool") + 1] = str(tmp_path / "one.extxyz")
+    argv[argv.index("-n") + 1] = "1"
+    assert main(argv) == 0
+    assert len(ase.io.read(out, ":")) == 1
+    assert (tmp_path / "sel_report.json").exists() and (tmp_path / "sel.png").stat().st_size > 0
+    assert "selected 1" in capsys.readouterr().out
+
+
+def test_cli_subprocess_prints_no_traceback(files, tmp_path):
+    argv = _select(files, "-o", str(tmp_path / "s.extxyz"), pool="truncated.extxyz")
+    proc = subprocess.run([sys.executable, "-c",
+                           "from skntk.cli import main; raise SystemExit(main())", *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --pool: ")
+    assert "truncated.extxyz: frame 1:" in lines[0]
+
+
+# -- 8. smaller ones -----------------------------------------------------------------------------
+@pytest.mark.parametrize("z", [200, -1, 0])
+def test_invalid_atomic_numbers_are_refused(z):
+    X = [molecule("H2O"), Atoms([1, z, 1], positions=[[0, 0, 0], [0, 0, 1], [0, 0, 2]])]
+    with pytest.raises(ValueError, match=rf"X\[1\] has atomic number Z={z} at atom 1; atomic "
+                                         r"numbers must be 1\.\.118\."):
+        validate_structures(X)
+
+
+def test_overflowing_features_are_refused_naming_the_structure():
+    rng = np.random.default_rng(0)
+    T, X = rng.normal(size=(20, 4)), rng.normal(size=(10, 4))
+    X[3] *= 1e200
+    pv = ChunkedPosteriorVarianceSelector(shortlist_size=4).fit(T)
+    with pytest.raises(ValueError, match=r"X\[3\]: its posterior variance is inf in float64"):
+        pv.score_samples(X)
+    with pytest.raises(ValueError, match=r"X\[3\]"):
+        pv.select(X, 2)
+    # the same features with huge train features too: scaled, finite, same ranking as unscaled
+    big = ChunkedPosteriorVarianceSelector().fit(T * 1e200)
+    ref = ChunkedPosteriorVarianceSelector().fit(T)
+    X[3] /= 1e200
+    np.testing.assert_allclose(big.score_samples(X * 1e200), ref.score_samples(X), rtol=1e-10)
+
+
+def test_shortlist_message_says_what_x_holds():
+    rng = np.random.default_rng(0)
+    T, X = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+    pv = ChunkedPosteriorVarianceSelector(shortlist_size=5)
+    psi_T = pv.fit_transform(T)
+    psi = pv.transform(X)
+    with pytest.raises(ValueError, match=r"n_to_select=6 exceeds the 5 shortlisted candidates "
+                                         r"\(X holds 20 structures\)"):
+        LCMDSelector(n_to_select=6).fit(psi_T).select(psi)
