@@ -25,7 +25,7 @@ test-core: $(VENV)/.installed
 # MACE pins e3nn==0.4.4, SevenNet needs e3nn>=0.5: MACE gets its own virtualenv.
 test-mace:
 	$(MAKE) VENV=.venv-mace EXTRAS=test,mace .venv-mace/.installed
-	.venv-mace/bin/python -m pytest tests/models/test_mace.py
+	.venv-mace/bin/python -m pytest tests/models/test_mace.py tests/models/test_finetune_backends.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/pip -q install ruff && $(VENV)/bin/ruff check .
