@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "al"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 # -- config and data ------------------------------------------------------------------------------
@@ -284,7 +285,69 @@ def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
                 row.append(f"{cell['seconds']:.0f}")
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
+    lines += subgroup_markdown(records)
+    lines += selection_mix_markdown(records)
     return "\n".join(lines)
+
+
+def selection_mix(records):
+    """``{method: Counter of info[key] over all picks}`` with ``key`` the pool's group key
+    (``data.groups`` or ``"group"``), recomputing each split from its config (deterministic)."""
+    from collections import Counter
+
+    splits, out, pools = {}, {}, {}
+    for r in records:
+        cfg = dict(r["config"])
+        cfg["_dir"] = str(CONFIGS)
+        key = cfg["data"].get("groups") or "group"
+        if r["seed"] not in splits:
+            try:
+                splits[r["seed"]] = make_split(cfg, r["seed"])[1]
+            except (OSError, ValueError, KeyError):
+                return {}, key
+        pool = splits[r["seed"]]
+        pools.setdefault(r["seed"], Counter(a.info.get(key) for a in pool))
+        out.setdefault(r["method"], Counter()).update(pool[i].info.get(key)
+                                                      for i in r["selected"])
+    out["(pool)"] = sum(pools.values(), Counter())
+    return out, key
+
+
+def selection_mix_markdown(records):
+    mix, key = selection_mix(records)
+    if not mix or all(k is None for c in mix.values() for k in c):
+        return []
+    labels = sorted({str(k) for c in mix.values() for k in c})
+    lines = [f"**Where the picks came from** (share of all picks by pool `{key}`, all seeds and "
+             f"rounds; `(pool)`: the pool itself)", "",
+             "| method | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for m, c in sorted(mix.items()):
+        total = sum(c.values()) or 1
+        lines.append(f"| {m} | " + " | ".join(f"{c.get(lab, 0) / total:.0%}"
+                                               if lab in map(str, c) else "0%"
+                                               for lab in labels) + " |")
+    return lines + [""]
+
+
+def subgroup_markdown(records, metric="force_mae"):
+    """Last-round ``metric`` per test subgroup (``data.groups``), mean over seeds per method."""
+    cells = {}
+    for r in records:
+        for test, m in r["rounds"][-1]["metrics"].items():
+            for g, gm in m.get("groups", {}).items():
+                cells.setdefault((test, g), {}).setdefault(r["method"], []).append(gm[metric])
+    if not cells:
+        return []
+    methods = sorted({meth for c in cells.values() for meth in c})
+    unit = "eV/Å" if metric.startswith("force") else "eV/atom"
+    lines = [f"**{metric} ({unit}) per subgroup at the last round** (mean over seeds; "
+             f"subgroups from `data.groups`)", "",
+             "| test set / subgroup | " + " | ".join(methods) + " |",
+             "|" + "---|" * (len(methods) + 1)]
+    for (test, g), c in sorted(cells.items()):
+        vals = [f"{np.mean(c[m]):.4f}" if m in c else "—" for m in methods]
+        lines.append(f"| {test} / {g} | " + " | ".join(vals) + " |")
+    return lines + [""]
 
 
 def plot_curves(directory, metric="force_mae"):
