@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
 EXTRAS ?= test,plot,sevennet,chgnet,oracles
 
-.PHONY: demo test test-core test-mace lint bench clean
+.PHONY: demo test test-core test-mace test-sklearn-latest lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ test-core: $(VENV)/.installed
 test-mace:
 	$(MAKE) VENV=.venv-mace EXTRAS=test,mace .venv-mace/.installed
 	.venv-mace/bin/python -m pytest tests/models/test_mace.py tests/models/test_finetune_backends.py
+
+# The newest scikit-learn release, above the upper bound of pyproject.toml, in its own fresh
+# virtualenv, on a fast subset (skntk/_sklearn_compat.py holds the private API it may break).
+# pip warns that skntk requires a lower scikit-learn: that is the point of this target.
+SKLATEST ?= .venv-sklatest
+test-sklearn-latest:
+	rm -rf $(SKLATEST)
+	$(PYTHON) -m venv $(SKLATEST)
+	$(SKLATEST)/bin/pip -q --disable-pip-version-check install --upgrade pip
+	$(SKLATEST)/bin/pip -q --disable-pip-version-check install torch==2.13.0
+	$(SKLATEST)/bin/pip -q --disable-pip-version-check install -e ".[test]" "torch==2.13.0"
+	$(SKLATEST)/bin/pip -q --disable-pip-version-check install --upgrade scikit-learn
+	$(SKLATEST)/bin/python -c "import sklearn; print('newest scikit-learn:', sklearn.__version__)"
+	$(SKLATEST)/bin/python -m pytest tests/test_common.py tests/selection tests/test_pipeline.py \
+	    tests/test_sklearn_compat.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/pip -q install ruff && $(VENV)/bin/ruff check .

@@ -14,6 +14,8 @@ from numbers import Integral
 
 import numpy as np
 
+from skntk._sklearn_compat import row_key
+
 #: Row layouts. ``"plain"``/``"energy"``: any number of rows with no per-atom meaning (usually one);
 #: ``"force"``: ``3 N`` rows ordered atom-major (x, y, z of atom 0, then atom 1, ...);
 #: ``"joint"``: one energy row followed by ``3 N`` force rows.
@@ -151,11 +153,9 @@ class FeatureBlocks:
 
         The shortlist is dropped: it indexes the original structures.
         """
-        if isinstance(key, tuple):  # scikit-learn's _safe_indexing passes (key, Ellipsis)
-            if len(key) == 2 and key[1] is Ellipsis:
-                key = key[0]
-            else:
-                raise IndexError("FeatureBlocks supports indexing by structure only.")
+        key = row_key(key)  # scikit-learn's _safe_indexing passes (key, Ellipsis)
+        if isinstance(key, tuple):
+            raise IndexError("FeatureBlocks supports indexing by structure only.")
         n = len(self)
         if isinstance(key, Integral):
             if not -n <= key < n:

@@ -18,12 +18,12 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
+from skntk._sklearn_compat import Interval, _fit_context
 from skntk.atoms import as_atoms_list, validate_structures
 from skntk.io import free_atoms, get_labels
 from skntk.models.base import MLIP

@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 
+from skntk._sklearn_compat import pipeline_steps
 from skntk.blocks import FeatureBlocks, as_blocks
 from skntk.selection._base import BaseSelector, selection_score
 from skntk.selection.lcmd import LCMDSelector
@@ -191,7 +192,7 @@ class SelectionPipeline(Pipeline):
     def _upstream_steps(self):
         """The fitted steps before the first selector."""
         out = []
-        for _, _, step in self._iter(with_final=False):
+        for _, _, step in pipeline_steps(self, with_final=False):
             if isinstance(step, BaseSelector):
                 break
             out.append(step)
@@ -206,7 +207,7 @@ class SelectionPipeline(Pipeline):
         """``(upstream, Xt)``: ``X`` after the steps before the first selector, and after all but
         the last step (each step runs once)."""
         Xt, upstream = X, None
-        for _, _, step in self._iter(with_final=False):
+        for _, _, step in pipeline_steps(self, with_final=False):
             if upstream is None and isinstance(step, BaseSelector):
                 upstream = Xt
             Xt = step.transform(Xt)

@@ -16,13 +16,13 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from ase import Atoms
-from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from skntk import ntk
+from skntk._sklearn_compat import Interval, StrOptions, _fit_context
 from skntk.atoms import as_atoms_list, neighbor_pairs, validate_structures
 from skntk.blocks import FeatureBlocks
 from skntk.models.base import MLIP, module_state

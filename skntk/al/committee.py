@@ -20,9 +20,9 @@ from numbers import Integral
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from skntk._sklearn_compat import HasMethods, Interval, RealNotInt, StrOptions, validate_params
 from skntk.atoms import validate_structures
 from skntk.io import free_atoms
 from skntk.selection._base import resolve_n_to_select
@@ -158,7 +158,7 @@ class CommitteeSelector(BaseEstimator):
         -------
         self : CommitteeSelector
         """
-        self._validate_params()
+        validate_params(self)
         X = validate_structures(X, name="X")
         if "random_state" not in self.regressor.get_params(deep=False):
             raise ValueError(

@@ -23,71 +23,23 @@ loader, which unpickles them: only load files you trust.
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickletools
 import zipfile
-from collections.abc import Sequence
 
 import torch
 
+# re-exported for callers of the old private names; the backends import them from _util
+from skntk.models._util import check_atoms as _check_atoms  # noqa: F401
+from skntk.models._util import check_species as _check_species  # noqa: F401
+from skntk.models._util import require as _require  # noqa: F401
+from skntk.models._util import resolve_device as _resolve_device
 from skntk.models.base import MLIP, BackendBatch
 
 __all__ = ["BackendBatch", "MLIP", "load"]
 
 _SEVENNET_NAMES = {"sevennet-0": "7net-0", "7net-0": "7net-0", "sevennet": "7net-0"}
 _CHGNET_NAMES = {"chgnet-0.3.0": "0.3.0", "chgnet": "0.3.0", "chgnet-0.2.0": "0.2.0"}
-
-
-def _require(module: str, extra: str):
-    """Import ``module`` or raise an ImportError that says which extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"This backend needs the '{module}' package, which could not be imported ({exc}). "
-            f"Install it with: pip install skntk[{extra}]"
-        ) from exc
-
-
-def _resolve_device(device) -> torch.device:
-    """``"auto"`` -> the first CUDA device when present, else CPU; anything else as given."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _check_species(atoms: Sequence, species, model_name: str) -> None:
-    """Raise a ValueError naming the first structure with an element ``species`` lacks."""
-    if species is None:
-        return
-    from ase.data import chemical_symbols
-
-    for i, at in enumerate(atoms):
-        missing = sorted(set(int(z) for z in at.numbers) - set(species))
-        if missing:
-            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
-            raise ValueError(
-                f"X[{i}] ({at.get_chemical_formula()}) contains {names}, which {model_name} "
-                f"does not cover; it covers {len(species)} elements."
-            )
-
-
-def _check_atoms(atoms) -> list:
-    """Minimal input check shared by the backends: a non-empty list of non-empty ase.Atoms."""
-    from ase import Atoms
-
-    if isinstance(atoms, Atoms):
-        atoms = [atoms]
-    atoms = list(atoms)
-    if not atoms:
-        raise ValueError("Expected at least one structure; got an empty list.")
-    for i, at in enumerate(atoms):
-        if not isinstance(at, Atoms):
-            raise TypeError(f"X[{i}] is a {type(at).__name__}, not an ase.Atoms.")
-        if len(at) == 0:
-            raise ValueError(f"X[{i}] has no atoms.")
-    return atoms
 
 
 def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
@@ -241,7 +193,9 @@ def _wrap_module(module: torch.nn.Module, *, device, dtype) -> MLIP:
     except ImportError:  # pragma: no cover - the built-in model is part of skntk
         BuiltinNet = None
     if BuiltinNet is not None and isinstance(module, BuiltinNet):
-        return BuiltinMLIP(module=module.to(_resolve_device(device)))
+        handle = BuiltinMLIP(module=module)
+        handle._adopt(module, device=_resolve_device(device), eval=False)  # restore_module undoes
+        return handle
     raise TypeError(
         f"Do not know how to wrap a {cls.__module__}.{cls.__name__}: pass an MLIP handle, "
         "a SevenNet, CHGNet or MACE network, or the built-in model (BuiltinNet)."

@@ -1,17 +1,27 @@
 """The MLIP protocol: what skntk needs of an interatomic potential, and nothing about NTKs.
 
-A backend wraps one ``torch.nn.Module`` and answers, for a list of validated ``ase.Atoms``:
+A handle wraps one ``torch.nn.Module`` and answers, for a list of ``ase.Atoms``:
 
 - ``collate(atoms, device)``: its own batch object (e.g. :class:`BackendBatch`) exposing
   ``ptr``, a LongTensor of shape (n_structures + 1,) of atom offsets, atoms in the order of each
   ``Atoms`` object;
 - ``energy_and_forces(batch, create_graph=...)``: total energies (n_structures,) in eV and forces
   (n_atoms_total, 3) in eV/Å, differentiable with respect to the module's parameters when
-  ``create_graph=True`` (the force NTK needs ∂F/∂θ);
+  ``create_graph=True`` (the force NTK needs ∂F/∂θ), detached otherwise;
+- ``energy(batch)``: total energies, differentiable with respect to the parameters;
 - ``embeddings(batch)``: invariant per-atom features (n_atoms_total, n_embedding), if it declares
   ``"embeddings"`` in :attr:`MLIP.implemented_properties`;
 - ``parameters(subset)``: the named parameters of a subset (``"readout"``, ``"last_block"``,
   ``"all"``, or a list of ``fnmatch`` patterns over parameter names).
+
+:class:`MLIP` does the steps every backend shares, as ASE's ``Calculator.get_property`` does for
+``calculate``: ``collate`` validates the structures once, resolves the device, builds ``ptr`` and
+calls the backend's ``_graphs(atoms, device)`` hook; ``energy_and_forces`` and ``energy`` call its
+``_forward(batch, forces=, create_graph=)`` hook and detach the outputs when no graph is wanted;
+``_adopt`` records where a borrowed network was before moving it and ``restore_module`` puts it
+back. A new backend is those two hooks, its attributes (``module``, ``cutoff``, ``species``,
+``subset_patterns``) and, optionally, ``embeddings``, ``_reference_table`` and ``save``
+(docs/adding_a_backend.md). Helpers the backends share live in :mod:`skntk.models._util`.
 
 Every handle also offers (built on the backend's hooks): per-element reference energies
 (:meth:`MLIP.reference_energies`, :meth:`MLIP.set_reference_energies`), an independent deep copy
@@ -29,11 +39,19 @@ import contextlib
 import copy as _copy
 import fnmatch
 import pathlib
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from skntk.models._util import (
+    Placement,
+    atom_ptr,
+    check_atoms,
+    check_species,
+    resolve_device,
+)
 
 __all__ = ["BackendBatch", "MLIP", "forces_from_energy", "replaced_parameters", "module_state"]
 
@@ -196,7 +214,17 @@ class BackendBatch:
 
 
 class MLIP(ABC):
-    """Base class of model handles.
+    """Base class of model handles: the shared steps, with hooks a backend fills in.
+
+    A backend subclasses this and implements :meth:`_graphs` (structures -> the network's
+    input) and :meth:`_forward` (batch -> energies and forces); :meth:`collate`,
+    :meth:`energy_and_forces` and :meth:`energy` do the rest (validation, device, ``ptr``,
+    detaching). Handles written against the older protocol, overriding ``collate`` and
+    ``energy`` or ``energy_and_forces`` directly, keep working.
+
+    A backend built around a user's network calls :meth:`_adopt`, which moves the network in
+    place (``.to(device, dtype)``, ``.eval()``: every call needs it there) after recording where
+    it was; :meth:`restore_module` (or leaving a ``with handle:`` block) puts it back.
 
     Attributes
     ----------
@@ -234,35 +262,171 @@ class MLIP(ABC):
     def __deepcopy__(self, memo):
         return self
 
-    @abstractmethod
-    def collate(self, atoms: Sequence, device: torch.device | str = "cpu"):
-        """Batch for ``atoms`` (validated ``list[ase.Atoms]``) on ``device``; exposes ``ptr``."""
+    # -- the template: validate once, build ``ptr``, call the hooks ---------------------------
+    def collate(self, atoms: Sequence, device: torch.device | str | None = None):
+        """Batch of ``atoms`` on ``device`` (default: the handle's device); exposes ``ptr``.
+
+        The steps every backend shares: :meth:`_check` the structures once (a non-empty list of
+        non-empty ``ase.Atoms`` whose elements the model covers), resolve ``device``
+        (``"auto"``: CUDA when present), build the backend's input with the :meth:`_graphs`
+        hook and the atom offsets ``ptr``.
+
+        Parameters
+        ----------
+        atoms : ase.Atoms or list of ase.Atoms of length n_structures
+        device : str or torch.device or None, default=None
+
+        Returns
+        -------
+        batch : BackendBatch or skntk.atoms.AtomsBatch
+            ``BackendBatch(data=self._graphs(atoms, device), ptr=...)``; when :meth:`_graphs`
+            returns skntk's own :class:`~skntk.atoms.AtomsBatch` (which carries ``ptr``), that.
+        """
+        from skntk.atoms import AtomsBatch
+
+        atoms = self._check(atoms)
+        device = self._default_device() if device is None else resolve_device(device)
+        data = self._graphs(atoms, device)
+        if isinstance(data, AtomsBatch):
+            return data
+        return BackendBatch(data=data, ptr=atom_ptr(atoms, device))
+
+    def _check(self, atoms) -> list:
+        """Hook with a default: the validated ``list[ase.Atoms]`` (:func:`check_atoms` and
+        :func:`check_species` against :attr:`species`, errors naming ``X[i]``)."""
+        atoms = check_atoms(atoms)
+        check_species(atoms, self.species, getattr(self, "name", None) or type(self).__name__)
+        return atoms
+
+    def _graphs(self, atoms: list, device: torch.device):
+        """Hook: the network's input for validated ``atoms`` on ``device`` (a graph batch, a list
+        of graphs, or a :class:`skntk.atoms.AtomsBatch` from :func:`skntk.atoms.collate`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _graphs(atoms, device) (or collate)."
+        )
+
+    def _forward(self, batch, *, forces: bool, create_graph: bool):
+        """Hook: ``(energy, forces)`` of a batch made by :meth:`collate`.
+
+        Parameters
+        ----------
+        batch : BackendBatch or AtomsBatch
+        forces : bool
+            Whether forces are wanted (``False``: return ``(energy, None)``, the energy still
+            differentiable with respect to the parameters).
+        create_graph : bool
+            Whether the forces must stay differentiable with respect to the parameters.
+
+        Returns
+        -------
+        energy : Tensor of shape (n_structures,)
+            Total energies in eV.
+        forces : Tensor of shape (n_atoms_total, 3) or None
+            Forces in eV/Å. On an :class:`~skntk.atoms.AtomsBatch` a backend may return
+            ``None``: the template then differentiates the energy with respect to
+            ``batch.positions`` (which it made a leaf requiring grad before the call).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _forward(batch, forces=, create_graph=)."
+        )
+
+    def _default_device(self) -> torch.device:
+        device = getattr(self, "device", None)
+        if device is not None:
+            return torch.device(device)
+        module = getattr(self, "module", None)
+        if isinstance(module, torch.nn.Module):
+            for t in module.parameters():
+                return t.device
+        return torch.device("cpu")
 
     def energy_and_forces(self, batch, *, create_graph: bool = False):
         """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
 
-        The default differentiates :meth:`energy` with respect to ``batch.positions`` (made a
-        leaf requiring grad if it is not one already). Backends override either this method or
-        :meth:`energy` (or both).
+        Calls the :meth:`_forward` hook; with ``create_graph=False`` both outputs are detached,
+        with ``create_graph=True`` both stay differentiable with respect to the parameters (the
+        force NTK needs ∂F/∂θ). Handles without the hook that override :meth:`energy` get
+        forces by differentiating it with respect to ``batch.positions`` (made a leaf requiring
+        grad if it is not one already).
         """
-        if type(self).energy is MLIP.energy:
+        from skntk.atoms import AtomsBatch
+
+        has_forward = _overrides(self, "_forward")
+        if not has_forward and not _overrides(self, "energy"):
             raise NotImplementedError(
-                f"{type(self).__name__} must implement energy(batch) or energy_and_forces(batch)."
+                f"{type(self).__name__} must implement energy(batch) or energy_and_forces(batch), "
+                "or the hook _forward(batch, forces=, create_graph=)."
             )
-        pos = batch.positions
-        if not pos.requires_grad:
-            batch.positions = pos = pos.detach().requires_grad_(True)
-        energy = self.energy(batch)
-        return energy, forces_from_energy(energy, pos, create_graph=create_graph)
+        on_positions = isinstance(batch, AtomsBatch) or not has_forward
+        if on_positions and not batch.positions.requires_grad:
+            batch.positions = batch.positions.detach().requires_grad_(True)
+        if not has_forward:  # a handle built on energy(batch) alone
+            pos = batch.positions
+            energy = self.energy(batch)
+            return energy, forces_from_energy(energy, pos, create_graph=create_graph)
+        energy, forces = self._forward(batch, forces=True, create_graph=create_graph)
+        if forces is None:
+            if not isinstance(batch, AtomsBatch):
+                raise TypeError(f"{type(self).__name__}._forward returned no forces for a "
+                                f"{type(batch).__name__}; only an AtomsBatch has positions to "
+                                "differentiate.")
+            forces = forces_from_energy(energy, batch.positions, create_graph=create_graph)
+        if not create_graph:
+            energy, forces = energy.detach(), forces.detach()
+        return energy, forces
 
     def energy(self, batch) -> torch.Tensor:
-        """Energies (n_structures,) in eV; the default drops the forces of
-        :meth:`energy_and_forces`."""
-        if type(self).energy_and_forces is MLIP.energy_and_forces:
+        """Energies (n_structures,) in eV, differentiable with respect to the parameters: the
+        :meth:`_forward` hook without forces (or, without the hook, the energies of
+        :meth:`energy_and_forces`)."""
+        if _overrides(self, "_forward"):
+            return self._forward(batch, forces=False, create_graph=True)[0]
+        if not _overrides(self, "energy_and_forces"):
             raise NotImplementedError(
-                f"{type(self).__name__} must implement energy(batch) or energy_and_forces(batch)."
+                f"{type(self).__name__} must implement energy(batch) or energy_and_forces(batch), "
+                "or the hook _forward(batch, forces=, create_graph=)."
             )
         return self.energy_and_forces(batch, create_graph=False)[0]
+
+    # -- the borrowed network ------------------------------------------------------------------
+    def _adopt(self, module: torch.nn.Module, *, device=None, dtype=None,
+               eval: bool = True) -> None:
+        """Make ``module`` this handle's network: record its placement (devices, dtypes,
+        train/eval modes), then move it to ``device`` / ``dtype`` and, with ``eval``, switch it
+        to eval mode, in place (inference needs it; :meth:`restore_module` undoes it)."""
+        self.module = module
+        self._placement = Placement.record(module)
+        if eval:
+            module.eval()
+        if device is not None or dtype is not None:
+            module.to(device=device, dtype=dtype)
+
+    def restore_module(self) -> torch.nn.Module:
+        """Give the network back as it was handed over: put it back on the devices and dtypes,
+        and in the train/eval modes, it had when this handle was built; returns it.
+
+        A handle built around a network moves it in place (to its ``device`` and ``dtype``, in
+        eval mode), because every call needs it there. This undoes that, keeping the current
+        weights (converted back). Use it when you are done with the handle (the handle's
+        ``device`` attribute is not updated, so re-wrap the network to use it again), or use
+        the handle as a context manager: ``with SevenNetMLIP(net) as model: ...`` restores on
+        exit. A handle that built its own network, or a :meth:`copy`, has nothing to restore.
+
+        Returns
+        -------
+        module : torch.nn.Module
+            :attr:`module`.
+        """
+        placement = self.__dict__.get("_placement")
+        if placement is not None:
+            placement.restore(self.module)
+        return self.module
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore_module()
 
     @property
     def supports_torch_func(self) -> bool:
@@ -379,6 +543,7 @@ class MLIP(ABC):
         new.__dict__.update({k: v.copy() for k, v in self.__dict__.items()
                              if isinstance(v, (dict, list, set))})
         new.module = _copy.deepcopy(self.module)
+        new.__dict__.pop("_placement", None)  # the copy is skntk's: nothing to give back
         return new
 
     def save(self, path) -> pathlib.Path:
@@ -400,3 +565,8 @@ class MLIP(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cutoff={self.cutoff})"
+
+
+def _overrides(handle: MLIP, name: str) -> bool:
+    """Whether the class of ``handle`` defines ``name`` itself rather than inheriting MLIP's."""
+    return getattr(type(handle), name) is not getattr(MLIP, name)

@@ -212,14 +212,19 @@ class BuiltinMLIP(MLIP):
     def device(self) -> torch.device:
         return self.module.embedding.weight.device
 
-    def collate(self, atoms, device=None) -> AtomsBatch:
-        """:func:`skntk.atoms.collate` with this model's cutoff, species and parameter dtype."""
-        return collate(atoms, self.cutoff, device=self.device if device is None else device,
-                       dtype=self.dtype, species=self.species)
+    def _check(self, atoms) -> list:
+        """:func:`skntk.atoms.validate_structures` with this model's species (a path or a single
+        ``Atoms`` also works)."""
+        return validate_structures(as_atoms_list(atoms), species=self.species)
 
-    def energy(self, batch: AtomsBatch) -> torch.Tensor:
-        """Total energies (n_structures,) in eV, float64."""
-        return self.module(batch)
+    def _graphs(self, atoms, device) -> AtomsBatch:
+        """:func:`skntk.atoms.collate` with this model's cutoff and parameter dtype (the
+        structures are already validated)."""
+        return collate(atoms, self.cutoff, device=device, dtype=self.dtype, validate=False)
+
+    def _forward(self, batch: AtomsBatch, *, forces: bool, create_graph: bool):
+        """Total energies (n_structures,) in eV, float64; forces by autograd in the template."""
+        return self.module(batch), None
 
     def embeddings(self, batch: AtomsBatch) -> torch.Tensor:
         """Invariant atom features after the last block, (n_atoms_total, n_hidden)."""

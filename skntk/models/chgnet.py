@@ -9,13 +9,12 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from skntk.models import _check_atoms, _check_species, _require, _resolve_device
+from skntk.models._util import require, resolve_device
 from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
@@ -105,7 +104,8 @@ class CHGNetMLIP(MLIP):
     Parameters
     ----------
     module : chgnet.model.CHGNet
-        The network, moved to ``device`` / ``dtype`` and set to eval mode in place.
+        The network, moved to ``device`` / ``dtype`` and set to eval mode in place;
+        :meth:`restore_module` (or leaving ``with handle:``) puts it back as it was.
     device : str or torch.device, default="auto"
     dtype : torch.dtype, default=torch.float32
         Only float32 is supported (CHGNet builds its graphs in float32).
@@ -128,22 +128,20 @@ class CHGNetMLIP(MLIP):
     default_subset = "all"
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="chgnet"):
-        _require("chgnet", "chgnet")
+        require("chgnet", "chgnet")
         if dtype != torch.float32:
             raise ValueError(
                 f"dtype={dtype} is not supported by the CHGNet backend: CHGNet builds its graph "
                 "and composition features in float32; use dtype=torch.float32."
             )
-        self.module = module
         self.name = name
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.cutoff = float(module.graph_converter.atom_graph_cutoff)
         n_z = int(module.atom_embedding.embedding.num_embeddings) \
             if hasattr(module.atom_embedding, "embedding") else 94
         self.species = frozenset(range(1, n_z + 1))
-        module.eval()
-        module.to(device=self.device, dtype=dtype)
+        self._adopt(module, device=self.device, dtype=dtype)
         last = len(module.atom_conv_layers) - 1
         readout = ("mlp.*",)
         skip = {"site_wise", "composition_model"}
@@ -160,7 +158,7 @@ class CHGNetMLIP(MLIP):
     @classmethod
     def from_pretrained(cls, name="0.3.0", *, device="auto", dtype=torch.float32):
         """Load pretrained CHGNet weights shipped with ``chgnet`` (``"0.3.0"``); no download."""
-        _require("chgnet", "chgnet")
+        require("chgnet", "chgnet")
         from chgnet.model import CHGNet
 
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
@@ -172,7 +170,7 @@ class CHGNetMLIP(MLIP):
         """Load a CHGNet state file (``CHGNet.from_file`` format, e.g. written by :meth:`save`
         or CHGNet's trainer). A pickle read with ``weights_only=False``: only load files you
         trust."""
-        _require("chgnet", "chgnet")
+        require("chgnet", "chgnet")
         from chgnet.model import CHGNet
 
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
@@ -200,25 +198,12 @@ class CHGNetMLIP(MLIP):
         return path
 
     # -- protocol -------------------------------------------------------------------------
-    def collate(self, atoms: Sequence, device=None) -> BackendBatch:
-        """Convert ``atoms`` to CHGNet crystal graphs (molecules boxed, see
-        :func:`periodic_copy`).
-
-        Parameters
-        ----------
-        atoms : list of ase.Atoms of length n_structures
-        device : str or torch.device, optional
-            Defaults to the handle's device.
-
-        Returns
-        -------
-        batch : BackendBatch
-        """
+    # -- hooks ----------------------------------------------------------------------------
+    def _graphs(self, atoms, device) -> list:
+        """CHGNet crystal graphs of ``atoms`` on ``device`` (molecules boxed, see
+        :func:`periodic_copy`); an atom with no neighbour is refused, naming ``X[i]``."""
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        atoms = _check_atoms(atoms)
-        _check_species(atoms, self.species, self.name)
-        device = self.device if device is None else _resolve_device(device)
         adaptor = AseAtomsAdaptor()
         graphs = []
         for i, at in enumerate(atoms):
@@ -236,11 +221,9 @@ class CHGNetMLIP(MLIP):
                     torch.unique(graph.atom_graph.reshape(-1, 2)[:, 0]).numel() < len(at):
                 raise ValueError(msg)
             graphs.append(graph.to(device))
-        counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
-        return BackendBatch(data=graphs, ptr=ptr)
+        return graphs
 
-    def _forward(self, batch: BackendBatch, task: str, **kwargs):
+    def _run(self, batch: BackendBatch, task: str, **kwargs):
         n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(self.dtype)
         out = self.module(batch.data, task=task, **kwargs)
         energy = out["e"].reshape(-1)
@@ -248,21 +231,13 @@ class CHGNetMLIP(MLIP):
             energy = energy * n_atoms
         return energy, out
 
-    def energy_and_forces(self, batch: BackendBatch, *, create_graph: bool = False):
-        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
-
-        With ``create_graph=True`` both stay differentiable with respect to the parameters;
-        otherwise they are detached.
-        """
-        energy, out = self._forward(batch, "ef")
-        forces = torch.cat(list(out["f"]), dim=0)
-        if not create_graph:
-            energy, forces = energy.detach(), forces.detach()
-        return energy, forces
-
-    def energy(self, batch: BackendBatch) -> torch.Tensor:
-        """Energies (n_structures,) in eV, differentiable with respect to the parameters."""
-        return self._forward(batch, "e")[0]
+    def _forward(self, batch: BackendBatch, *, forces: bool, create_graph: bool):
+        """Total energies (n_structures,) in eV (CHGNet's per-atom energy times N) and forces
+        (n_atoms_total, 3) in eV/Å (CHGNet always builds them with a graph)."""
+        if not forces:
+            return self._run(batch, "e")[0], None
+        energy, out = self._run(batch, "ef")
+        return energy, torch.cat(list(out["f"]), dim=0)
 
     def embeddings(self, batch: BackendBatch) -> torch.Tensor:
         """CHGNet's invariant atom features before the last atom convolution.
@@ -271,7 +246,7 @@ class CHGNetMLIP(MLIP):
         -------
         h : torch.Tensor of shape (n_atoms_total, 64)
         """
-        _, out = self._forward(batch, "e", return_atom_feas=True)
+        _, out = self._run(batch, "e", return_atom_feas=True)
         return torch.cat(list(out["atom_fea"]), dim=0)
 
     def __repr__(self) -> str:

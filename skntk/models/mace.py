@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from skntk.models import _check_atoms, _check_species, _require, _resolve_device
+from skntk.models._util import require, resolve_device
 from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ def _import_mace():
     """Import mace (before e3nn, which needs mace's environment variable to import at all) and
     warn once if that import switched unsafe pickle loading on for the process."""
     before = os.environ.get(_ENV)
-    mace = _require("mace", "mace")
+    mace = require("mace", "mace")
     if before is None and os.environ.get(_ENV) is not None and not getattr(
             _import_mace, "_warned", False):
         _import_mace._warned = True
@@ -70,6 +69,8 @@ class MACEMLIP(MLIP):
     Parameters
     ----------
     module : mace.modules.MACE
+        The network, moved to ``device`` / ``dtype`` and set to eval mode in place;
+        :meth:`restore_module` (or leaving ``with handle:``) puts it back as it was.
     device : str or torch.device, default="auto"
     dtype : torch.dtype or None, default=None
         ``None`` keeps the network's dtype.
@@ -92,16 +93,14 @@ class MACEMLIP(MLIP):
 
     def __init__(self, module, *, device="auto", dtype=None, name="mace"):
         _import_mace()
-        self.module = module
         self.name = name
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if dtype is None:
             dtype = next(module.parameters()).dtype
         self.dtype = dtype
         self.cutoff = float(module.r_max)
         self.species = frozenset(int(z) for z in module.atomic_numbers)
-        module.eval()
-        module.to(device=self.device, dtype=dtype)
+        self._adopt(module, device=self.device, dtype=dtype)
         n_layers = int(module.num_interactions)
         self.subset_patterns = {
             "readout": ("readouts.*",),
@@ -122,7 +121,7 @@ class MACEMLIP(MLIP):
     def from_file(cls, path, *, device="auto", dtype=None):
         """Load a MACE model file (a pickled ``nn.Module``; only load files you trust)."""
         _import_mace()
-        map_location = _resolve_device(device)
+        map_location = resolve_device(device)
         module = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
         if not isinstance(module, torch.nn.Module) or not hasattr(module, "r_max"):
             raise ValueError(f"{os.fspath(path)!r} does not hold a MACE network "
@@ -151,26 +150,13 @@ class MACEMLIP(MLIP):
         return path
 
     # -- protocol -------------------------------------------------------------------------
-    def collate(self, atoms: Sequence, device=None) -> BackendBatch:
-        """Build MACE graphs of ``atoms`` and batch them.
-
-        Parameters
-        ----------
-        atoms : list of ase.Atoms of length n_structures
-        device : str or torch.device, optional
-            Defaults to the handle's device.
-
-        Returns
-        -------
-        batch : BackendBatch
-        """
+    # -- hooks ----------------------------------------------------------------------------
+    def _graphs(self, atoms, device):
+        """MACE graphs of ``atoms`` (floats in the handle's dtype), batched on ``device``."""
         _import_mace()
         from mace import data as mace_data
         from mace.tools import torch_geometric, torch_tools, utils
 
-        atoms = _check_atoms(atoms)
-        _check_species(atoms, self.species, self.name)
-        device = self.device if device is None else _resolve_device(device)
         z_table = utils.AtomicNumberTable([int(z) for z in self.module.atomic_numbers])
         heads = list(getattr(self.module, "heads", None) or ["Default"])
         keyspec = mace_data.KeySpecification(info_keys={}, arrays_keys={})
@@ -186,29 +172,20 @@ class MACEMLIP(MLIP):
             val = data[key]
             if torch.is_tensor(val) and val.is_floating_point():
                 data[key] = val.to(self.dtype)
-        counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
-        return BackendBatch(data=data, ptr=ptr)
+        return data
 
     def _run(self, batch: BackendBatch, *, training: bool, compute_force: bool):
         return self.module(batch.data.clone().to_dict(), training=training,
                            compute_force=compute_force)
 
-    def energy_and_forces(self, batch: BackendBatch, *, create_graph: bool = False):
-        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
-
-        With ``create_graph=True`` both stay differentiable with respect to the parameters;
-        otherwise they are detached.
-        """
+    def _forward(self, batch: BackendBatch, *, forces: bool, create_graph: bool):
+        """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å; MACE keeps the
+        force graph when called with ``training=True`` (no dropout or batch norm is affected),
+        as is the energy-only call, so that energies stay differentiable."""
+        if not forces:
+            return self._run(batch, training=True, compute_force=False)["energy"].reshape(-1), None
         out = self._run(batch, training=create_graph, compute_force=True)
-        energy, forces = out["energy"].reshape(-1), out["forces"]
-        if not create_graph:
-            energy, forces = energy.detach(), forces.detach()
-        return energy, forces
-
-    def energy(self, batch: BackendBatch) -> torch.Tensor:
-        """Energies (n_structures,) in eV, differentiable with respect to the parameters."""
-        return self._run(batch, training=True, compute_force=False)["energy"].reshape(-1)
+        return out["energy"].reshape(-1), out["forces"]
 
     def embeddings(self, batch: BackendBatch) -> torch.Tensor:
         """Invariant (``0e``) node features of every layer, as ``MACECalculator.get_descriptors``.

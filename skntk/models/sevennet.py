@@ -11,12 +11,11 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from skntk.models import _check_atoms, _check_species, _require, _resolve_device
+from skntk.models._util import require, resolve_device
 from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
@@ -61,7 +60,8 @@ class SevenNetMLIP(MLIP):
     ----------
     module : sevenn.nn.sequential.AtomGraphSequential
         The network. It is switched to batch mode and eval mode in place and moved to
-        ``device`` / ``dtype``.
+        ``device`` / ``dtype``; :meth:`restore_module` (or leaving ``with handle:``) puts it
+        back as it was.
     device : str or torch.device, default="auto"
     dtype : torch.dtype, default=torch.float32
         Only float32 is supported (SevenNet hard-codes float32 one-hot inputs).
@@ -97,7 +97,7 @@ class SevenNetMLIP(MLIP):
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet",
                  config=None):
-        _require("sevenn", "sevennet")
+        require("sevenn", "sevennet")
         if dtype != torch.float32:
             raise ValueError(
                 f"dtype={dtype} is not supported by the SevenNet backend: SevenNet builds its "
@@ -105,16 +105,15 @@ class SevenNetMLIP(MLIP):
             )
         if module.type_map is None or not module.cutoff:
             raise ValueError("The SevenNet network has no type_map or cutoff; cannot use it.")
-        self.module = module
         self.name = name
         self.config = config
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.cutoff = float(module.cutoff)
         self.species = frozenset(int(z) for z in module.type_map)
+        self._adopt(module, device=self.device, dtype=dtype)
+        self._was_batch_data = bool(getattr(module, "is_batch_data", True))
         module.set_is_batch_data(True)
-        module.eval()
-        module.to(device=self.device, dtype=dtype)
         blocks = sorted({int(m.group(1)) for n in module._modules
                          if (m := re.match(r"^(\d+)_", n))})
         readout = ("reduce_input_to_hidden.*", "reduce_hidden_to_energy.*")
@@ -128,7 +127,7 @@ class SevenNetMLIP(MLIP):
     @classmethod
     def from_pretrained(cls, name="7net-0", *, device="auto", dtype=torch.float32):
         """Load a pretrained SevenNet shipped with ``sevenn`` (``"7net-0"``); no download."""
-        _require("sevenn", "sevennet")
+        require("sevenn", "sevennet")
         from sevenn import util
 
         if name != "7net-0":
@@ -145,7 +144,7 @@ class SevenNetMLIP(MLIP):
         The file is a pickle read by sevenn with ``weights_only=False``: only load files you
         trust.
         """
-        _require("sevenn", "sevennet")
+        require("sevenn", "sevennet")
         from sevenn.checkpoint import SevenNetCheckpoint
 
         cp = SevenNetCheckpoint(os.fspath(path))
@@ -206,26 +205,20 @@ class SevenNetMLIP(MLIP):
         return path
 
     # -- protocol -------------------------------------------------------------------------
-    def collate(self, atoms: Sequence, device=None) -> BackendBatch:
-        """Build SevenNet graphs of ``atoms`` and batch them.
+    def restore_module(self):
+        """As :meth:`MLIP.restore_module`, and SevenNet's batch mode as it was."""
+        module = super().restore_module()
+        if "_placement" in self.__dict__:
+            module.set_is_batch_data(self._was_batch_data)
+        return module
 
-        Parameters
-        ----------
-        atoms : list of ase.Atoms of length n_structures
-        device : str or torch.device, optional
-            Defaults to the handle's device.
-
-        Returns
-        -------
-        batch : BackendBatch
-        """
+    # -- hooks ----------------------------------------------------------------------------
+    def _graphs(self, atoms, device):
+        """SevenNet graphs of ``atoms`` (floats in the handle's dtype), batched on ``device``."""
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
         from torch_geometric.data import Batch
 
-        atoms = _check_atoms(atoms)
-        _check_species(atoms, self.species, self.name)
-        device = self.device if device is None else _resolve_device(device)
         graphs = []
         for at in atoms:
             g = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(at, self.cutoff))
@@ -233,10 +226,7 @@ class SevenNetMLIP(MLIP):
                 if torch.is_tensor(val) and val.is_floating_point():
                     g[key] = val.to(self.dtype)
             graphs.append(g)
-        data = Batch.from_data_list(graphs).to(device)
-        counts = torch.tensor([len(at) for at in atoms], dtype=torch.long)
-        ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)]).to(device)
-        return BackendBatch(data=data, ptr=ptr)
+        return Batch.from_data_list(graphs).to(device)
 
     def _fresh(self, batch: BackendBatch):
         import sevenn._keys as KEY
@@ -245,14 +235,17 @@ class SevenNetMLIP(MLIP):
         data[KEY.EDGE_VEC] = data[KEY.EDGE_VEC].detach().requires_grad_(True)
         return data
 
-    def energy_and_forces(self, batch: BackendBatch, *, create_graph: bool = False):
+    def _forward(self, batch: BackendBatch, *, forces: bool, create_graph: bool):
         """Energies (n_structures,) in eV and forces (n_atoms_total, 3) in eV/Å.
 
-        With ``create_graph=True`` both stay differentiable with respect to the parameters
-        (double backward through SevenNet's edge-vector forces); otherwise they are detached.
+        Forces are SevenNet's own (double backward through its edge-vector forces when
+        ``create_graph``: the force head is put in train mode for that call only). Without
+        forces the force head is skipped, which is cheaper.
         """
         import sevenn._keys as KEY
 
+        if not forces:
+            return self._run_until(batch, None)[KEY.PRED_TOTAL_ENERGY].reshape(-1), None
         head = self.module._modules["force_output"]
         was_training = head.training
         head.train(create_graph)
@@ -260,11 +253,7 @@ class SevenNetMLIP(MLIP):
             out = self.module(self._fresh(batch))
         finally:
             head.train(was_training)
-        energy = out[KEY.PRED_TOTAL_ENERGY].reshape(-1)
-        forces = out[KEY.PRED_FORCE]
-        if not create_graph:
-            energy, forces = energy.detach(), forces.detach()
-        return energy, forces
+        return out[KEY.PRED_TOTAL_ENERGY].reshape(-1), out[KEY.PRED_FORCE]
 
     def _run_until(self, batch: BackendBatch, stop: str | None):
         import sevenn._keys as KEY
@@ -278,13 +267,6 @@ class SevenNetMLIP(MLIP):
                 continue
             data = mod(data)
         return data
-
-    def energy(self, batch: BackendBatch) -> torch.Tensor:
-        """Energies (n_structures,) in eV, differentiable with respect to the parameters
-        (the force head is skipped, so this is cheaper than :meth:`energy_and_forces`)."""
-        import sevenn._keys as KEY
-
-        return self._run_until(batch, None)[KEY.PRED_TOTAL_ENERGY].reshape(-1)
 
     def embeddings(self, batch: BackendBatch) -> torch.Tensor:
         """The last block's invariant node features, input of the readout.

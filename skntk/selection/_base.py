@@ -10,9 +10,9 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.utils._param_validation import Interval, RealNotInt
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from skntk._sklearn_compat import Interval, RealNotInt
 from skntk.blocks import FeatureBlocks
 from skntk.linalg import chunk_n_rows, gen_structure_chunks
 

@@ -28,9 +28,9 @@ import numpy as np
 from sklearn import get_config
 from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from skntk._sklearn_compat import Interval, StrOptions, validate_params
 from skntk.linalg import chunk_n_rows, gen_structure_chunks, segment_sum
 from skntk.selection._base import BaseSelector
 from skntk.selection._posterior import FeaturePosterior
@@ -300,7 +300,7 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         -------
         self
         """
-        self._validate_params()
+        validate_params(self)
         X = self._check_X(X, reset=True)
         single = bool(np.all(X.n_rows_per_structure == 1))
         self.kernel_ = ("linear" if single else "gram") if self.kernel == "auto" else self.kernel

@@ -8,6 +8,7 @@ import numpy as np
 from ase import Atoms
 from sklearn.utils import check_random_state
 
+from skntk._sklearn_compat import validate_params
 from skntk.selection._base import BaseSelector
 from skntk.selection._kernel import _KernelCentresSelector
 
@@ -104,7 +105,7 @@ class RandomSelector(BaseSelector):
         -------
         self : RandomSelector
         """
-        self._validate_params()
+        validate_params(self)
         X = self._check_X(X, reset=True)
         self.n_train_ = len(X)
         return self

@@ -14,9 +14,9 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import TransformerMixin
-from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from skntk._sklearn_compat import Interval, StrOptions, validate_params
 from skntk.blocks import FeatureBlocks
 from skntk.linalg import StreamingTopK, segment_sum
 from skntk.selection._base import BaseSelector
@@ -269,7 +269,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         -------
         self : ChunkedPosteriorVarianceSelector
         """
-        self._validate_params()
+        validate_params(self)
         X = self._check_X(X, reset=True)
         self.posterior_ = FeaturePosterior(self.sigma2, normalize=self.normalize,
                                            working_memory=self.working_memory).fit(X)
