@@ -11,6 +11,7 @@ from sklearn.utils import estimator_checks as ec
 from skntk import ntk
 from skntk.blocks import FeatureBlocks
 from skntk.models.builtin import BuiltinMLIP
+from skntk.testing import check_featurizer
 from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
 
 
@@ -37,6 +38,24 @@ def X():
 ])
 def test_sklearn_checks_without_numeric_input(Est, check, model):
     check(Est.__name__, Est(model))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: ForceNTKTransformer(m, kind="energy", n_features=16),
+    lambda m: ForceNTKTransformer(m, kind="force", force_rows="exact", n_features=16),
+    lambda m: ForceNTKTransformer(m, kind="joint", force_rows="exact", n_features=16,
+                                  energy_weight=2.0, parameters="last_block"),
+    lambda m: ForceNTKTransformer(m, kind="joint", force_rows="forward", n_features=8),
+    # probes: invariants on the exact route, the probe rows in expectation
+    lambda m: ForceNTKTransformer(m, kind="joint", force_rows="probes", n_probes=4,
+                                  n_features=16),
+    lambda m: EmbeddingTransformer(m),
+], ids=["energy", "force-exact", "joint-exact", "joint-forward", "joint-probes", "embedding"])
+@pytest.mark.parametrize("structures", ["generated", "given"])
+def test_featurizer_invariants(make, structures, model, X):
+    """skntk.testing.check_featurizer: rigid motions, lattice shifts, permutations, PSD Gram,
+    determinism, clone, errors — on generated cells and on the molecules of X."""
+    check_featurizer(make(model), None if structures == "generated" else X)
 
 
 @pytest.mark.parametrize("Est", [ForceNTKTransformer, EmbeddingTransformer])

@@ -1,4 +1,5 @@
-"""Tests of the built-in message-passing MLIP: symmetries, forces, cutoff, training, persistence."""
+"""Tests of the built-in message-passing MLIP: the backend contract (skntk.testing.check_mlip),
+cutoff, subsets, training, persistence."""
 
 import numpy as np
 import pytest
@@ -6,9 +7,9 @@ import torch
 from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.lj import LennardJones
-from scipy.spatial.transform import Rotation
 
 from skntk.models.builtin import BuiltinMLIP, BuiltinNet
+from skntk.testing import check_mlip
 
 
 @pytest.fixture(scope="module")
@@ -22,43 +23,19 @@ def ef(model, atoms):
     return E.detach().numpy(), F.detach().numpy()
 
 
-def test_energy_invariant_forces_equivariant(model):
-    a = molecule("CH3CH2OH")
-    a.rattle(0.05, seed=2)
-    E, F = ef(model, [a])
-    Q = Rotation.random(random_state=3).as_matrix()
-    b = a.copy()
-    b.positions = a.positions @ Q.T + np.array([1.0, -2.0, 0.5])
-    Eb, Fb = ef(model, [b])
-    np.testing.assert_allclose(Eb, E, rtol=1e-12, atol=1e-10)
-    np.testing.assert_allclose(Fb, F @ Q.T, atol=1e-10)
-    perm = np.random.default_rng(0).permutation(len(a))
-    Ep, Fp = ef(model, [a[perm]])
-    np.testing.assert_allclose(Ep, E, atol=1e-10)
-    np.testing.assert_allclose(Fp, F[perm], atol=1e-10)
-    assert abs(F.sum(axis=0)).max() < 1e-10  # translation invariance: no net force
-
-
-def test_forces_match_finite_differences_periodic(model):
-    a = bulk("Si", "diamond", a=5.43) * (1, 1, 2)
-    a.rattle(0.1, seed=4)
-    E, F = ef(model, [a])
-    eps = 1e-5
-    for atom, comp in [(0, 0), (3, 2), (2, 1)]:
-        p, m = a.copy(), a.copy()
-        p.positions[atom, comp] += eps
-        m.positions[atom, comp] -= eps
-        fd = -(ef(model, [p])[0][0] - ef(model, [m])[0][0]) / (2 * eps)
-        assert F[atom, comp] == pytest.approx(fd, abs=1e-7)
-
-
-def test_batching_equals_separate(model):
-    mols = [molecule("H2O"), molecule("CH4"), bulk("Si", "diamond", a=5.43)]
-    E, F = ef(model, mols)
-    for k, a in enumerate(mols):
-        e, f = ef(model, [a])
-        assert E[k] == pytest.approx(e[0], abs=1e-10)
-    np.testing.assert_allclose(F[3:8], ef(model, [mols[1]])[1], atol=1e-10)
+@pytest.mark.parametrize("structures", ["generated", "given"])
+def test_backend_contract(model, structures):
+    """Symmetries, F = -dE/dR, batching, ∂θ by finite differences, embeddings, subsets, state:
+    skntk.testing.check_mlip on generated cells (molecule, orthorhombic, triclinic mixed pbc)
+    and on given ones (a rattled ethanol and a Si supercell)."""
+    X = None
+    if structures == "given":
+        mol = molecule("CH3CH2OH")
+        mol.rattle(0.05, seed=2)
+        si = bulk("Si", "diamond", a=5.43) * (1, 1, 2)
+        si.rattle(0.1, seed=4)
+        X = [mol, si]
+    check_mlip(model, X, subsets={"readout": 1e-4, "last_block": 1e-4, "embeddings": 1e-4})
 
 
 def test_smooth_cutoff_energy_continuous(model):
@@ -76,16 +53,6 @@ def test_parameter_subsets(model):
     assert all(n.startswith("blocks.1.") for n in names["last_block"])
     assert names["embeddings"] == ["embedding.weight"]
     assert len(names["all"]) == len(list(model.module.parameters()))
-
-
-def test_embeddings_invariant(model):
-    a = molecule("H2O")
-    h = model.embeddings(model.collate([a])).detach()
-    b = a.copy()
-    b.rotate(40, "x")
-    hb = model.embeddings(model.collate([b])).detach()
-    assert h.shape == (3, 12)
-    torch.testing.assert_close(h, hb)
 
 
 def test_unknown_element_and_bad_construction(model):

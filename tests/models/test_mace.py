@@ -12,17 +12,9 @@ import torch
 
 mace = pytest.importorskip("mace", reason="needs the mace extra (own venv): make test-mace")
 
-from ase import Atoms  # noqa: E402
-
 from skntk.models import load  # noqa: E402
 from skntk.models.mace import MACEMLIP  # noqa: E402
-from tests.models._checks import (  # noqa: E402
-    directional_derivatives,
-    energy_gradients,
-    force_vjp,
-    rotated,
-    tiny_structures,
-)
+from skntk.testing import check_featurizer, check_mlip, tiny_structures  # noqa: E402
 
 pytestmark = [pytest.mark.mace, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -88,67 +80,27 @@ def test_skntk_does_not_set_weights_only_variable(model):
     assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") == "1"  # mace's doing
 
 
-def test_matches_mace_calculator(model, model_path, atoms):
+def test_backend_contract(model, model_path, atoms):
+    """MACE's own calculator, F = -dE/dR, ∂θ by finite differences (readout and last block),
+    rotations, embeddings (16 = 8 invariants x 2 layers), subsets, state, the unknown-element
+    error (N)."""
     from mace.calculators import MACECalculator
 
+    assert model.n_embedding == 16
     calc = MACECalculator(model_paths=str(model_path), device="cpu", default_dtype="float64")
-    batch = model.collate(atoms, "cpu")
-    assert batch.ptr.tolist() == [0, 5, 10]
-    energy, forces = model.energy_and_forces(batch)
-    assert energy.shape == (2,) and forces.shape == (10, 3)
-    assert not energy.requires_grad
-    for i, at in enumerate(atoms):
-        ref = at.copy()
-        ref.calc = calc
-        np.testing.assert_allclose(energy[i].item(), ref.get_potential_energy(), rtol=1e-12)
-        np.testing.assert_allclose(forces[batch.ptr[i]:batch.ptr[i + 1]].numpy(),
-                                   ref.get_forces(), atol=1e-10)
-    np.testing.assert_allclose(model.energy(batch).detach().numpy(), energy.numpy(), rtol=1e-12)
+    check_mlip(model, atoms, reference=calc, subsets={"readout": 1e-4, "last_block": 1e-4},
+               unknown_element=7)
 
 
-@pytest.mark.parametrize("subset", ["readout", "last_block"])
-def test_parameter_derivatives_match_finite_differences(model, atoms, subset):
-    auto, fd = directional_derivatives(model, atoms, subset, eps=1e-4, seed=3)
-    assert np.all(np.abs(auto) > 1e-8)
-    np.testing.assert_allclose(auto, fd, rtol=1e-5, atol=1e-7 * np.abs(fd).max())
+def test_ntk_and_embedding_features(model, atoms):
+    from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
+    from tests.models.test_protocol_extras import check_ntk_rows
 
-
-def test_energy_gradient_kernel_rotation_invariant(model, atoms):
-    rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
-    G = energy_gradients(model, atoms, "last_block")
-    G_rot = energy_gradients(model, rot_atoms, "last_block")
-    np.testing.assert_allclose(G_rot @ G_rot.T, G @ G.T, rtol=1e-9)
-
-
-def test_force_jacobian_rotation_equivariant(model, atoms):
-    mol = atoms[0]
-    mol_rot, rot = rotated(mol, seed=7)
-    w = np.random.default_rng(0).standard_normal((len(mol), 3))
-    a = force_vjp(model, mol, "readout", w)
-    b = force_vjp(model, mol_rot, "readout", w @ rot.T)
-    np.testing.assert_allclose(b, a, atol=1e-9 * np.abs(a).max())
-
-
-def test_embeddings_shape_and_invariance(model, atoms):
-    h = model.embeddings(model.collate(atoms)).detach().numpy()
-    assert h.shape == (10, model.n_embedding) == (10, 16)
-    rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
-    h_rot = model.embeddings(model.collate(rot_atoms)).detach().numpy()
-    np.testing.assert_allclose(h_rot, h, atol=1e-10)
-
-
-def test_unknown_element_names_structure_and_element(model, atoms):
-    bad = Atoms("HN", positions=[[0, 0, 0], [0, 0, 1.0]])
-    with pytest.raises(ValueError, match=r"X\[2\] \(HN\) contains N \(Z=7\).*tiny.model"):
-        model.collate([*atoms, bad])
-
-
-def test_joint_ntk_transformer_end_to_end(model, atoms):
-    pytest.importorskip("skntk.transformers")
-    from tests.models._checks import check_joint_transformer
-
-    blocks = check_joint_transformer(model, atoms, "last_block", rtol=1e-9)
+    blocks = check_ntk_rows(model, atoms, "last_block", rtol=1e-9)
     assert blocks.kind == "joint" and blocks.rows.shape[0] == 2 * (1 + 3 * 5)
+    check_featurizer(ForceNTKTransformer(model, kind="joint", parameters="last_block",
+                                         force_rows="exact", n_features=32), atoms)
+    check_featurizer(EmbeddingTransformer(model), atoms)
 
 
 # -- reference energies, copies, saving, ASE calculator (checks shared with other backends) ---

@@ -1,7 +1,7 @@
 """Reference energies, copies, saving and the ASE calculator of every MLIP handle.
 
-The ``check_*`` helpers are backend-independent; ``tests/models/test_mace.py`` reuses them in
-the MACE virtualenv.
+The ``check_*`` helpers are backend-independent; the backend test modules reuse them (the MACE
+one in its own virtualenv). The backend contract itself is :func:`skntk.testing.check_mlip`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from skntk.models import load
 from skntk.models.builtin import BuiltinMLIP
-from tests.models._checks import tiny_structures
+from skntk.testing import energy_gradients, force_vjp, tiny_structures
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -107,6 +107,28 @@ def check_calculator(model, atoms, *, atol):
         np.testing.assert_allclose(at.get_potential_energy(force_consistent=True), e,
                                    rtol=1e-7, atol=atol)
         np.testing.assert_allclose(forces, f, rtol=1e-6, atol=atol)
+
+
+def check_ntk_rows(model, atoms, subset="readout", *, rtol=1e-4):
+    """ForceNTKTransformer(kind="joint", exact, unsketched) rows equal plain autograd: the energy
+    row is ∂E/∂θ / N and ``w · rows[1:]`` is ``Σ_i w_i·∂F_i/∂θ``. Returns the blocks."""
+    from skntk.transformers import ForceNTKTransformer
+
+    ntk = ForceNTKTransformer(model, kind="joint", parameters=subset, n_features=None,
+                              force_rows="exact", device="cpu", random_state=0).fit(atoms)
+    blocks = ntk.transform(atoms)
+    n_atoms = [len(at) for at in atoms]
+    assert blocks.offsets.tolist() == np.cumsum([0] + [1 + 3 * n for n in n_atoms]).tolist()
+    G_E = energy_gradients(model, atoms, subset)
+    scale = np.abs(G_E).max()
+    rng = np.random.default_rng(1)
+    for i, at in enumerate(atoms):
+        rows = blocks.block(i)
+        np.testing.assert_allclose(rows[0], G_E[i] / n_atoms[i], atol=rtol * scale)
+        w = rng.standard_normal((n_atoms[i], 3))
+        ref = force_vjp(model, at, subset, w)
+        np.testing.assert_allclose(w.reshape(-1) @ rows[1:], ref, atol=rtol * np.abs(ref).max())
+    return blocks
 
 
 # -- built-in --------------------------------------------------------------------------------

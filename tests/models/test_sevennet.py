@@ -1,22 +1,14 @@
-"""SevenNet-0 backend against SevenNet's own ASE calculator, finite differences and symmetry."""
+"""SevenNet-0 backend: the contract (skntk.testing.check_mlip, against SevenNet's own ASE
+calculator), its parameter subsets and NTK features."""
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("sevenn", reason="needs the sevennet extra: pip install skntk[sevennet]")
 
-from ase import Atoms  # noqa: E402
-
 from skntk.models import load  # noqa: E402
 from skntk.models.sevennet import SevenNetMLIP  # noqa: E402
-from tests.models._checks import (  # noqa: E402
-    directional_derivatives,
-    energy_gradients,
-    force_vjp,
-    rotated,
-    tiny_structures,
-)
+from skntk.testing import check_featurizer, check_mlip, tiny_structures  # noqa: E402
 
 pytestmark = [pytest.mark.sevennet,
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -34,7 +26,7 @@ def atoms():
 
 def test_handle_declares_model(model):
     assert isinstance(model, SevenNetMLIP)
-    assert model.cutoff == 5.0
+    assert model.cutoff == 5.0 and model.n_embedding == 128
     assert len(model.species) == 89 and {1, 6, 8, 29} <= model.species
     sizes = {s: sum(p.numel() for _, p in model.parameters(s))
              for s in ("readout", "last_block", "all")}
@@ -48,75 +40,16 @@ def test_handle_declares_model(model):
     assert frozen == ["4_convolution.denominator"]  # a constant, kept out of the subset
 
 
-def test_matches_sevennet_calculator(model, atoms):
+def test_backend_contract(model, atoms):
+    """SevenNet's own calculator, F = -dE/dR, ∂θ by finite differences, rotations, embeddings,
+    subsets, the force head's eval mode restored, the unknown-element error (Po)."""
     from sevenn.calculator import SevenNetCalculator
 
-    calc = SevenNetCalculator("7net-0", device="cpu")
-    batch = model.collate(atoms, "cpu")
-    assert batch.ptr.tolist() == [0, 5, 10]
-    energy, forces = model.energy_and_forces(batch)
-    assert energy.shape == (2,) and forces.shape == (10, 3)
-    assert not energy.requires_grad and not forces.requires_grad
-    for i, at in enumerate(atoms):
-        ref = at.copy()
-        ref.calc = calc
-        np.testing.assert_allclose(energy[i].item(), ref.get_potential_energy(), rtol=1e-6,
-                                   atol=1e-4)
-        np.testing.assert_allclose(forces[batch.ptr[i]:batch.ptr[i + 1]].numpy(),
-                                   ref.get_forces(), atol=2e-4)
-    np.testing.assert_allclose(model.energy(batch).detach().numpy(), energy.numpy(), atol=1e-4)
-
-
-def test_force_head_mode_restored(model, atoms):
-    head = model.module._modules["force_output"]
-    assert not head.training
-    _, forces = model.energy_and_forces(model.collate(atoms), create_graph=True)
-    assert forces.requires_grad and not head.training
-
-
-@pytest.mark.parametrize("subset, eps", [
-    # the readout is bilinear in θ: along a line E and F are quadratic and central differences
-    # are exact for any step, so a large step beats float32 rounding
-    ("readout", 0.5),
-    (["4_self_interaction_2.*"], 3e-2),
-])
-def test_parameter_derivatives_match_finite_differences(model, atoms, subset, eps):
-    auto, fd = directional_derivatives(model, atoms, subset, eps=eps, seed=3)
-    assert np.all(np.abs(auto) > 1e-3)
-    np.testing.assert_allclose(auto, fd, rtol=2e-2, atol=2e-3 * np.abs(fd).max())
-
-
-def test_energy_gradient_kernel_rotation_invariant(model, atoms):
-    rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
-    G = energy_gradients(model, atoms)
-    G_rot = energy_gradients(model, rot_atoms)
-    K, K_rot = G @ G.T, G_rot @ G_rot.T
-    np.testing.assert_allclose(K_rot, K, rtol=1e-4)
-    assert abs(K[0, 1]) > 0
-
-
-def test_force_jacobian_rotation_equivariant(model, atoms):
-    # F(Rx)_i = R F(x)_i for every θ, so Σ_i (R w_i)·∂F_i(Rx)/∂θ = Σ_i w_i·∂F_i(x)/∂θ
-    mol = atoms[0]
-    mol_rot, rot = rotated(mol, seed=7)
-    w = np.random.default_rng(0).standard_normal((len(mol), 3))
-    a = force_vjp(model, mol, "readout", w)
-    b = force_vjp(model, mol_rot, "readout", w @ rot.T)
-    np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
-
-
-def test_embeddings_shape_and_invariance(model, atoms):
-    h = model.embeddings(model.collate(atoms)).detach().numpy()
-    assert h.shape == (10, model.n_embedding) == (10, 128)
-    rot_atoms = [rotated(at, seed=k)[0] for k, at in enumerate(atoms)]
-    h_rot = model.embeddings(model.collate(rot_atoms)).detach().numpy()
-    np.testing.assert_allclose(h_rot, h, atol=1e-4 * np.abs(h).max())
-
-
-def test_unknown_element_names_structure_and_element(model, atoms):
-    bad = Atoms("HPo", positions=[[0, 0, 0], [0, 0, 1.8]])
-    with pytest.raises(ValueError, match=r"X\[2\] \(HPo\) contains Po \(Z=84\).*sevennet-0"):
-        model.collate([*atoms, bad])
+    check_mlip(model, atoms, reference=SevenNetCalculator("7net-0", device="cpu"),
+               # the readout is bilinear in θ: along a line E and F are quadratic and central
+               # differences are exact for any step, so a large step beats float32 rounding
+               subsets={"readout": 0.5, ("4_self_interaction_2.*",): 3e-2},
+               unknown_element=84)
 
 
 def test_float64_rejected(model):
@@ -124,9 +57,13 @@ def test_float64_rejected(model):
         SevenNetMLIP(model.module, device="cpu", dtype=torch.float64)
 
 
-def test_joint_ntk_transformer_end_to_end(model, atoms):
-    pytest.importorskip("skntk.transformers")
-    from tests.models._checks import check_joint_transformer
+def test_ntk_and_embedding_features(model, atoms):
+    from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
+    from tests.models.test_protocol_extras import check_ntk_rows
 
-    blocks = check_joint_transformer(model, atoms[:1])  # the molecule: keeps CI time low
+    blocks = check_ntk_rows(model, atoms[:1])  # the molecule: keeps CI time low
     assert blocks.kind == "joint" and blocks.rows.shape[0] == 1 + 3 * 5
+    check_featurizer(ForceNTKTransformer(model, kind="joint", parameters="readout",
+                                         force_rows="exact", n_features=32), atoms[:1],
+                     rtol=1e-4)
+    check_featurizer(EmbeddingTransformer(model), atoms, rtol=1e-4)
