@@ -2,6 +2,7 @@
 
     python benchmarks/al/harness.py run benchmarks/al/configs/acac_shift_50.toml [--max-hours 2]
     python benchmarks/al/harness.py report benchmarks/results/al/acac_shift_50
+    python benchmarks/al/harness.py docs        # docs/evidence.md: FINDINGS.md + every report
 
 ``run`` writes one JSON per (split, method, seed) to ``benchmarks/results/al/<experiment>/`` as soon
 as it finishes (keys ``experiment``, ``split``, ``method``, ``seed``, ``config``, ``rounds``: the
@@ -389,6 +390,18 @@ def cmd_report(args):
     return 0
 
 
+def cmd_docs(args):
+    """``docs/evidence.md``: the written findings (``benchmarks/al/FINDINGS.md``) followed by the
+    generated report of every experiment folder under ``results/al``."""
+    root = Path(args.results)
+    parts = [(Path(__file__).parent / "FINDINGS.md").read_text().rstrip(), ""]
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*.json"))):
+        parts += [report_markdown(d), ""]
+    Path(args.out).write_text("\n".join(parts))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Active-learning evidence harness (run / report).")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -401,8 +414,12 @@ def main(argv=None) -> int:
     r.add_argument("--out", default=None, help="result folder (default results/al/<experiment>)")
     p = sub.add_parser("report", help="table + plots from a result folder")
     p.add_argument("directory")
+    d = sub.add_parser("docs", help="docs/evidence.md from FINDINGS.md and every experiment")
+    d.add_argument("--results", default=str(RESULTS))
+    d.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs" /
+                                        "evidence.md"))
     args = ap.parse_args(argv)
-    return cmd_run(args) if args.cmd == "run" else cmd_report(args)
+    return {"run": cmd_run, "report": cmd_report, "docs": cmd_docs}[args.cmd](args)
 
 
 if __name__ == "__main__":
