@@ -281,6 +281,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         model = base.copy()
         device = _resolve_device(self.device)
         _move(model, device)
+        _check_copy(base, model, X[:1])
         self.elements_ = frozenset(int(z) for a in X for z in a.numbers)
         self.reference_shifts_ = {}
         if self.refit_shifts:
@@ -438,6 +439,18 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         from skntk.metrics import evaluate
 
         return -evaluate(self, self._checked(X))["force_mae"]
+
+
+def _check_copy(base: MLIP, copy: MLIP, atoms) -> None:
+    """Refuse a copy that does not predict what the original does (a network whose state lives
+    outside its parameters and buffers would be trained from a different starting point)."""
+    e0 = predict_energies_forces(base, atoms)[0]
+    e1 = predict_energies_forces(copy, atoms)[0]
+    if not np.allclose(e0, e1, rtol=1e-5, atol=1e-4):
+        raise RuntimeError(
+            f"copying {base!r} changed its prediction for X[0] ({atoms[0].get_chemical_formula()}) "
+            f"from {e0[0]:.6f} to {e1[0]:.6f} eV; the network keeps state that copy.deepcopy "
+            f"does not carry, so it cannot be fine-tuned safely.")
 
 
 def _float_dtype(model: MLIP) -> torch.dtype:

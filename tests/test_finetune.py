@@ -395,3 +395,20 @@ def test_without_validation_split_kept_weights_never_worse():
         assert kept <= base * (1 + 1e-6), (lr, reg.best_epoch_, kept, base)
         if reg.best_epoch_ == 0:
             assert kept == pytest.approx(base, rel=1e-12)
+
+
+class _LossyCopyMLIP(BuiltinMLIP):
+    """A handle whose copy does not predict what the original does (state outside its weights)."""
+
+    def copy(self):
+        new = super().copy()
+        with torch.no_grad():
+            new.module.readout[-1].bias.add_(0.5)
+        return new
+
+
+def test_fit_refuses_a_copy_that_predicts_differently(cu_data):
+    train, _ = cu_data
+    model = _LossyCopyMLIP(module=small_model().module)
+    with pytest.raises(RuntimeError, match=r"changed its prediction for X\[0\] \(Cu"):
+        MLIPRegressor(model, epochs=1, random_state=0).fit(train)
