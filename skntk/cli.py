@@ -334,16 +334,16 @@ def _one_line_warnings():
     """skntk's own UserWarnings (e.g. duplicate pool structures) as ``warning: ...`` lines on
     stderr; every other warning passes through unchanged."""
     package = str(Path(__file__).resolve().parent)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        try:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
             yield
-        finally:
-            for w in caught:
-                if issubclass(w.category, UserWarning) and str(w.filename).startswith(package):
-                    print(f"warning: {w.message}", file=sys.stderr)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    finally:  # re-emitted outside the recording context (inside, each would be recorded again)
+        for w in list(caught):
+            if issubclass(w.category, UserWarning) and str(w.filename).startswith(package):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _select(args) -> int:

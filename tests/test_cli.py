@@ -58,3 +58,17 @@ def test_too_large_batch_is_an_error(tmp_path, model_file, capsys):
                "--out", str(tmp_path)])
     assert rc == 2
     assert "-n 6 exceeds the 5 pool structures" in capsys.readouterr().err
+
+
+def test_one_line_warnings_reemits_foreign_warnings_once(capsys):
+    """A foreign warning inside the CLI's warning filter is re-emitted once (it once re-recorded
+    itself forever, growing memory until the demo was killed)."""
+    import warnings
+
+    from skntk.cli import _one_line_warnings
+
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        with _one_line_warnings():
+            warnings.warn("from elsewhere", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in outer] == ["from elsewhere"]
