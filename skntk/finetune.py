@@ -36,7 +36,7 @@ __all__ = ["MLIPRegressor", "predict_energies_forces", "refit_reference_energies
 REFIT_RIDGE = 1e-6
 
 
-def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16):
+def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16, device=None):
     """Energies and forces of ``model`` for each structure.
 
     Parameters
@@ -45,6 +45,8 @@ def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16):
     atoms : list of ase.Atoms of length n_structures
     batch_size : int, default=16
         Structures per graph.
+    device : str or torch.device or None, default=None
+        Where batches are collated (``None``: the handle's device).
 
     Returns
     -------
@@ -55,10 +57,11 @@ def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16):
     """
     energies, forces = [], []
     for s in range(0, len(atoms), batch_size):
-        chunk = atoms[s:s + batch_size]
-        batch = model.collate(chunk)
-        e, f = model.energy_and_forces(batch, create_graph=False)
-        e = e.detach().to("cpu", torch.float64).numpy()
+        chunk = list(atoms[s:s + batch_size])
+        batch = model.collate(chunk) if device is None else model.collate(chunk, device)
+        with torch.enable_grad():  # forces by autograd, even when called under no_grad
+            e, f = model.energy_and_forces(batch, create_graph=False)
+        e = e.detach().to("cpu", torch.float64).numpy().reshape(-1)
         f = f.detach().to("cpu", torch.float64).numpy()
         ptr = batch.ptr.to("cpu").numpy()
         bad = ~np.isfinite(e)
@@ -69,7 +72,7 @@ def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16):
                 f"({chunk[k].get_chemical_formula()}).")
         energies.append(e)
         forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
-    return np.concatenate(energies), forces
+    return (np.concatenate(energies) if energies else np.zeros(0)), forces
 
 
 def composition_matrix(atoms, elements) -> np.ndarray:

@@ -331,36 +331,19 @@ class SelectionPipeline(Pipeline):
 
 
 def _model_predictions(model, atoms, *, device="cpu", batch_size=16):
-    """Energies (eV) and forces (eV/Å) of the MLIP handle ``model`` (in eval mode).
-
-    Parameters
-    ----------
-    model : skntk.models.base.MLIP
-    atoms : list of ase.Atoms
-    device : str or torch.device, default="cpu"
-    batch_size : int, default=16
+    """Energies (eV) and forces (eV/Å) of the MLIP handle ``model`` in eval mode on ``device``
+    (:func:`skntk.finetune.predict_energies_forces` with the network's state restored after).
 
     Returns
     -------
     energies : ndarray of shape (n_structures,)
     forces : list of ndarray of shape (n_atoms_i, 3)
     """
-    import torch
-
+    from skntk.finetune import predict_energies_forces
     from skntk.models.base import module_state
 
-    energies, forces = [], []
-    with module_state(model.module, device=device, train=False), torch.enable_grad():
-        for s in range(0, len(atoms), batch_size):
-            chunk = list(atoms[s:s + batch_size])
-            batch = model.collate(chunk, device)
-            e, f = model.energy_and_forces(batch, create_graph=False)
-            e = e.detach().to("cpu", torch.float64).numpy().reshape(-1)
-            f = f.detach().to("cpu", torch.float64).numpy()
-            ptr = batch.ptr.to("cpu").numpy()
-            energies.append(e)
-            forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
-    return (np.concatenate(energies) if energies else np.zeros(0)), forces
+    with module_state(model.module, device=device, train=False):
+        return predict_energies_forces(model, list(atoms), batch_size=batch_size, device=device)
 
 
 def _seed_of(random_state):

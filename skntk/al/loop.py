@@ -102,11 +102,10 @@ class ActiveLearningResult:
 
 
 def _content_hash(structures) -> str:
-    h = hashlib.sha256()
-    for a in structures:
-        for arr in (a.numbers, a.positions, a.cell.array, a.pbc):
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:16]
+    """One hash of the structures' contents (:func:`skntk.io.structure_hash`), in order."""
+    from skntk.io import structure_hash
+
+    return hashlib.sha256("".join(map(structure_hash, structures)).encode()).hexdigest()[:16]
 
 
 def _describe(obj) -> str:

@@ -119,23 +119,6 @@ class RandomSelector(BaseSelector):
             del self.n_features_in_  # a refit on structures forgets a previous feature width
         return _Structures(n)
 
-    def select(self, X, n_to_select=None):
-        """Pick ``n_to_select`` structures of ``X`` uniformly at random, without replacement.
-
-        Parameters
-        ----------
-        X : FeatureBlocks, array-like of shape (n_structures, n_features) or sequence of ase.Atoms
-            Candidate pool. If it carries a ``shortlist``, only those structures are candidates.
-        n_to_select : int, float or None, default=None
-            Overrides the ``n_to_select`` parameter for this call.
-
-        Returns
-        -------
-        selected_idx : ndarray of int of shape (n_to_select,)
-            Indices into ``X`` in selection order (also stored as ``selected_idx_``).
-        """
-        return super().select(X, n_to_select=n_to_select)
-
     def _select(self, X, candidates, n_to_select):
         rng = check_random_state(self.random_state)
         return np.asarray(candidates)[rng.permutation(len(candidates))[:n_to_select]]
