@@ -7,7 +7,10 @@
 ``run`` writes one JSON per (split, method, seed) to ``benchmarks/results/al/<experiment>/`` as soon
 as it finishes (keys ``experiment``, ``split``, ``method``, ``seed``, ``config``, ``rounds``: the
 loop's history, plus ``selected``, ``failed``, ``seconds``, ``machine``); finished files are
-skipped, an unfinished (method, seed) resumes from its loop checkpoint (``.ckpt/``), and
+skipped, an unfinished (method, seed) resumes from its loop checkpoint (``.ckpt/``), the NTK
+methods of one seed share their pool features (content-addressed cache ``.features/``: computed
+once per seed, not once per method; the ``s/run`` of the first NTK method of a seed carries the
+featurisation), and
 ``--max-hours`` stops starting new runs after that long, so a CPU-sized matrix runs in pieces.
 ``report`` turns the JSONs into a table (mean ± std over seeds per round, median ratio to random and
 seeds beating random, time per method) and learning-curve plots.
@@ -179,6 +182,7 @@ def run_one(cfg, method, seed, out_dir, model):
     loop = ActiveLearningLoop(sel, reg, PoolOracle(), test_sets=tests,
                               groups=cfg["data"].get("groups"), random_state=seed,
                               checkpoint_dir=out_dir / ".ckpt" / path.stem,
+                              feature_cache=out_dir / ".features",
                               progress_bar=False, **cfg["loop"])
     res = loop.run(labelled, pool)
     record = {

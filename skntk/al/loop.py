@@ -190,6 +190,11 @@ class ActiveLearningLoop(BaseEstimator):
     checkpoint_dir : str, os.PathLike or None, default=None
         Where rounds are saved; a rerun with the same arguments resumes (a finished run returns
         at once); a directory written with other arguments is refused.
+    feature_cache : str, os.PathLike or None, default=None
+        Directory of the content-addressed feature cache (:func:`skntk.cache.transform_cached`)
+        for the pretrained features; ``None``: ``checkpoint_dir/features`` (no cache without a
+        checkpoint). Runs that share one directory (methods on the same pool and model, e.g. the
+        evidence harness) compute each structure's features once.
     random_state : int or None, default=None
         Seeds the whole run: every unset ``random_state`` of the selector, and each round's
         fine-tuning (``SeedSequence(random_state)`` spawns one seed per round).
@@ -202,7 +207,7 @@ class ActiveLearningLoop(BaseEstimator):
 
     def __init__(self, selector, regressor, oracle, *, n_rounds=3, batch_size=10,
                  test_sets=None, refeaturize="pretrained", groups=None, checkpoint_dir=None,
-                 random_state=None, progress_bar=True):
+                 feature_cache=None, random_state=None, progress_bar=True):
         self.selector = selector
         self.regressor = regressor
         self.oracle = oracle
@@ -212,6 +217,7 @@ class ActiveLearningLoop(BaseEstimator):
         self.refeaturize = refeaturize
         self.groups = groups
         self.checkpoint_dir = checkpoint_dir
+        self.feature_cache = feature_cache
         self.random_state = random_state
         self.progress_bar = progress_bar
 
@@ -361,8 +367,10 @@ class ActiveLearningLoop(BaseEstimator):
 
         t0 = time.perf_counter()
         featurizer.fit(fit_on)
-        if ckpt is not None:
-            out = transform_cached(featurizer, structures, ckpt / "features")
+        cache = self.feature_cache if self.feature_cache is not None else (
+            None if ckpt is None else ckpt / "features")
+        if cache is not None:
+            out = transform_cached(featurizer, structures, cache)
         else:
             out = featurizer.transform(structures)
         timings["featurize"] += time.perf_counter() - t0

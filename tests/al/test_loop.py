@@ -243,6 +243,30 @@ def test_refeaturize(cu_slabs, tiny_model, mode):
         assert feat_t[0] == 0 and all(t > 0 for t in feat_t[1:])
 
 
+def test_shared_feature_cache_featurises_once(cu_slabs, tiny_model, tmp_path):
+    """Two runs (own checkpoints) sharing ``feature_cache`` compute the pool's features once; the
+    second run's picks equal the first's, and a run without the cache gives the same picks."""
+    lab, pool = cu_slabs(3, 0), cu_slabs(8, 1, label=False)
+
+    def run(ckpt, cache):
+        sel = make_pv_lcmd_pipeline(LoggingNTK(tiny_model, kind="energy", n_features=16),
+                                    random_state=0, shortlist_size=6)
+        loop = ActiveLearningLoop(sel, regressor(tiny_model), CountingOracle(EMT()), n_rounds=1,
+                                  batch_size=2, checkpoint_dir=ckpt, feature_cache=cache,
+                                  random_state=0, progress_bar=False)
+        return loop.run(lab, pool)
+
+    TRANSFORM_LOG.clear()
+    first = run(tmp_path / "a", tmp_path / "shared")
+    assert sum(n for _, n in TRANSFORM_LOG) == len(lab) + len(pool)
+    TRANSFORM_LOG.clear()
+    second = run(tmp_path / "b", tmp_path / "shared")
+    assert sum(n for _, n in TRANSFORM_LOG) == 0
+    assert second.selected == first.selected
+    assert not (tmp_path / "b" / "features").exists()
+    assert run(None, None).selected == first.selected
+
+
 def test_committee_selector_timings(cu_slabs, tiny_model):
     sel = CommitteeSelector(regressor(tiny_model), n_members=2, random_state=0)
     loop = ActiveLearningLoop(sel, regressor(tiny_model), CountingOracle(EMT()), n_rounds=1,
