@@ -39,8 +39,9 @@ from skntk.models.base import replaced_parameters
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParameterSketch", "per_output_gradients", "energy_rows", "force_rows_exact",
-           "force_rows_forward", "force_rows_probes", "rademacher_probes", "structure_index"]
+__all__ = ["ParameterSketch", "SKETCH_METHODS", "observation_rows", "per_output_gradients",
+           "energy_rows", "force_rows_exact", "force_rows_forward", "force_rows_probes",
+           "rademacher_probes", "structure_index"]
 
 
 def _block_seed(seed: int, *key: int) -> int:
@@ -49,14 +50,27 @@ def _block_seed(seed: int, *key: int) -> int:
                % (2 ** 63))
 
 
-class ParameterSketch:
-    """Seeded Gaussian sketch ``R`` of shape (P, d), generated block by block, never stored densely
-    beyond a memory budget.
+#: Sketches of parameter space (:class:`ParameterSketch`): ``"countsketch"`` (one ±1 per row of
+#: ``R``, applied with an index-add in O(k P)) and ``"gaussian"`` (dense N(0, 1/d), the reference).
+SKETCH_METHODS = ("countsketch", "gaussian")
 
-    Rows of ``R`` belonging to parameter tensor ``k`` are generated in chunks of ``block_rows``
-    rows from the seed ``(seed, k, chunk)`` (float64 on the CPU, then cast), so the same seed gives
-    the same ``R`` for train and pool, on any device and for any batch. Chunks are cached while the
-    cache stays below ``cache_mib`` MiB and regenerated otherwise.
+
+class ParameterSketch:
+    """Seeded random sketch ``R`` of shape (P, d) of parameter space, with ``E[R Rᵀ] = I`` so that
+    ``E[⟨g R, g' R⟩] = ⟨g, g'⟩`` for any gradients ``g, g'``.
+
+    Two methods, both generated per parameter tensor from the seed (float64/int64 on the CPU,
+    then cast and moved), so the same seed gives the same ``R`` for train and pool, on any device
+    and for any batch:
+
+    - ``"countsketch"`` (Charikar, Chen & Farach-Colton 2002; Clarkson & Woodruff 2013): each row
+      ``i`` of ``R`` has one non-zero, a random sign ``σ_i`` in a random column ``h(i)``. Applying it
+      is an index-add of the signed gradient entries into ``d`` buckets, O(k P) for k rows, and its
+      state is ``h`` and ``σ`` (12 bytes per parameter). Its inner-product estimates have variance
+      ``(‖g‖²‖g'‖² + ⟨g, g'⟩² - 2 Σ_i g_i² g'_i²) / d``, never more than the Gaussian sketch's.
+    - ``"gaussian"``: entries ``N(0, 1/d)``, generated in chunks of ``block_rows`` rows from the seed
+      ``(seed, k, chunk)``, cached while the cache stays below ``cache_mib`` MiB and regenerated
+      otherwise; applying it is a (k x P) @ (P x d) product. The reference method (skntk < 0.2).
 
     Parameters
     ----------
@@ -66,13 +80,14 @@ class ParameterSketch:
         Sketch dimension ``d``; ``None`` is the identity (exact gradients, ``d = P``).
     seed : int
         Seed of the sketch.
+    method : {"gaussian", "countsketch"}, default="gaussian"
     dtype : torch.dtype, default=torch.float64
         Dtype of the products (the gradients are cast to it).
     device : str or torch.device, default="cpu"
     block_rows : int, default=65536
-        Rows of ``R`` per generated chunk.
+        Rows of ``R`` per generated chunk (Gaussian).
     cache_mib : float, default=256
-        Memory budget for cached chunks.
+        Memory budget for cached chunks (Gaussian).
 
     Examples
     --------
@@ -83,22 +98,30 @@ class ParameterSketch:
     (torch.Size([2, 5]), 10)
     >>> bool(torch.equal(sk.dense(), ParameterSketch([(3, 2), (4,)], 5, seed=0).dense()))
     True
+    >>> cs = ParameterSketch([(3, 2), (4,)], 5, seed=0, method="countsketch")
+    >>> (cs.dense() != 0).sum(dim=1).tolist()  # one signed entry per row
+    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     """
 
     def __init__(self, shapes: Sequence[tuple], n_features: int | None, seed: int, *,
-                 dtype=torch.float64, device="cpu", block_rows: int = 65536,
-                 cache_mib: float = 256):
+                 method: str = "gaussian", dtype=torch.float64, device="cpu",
+                 block_rows: int = 65536, cache_mib: float = 256):
+        if method not in SKETCH_METHODS:
+            raise ValueError(f"unknown sketch method {method!r}; expected one of "
+                             f"{list(SKETCH_METHODS)}.")
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
         self.sizes = [int(np.prod(sh, dtype=np.int64)) for sh in self.shapes]
         self.n_params = int(sum(self.sizes))
         self.n_features = None if n_features is None else int(n_features)
         self.seed = int(seed)
+        self.method = method
         self.dtype = dtype
         self.device = torch.device(device)
         self.block_rows = int(block_rows)
         self.cache_mib = float(cache_mib)
         self._cache: dict = {}
         self._cached_bytes = 0
+        self._hashes: dict = {}
 
     @property
     def d(self) -> int:
@@ -119,6 +142,16 @@ class ParameterSketch:
             self._cache[key] = block
             self._cached_bytes += nbytes
         return block
+
+    def _hash(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CountSketch bucket ``h`` (int64) and sign ``σ`` of every entry of parameter ``k``."""
+        if k not in self._hashes:
+            gen = torch.Generator(device="cpu").manual_seed(_block_seed(self.seed, 2 ** 32 - 1, k))
+            h = torch.randint(0, self.n_features, (self.sizes[k],), generator=gen)
+            sign = torch.randint(0, 2, (self.sizes[k],), generator=gen).to(torch.float64)
+            self._hashes[k] = (h.to(self.device),
+                               (2.0 * sign - 1.0).to(device=self.device, dtype=self.dtype))
+        return self._hashes[k]
 
     def apply(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """Sketched rows ``[g_1, ..., g_K] R``.
@@ -141,10 +174,24 @@ class ParameterSketch:
             return torch.cat(flat, dim=1)
         out = torch.zeros(k, self.n_features, dtype=self.dtype, device=self.device)
         for j, g in enumerate(flat):
+            if self.method == "countsketch":
+                h, sign = self._hash(j)
+                out.index_add_(1, h, g * sign)
+                continue
             for c in range(math.ceil(self.sizes[j] / self.block_rows)):
                 s = c * self.block_rows
                 out.addmm_(g[:, s:s + self.block_rows], self._chunk(j, c))
         return out
+
+    def _column_block(self, j: int, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start:stop`` of the rows of ``R`` that belong to parameter ``j``, transposed:
+        shape (stop - start, size_j)."""
+        if self.method == "countsketch":
+            h, sign = self._hash(j)
+            cols = torch.arange(start, stop, device=self.device).unsqueeze(1)
+            return (h.unsqueeze(0) == cols).to(self.dtype) * sign
+        return torch.cat([self._chunk(j, c)[:, start:stop]
+                          for c in range(math.ceil(self.sizes[j] / self.block_rows))]).T
 
     def columns(self, start: int, stop: int) -> list[torch.Tensor]:
         """Columns ``start:stop`` of ``R`` split per parameter: tensors of shape
@@ -159,9 +206,7 @@ class ParameterSketch:
                 eye[torch.arange(stop - start), idx] = 1.0
                 col = eye[:, offset:offset + self.sizes[j]]
             else:
-                col = torch.cat([self._chunk(j, c)[:, start:stop]
-                                 for c in range(math.ceil(self.sizes[j] / self.block_rows))])
-                col = col.T
+                col = self._column_block(j, start, stop)
             out.append(col.reshape(stop - start, *shape))
         return out
 
@@ -169,8 +214,8 @@ class ParameterSketch:
         """``R`` as a dense (P, d) tensor (for tests and small P only)."""
         if self.n_features is None:
             return torch.eye(self.n_params, dtype=self.dtype, device=self.device)
-        return torch.cat([self._chunk(j, c) for j in range(len(self.sizes))
-                          for c in range(math.ceil(self.sizes[j] / self.block_rows))])
+        return torch.cat([self._column_block(j, 0, self.n_features).T
+                          for j in range(len(self.sizes))])
 
 
 def per_output_gradients(outputs: torch.Tensor, params: Sequence[torch.Tensor], *,
@@ -251,7 +296,7 @@ def structure_index(ptr: torch.Tensor) -> torch.Tensor:
 
 
 def energy_rows(model, batch, params, sketch: ParameterSketch, *,
-                per_atom: bool = False) -> torch.Tensor:
+                per_atom: bool = False, chunk_size: int = 256) -> torch.Tensor:
     """Sketched energy rows ``g_E R``, shape (n_structures, d).
 
     Parameters
@@ -263,15 +308,17 @@ def energy_rows(model, batch, params, sketch: ParameterSketch, *,
     sketch : ParameterSketch
     per_atom : bool, default=False
         Differentiate ``E / N`` instead of ``E``.
+    chunk_size : int, default=256
+        Unsketched gradient rows held at once.
     """
     energy = model.energy(batch)  # [n_structures]
     if per_atom:
         energy = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype)
-    return sketch.apply(per_output_gradients(energy, params))
+    return per_output_gradients(energy, params, chunk_size=chunk_size, reduce=sketch.apply)
 
 
 def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
-                     with_energy: bool = False, per_atom: bool = False):
+                     with_energy: bool = False, per_atom: bool = False, chunk_size: int = 64):
     """Exact sketched force rows ``J_F R`` by reverse-over-reverse, shape (3 n_atoms, d).
 
     Rows are atom-major within each structure, structures in batch order. With ``with_energy``
@@ -282,7 +329,7 @@ def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
     if with_energy:
         e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
         outs = torch.cat([e.to(outs.dtype), outs])
-    rows = per_output_gradients(outs, params, chunk_size=64,
+    rows = per_output_gradients(outs, params, chunk_size=chunk_size,
                                 vectorize=_vectorize_double_backward(model, outs),
                                 reduce=sketch.apply)
     if with_energy:
@@ -335,7 +382,7 @@ def rademacher_probes(n_atoms: Sequence[int], n_probes: int, seed: int,
 
 
 def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: torch.Tensor, *,
-                      with_energy: bool = False, per_atom: bool = False):
+                      with_energy: bool = False, per_atom: bool = False, chunk_size: int = 64):
     """Probe rows ``Zᵀ J_F R / √s``, shape (n_structures · s, d), structure-major.
 
     Parameters
@@ -359,9 +406,98 @@ def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: tor
     if with_energy:
         e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
         outs = torch.cat([e.to(outs.dtype), outs])
-    rows = per_output_gradients(outs, params, chunk_size=64,
+    rows = per_output_gradients(outs, params, chunk_size=chunk_size,
                                 vectorize=_vectorize_double_backward(model, outs),
                                 reduce=sketch.apply)
     if with_energy:
         return rows[n_s:] / math.sqrt(s), rows[:n_s]
     return rows / math.sqrt(s)
+
+
+def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, route: str,
+                     weights=(1.0, 1.0), *, names: Sequence[str] | None = None,
+                     n_probes: int = 8, probe_seed: int = 0, per_atom: bool = True,
+                     max_unsketched: int = 256):
+    """Every structure's observation rows of one collated batch, with their layout.
+
+    The one entry point of the transformer: it batches structures, calls this and concatenates.
+
+    Parameters
+    ----------
+    model : skntk.models.base.MLIP
+    batch : the model's collated batch (exposes ``ptr``)
+    params : list of Tensor
+        The parameter subset ``θ_S`` (requiring grad).
+    sketch : ParameterSketch
+    kind : {"energy", "force", "joint"}
+    route : {"exact", "forward", "probes"}
+        Force-row route (ignored for ``kind="energy"``).
+    weights : tuple of float, default=(1.0, 1.0)
+        ``(w_E, w_F)``, multiplying energy and force rows.
+    names : sequence of str or None
+        Names of ``params`` in ``model.module`` (needed by ``route="forward"``).
+    n_probes, probe_seed : int
+        Probes per structure and their seed (``route="probes"``): probes are keyed by atom
+        count (common random numbers, :func:`rademacher_probes`).
+    per_atom : bool, default=True
+        Energy rows of ``E / N``.
+    max_unsketched : int, default=256
+        Unsketched gradient rows (each of ``P`` entries) held at once.
+
+    Returns
+    -------
+    rows : Tensor of shape (n_rows, d)
+        Structure ``b``'s block is ``rows[offsets[b]:offsets[b + 1]]``: its energy row (energy,
+        joint), then its ``3N`` atom-major force rows (exact, forward) or ``n_probes`` probe rows.
+    offsets : ndarray of int64 of shape (n_structures + 1,)
+    """
+    if kind not in ("energy", "force", "joint"):
+        raise ValueError(f"kind must be 'energy', 'force' or 'joint'; got {kind!r}.")
+    if kind != "energy" and route not in ("exact", "forward", "probes"):
+        raise ValueError(f"route must be 'exact', 'forward' or 'probes'; got {route!r}.")
+    n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).tolist()
+    joint = kind == "joint"
+    chunk = max(1, int(max_unsketched))
+    e_rows = f_rows = None
+    with torch.enable_grad():
+        if kind == "energy":
+            e_rows = energy_rows(model, batch, params, sketch, per_atom=per_atom,
+                                 chunk_size=chunk)
+        elif route == "exact":
+            out = force_rows_exact(model, batch, params, sketch, with_energy=joint,
+                                   per_atom=per_atom, chunk_size=chunk)
+            f_rows, e_rows = out if joint else (out, None)
+        elif route == "forward":
+            if names is None:
+                raise ValueError("route='forward' needs the parameter names.")
+            f_rows = force_rows_forward(model, batch, params, sketch, names=names)
+            if joint:
+                e_rows = energy_rows(model, batch, params, sketch, per_atom=per_atom,
+                                     chunk_size=chunk)
+        else:
+            probes = rademacher_probes(n_atoms, n_probes, probe_seed, n_atoms,
+                                       device=batch.ptr.device)
+            out = force_rows_probes(model, batch, params, sketch, probes, with_energy=joint,
+                                    per_atom=per_atom, chunk_size=chunk)
+            f_rows, e_rows = out if joint else (out, None)
+    n = np.asarray(n_atoms, dtype=np.int64)
+    m_e = 1 if kind in ("energy", "joint") else 0
+    m_f = np.zeros_like(n) if kind == "energy" else (
+        np.full_like(n, n_probes) if route == "probes" else 3 * n)
+    offsets = np.concatenate([[0], np.cumsum(m_e + m_f)]).astype(np.int64)
+    we, wf = (float(w) for w in weights)
+    if f_rows is None:
+        return we * e_rows.detach(), offsets
+    f_rows = wf * f_rows.detach()
+    if e_rows is None:
+        return f_rows, offsets
+    # interleave: structure b's energy row at offsets[b], its force rows right after it
+    e_pos = torch.as_tensor(offsets[:-1], device=f_rows.device)
+    f_pos = torch.as_tensor(np.repeat(offsets[:-1] + 1, m_f)
+                            + np.arange(int(m_f.sum())) - np.repeat(np.cumsum(m_f) - m_f, m_f),
+                            device=f_rows.device)
+    rows = torch.empty(int(offsets[-1]), f_rows.shape[1], dtype=f_rows.dtype,
+                       device=f_rows.device)
+    rows[e_pos] = we * e_rows.detach().to(f_rows.dtype)
+    rows[f_pos] = f_rows
+    return rows, offsets

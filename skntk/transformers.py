@@ -16,6 +16,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from ase import Atoms
+from sklearn import get_config
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
@@ -129,6 +130,19 @@ def _resolve_model(model, owner: str) -> MLIP:
 _SMALL_GRAPH_ATOMS = 48
 
 
+def _auto_route(n_atoms_max: int | None, d: int, n_probes: int, forward_ad: bool) -> str:
+    """``force_rows="auto"``: the cheaper exact route (reverse ~``3N`` VJPs per structure,
+    forward ~``1.5 d``: ``d`` JVPs at ~3 evaluations against ~2 per VJP) when it costs at most
+    ``4 * n_probes`` VJPs for the largest structure, else probes (``n_probes`` VJPs)."""
+    if n_atoms_max is None:
+        return "probes"
+    costs = {"exact": 3 * n_atoms_max}
+    if forward_ad:
+        costs["forward"] = 1.5 * d
+    route = min(costs, key=costs.get)
+    return route if costs[route] <= 4 * n_probes else "probes"
+
+
 def _groups(X, batch_size: int, max_atoms: int | None) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` ranges of at most ``batch_size`` structures and, when
     ``max_atoms`` is set, at most ``max_atoms`` atoms (a larger structure gets its own range)."""
@@ -190,12 +204,21 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         over parameter names.
     n_features : int or None, default=512
         Sketch dimension ``d``; ``None`` keeps the exact gradient (``d = P``).
+    sketch : {"countsketch", "gaussian"}, default="countsketch"
+        The random sketch ``R`` (:class:`skntk.ntk.ParameterSketch`): ``"countsketch"``, one
+        random ±1 per parameter, applied in O(P) per row whatever ``d``; ``"gaussian"``, dense
+        N(0, 1/d) entries (the reference, and the only sketch before skntk 0.2). Both are
+        unbiased, ``E[⟨gR, g'R⟩] = ⟨g, g'⟩``; they give different features, so the cache keys and
+        stored results record the choice.
     force_rows : {"auto", "exact", "forward", "probes"}, default="auto"
-        ``"exact"``: reverse-over-reverse; ``"forward"``: forward-over-reverse (the same rows; for
-        models that support forward-mode AD, cheaper when ``d < 2N``); ``"probes"``: Rademacher
-        probes; ``"auto"``: ``"exact"`` when every structure passed to ``fit`` has
-        ``3N <= 4 * n_probes``, else ``"probes"`` (decided once in ``fit`` so train and pool rows
-        match).
+        ``"exact"``: reverse-over-reverse, ~``3N`` vector-Jacobian products (VJPs) of the force
+        graph per structure; ``"forward"``: forward-over-reverse, the same rows from ``d``
+        forward-mode derivatives per batch, ~``1.5 d`` VJPs' worth per structure, for models that
+        declare forward-mode AD (``functional = True``: built-in, SevenNet, CHGNet, MACE);
+        ``"probes"``: ``n_probes`` Rademacher probe rows, ``n_probes`` VJPs. ``"auto"``: the
+        cheaper exact route when its cost is at most ``4 * n_probes`` VJPs for the largest
+        structure passed to ``fit``, else ``"probes"`` (decided once in ``fit`` so train and pool
+        rows match; ``"probes"`` when ``fit`` gets no structures).
     n_probes : int, default=8
         Probes per structure for ``force_rows="probes"``.
     energy_weight, force_weight : float, default=1.0
@@ -206,9 +229,15 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``; an unavailable CUDA
         device falls back to the CPU with a warning. Stored as ``device_``.
     batch_size : int, default=32
-        Structures per graph for energy rows and forward-over-reverse; exact and probe force rows
-        share a graph only among small structures (at most 48 atoms per graph), since their
-        per-structure cost grows with the graph.
+        Structures per graph where graphs are shared: always for ``force_rows="forward"``, and
+        for every kind on CUDA or with a backend whose vectorised backward is cheap
+        (``batched_double_backward``, the built-in model; exact and probe force rows then share
+        a graph among at most 48 atoms). Elsewhere (SevenNet, CHGNet, MACE on the CPU) every
+        structure gets its own graph: a per-structure gradient through a shared graph costs the
+        whole graph, and these backends gain nothing from batching on the CPU (docs/ntk.md).
+    working_memory : float or None, default=None
+        MiB of unsketched gradient rows (``P`` entries each) held at once; ``None`` uses
+        scikit-learn's ``working_memory`` (``sklearn.get_config()``).
     dtype : {"float32", "float64"} or None, default=None
         Dtype of the model evaluation (``None``: the model's own). Rows come out as float64.
     random_state : int, RandomState instance or None, default=None
@@ -252,6 +281,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         "kind": [StrOptions({"energy", "force", "joint"})],
         "parameters": [str, list, tuple],
         "n_features": [Interval(Integral, 1, None, closed="left"), None],
+        "sketch": [StrOptions(set(ntk.SKETCH_METHODS))],
         "force_rows": [StrOptions({"auto", "exact", "forward", "probes"})],
         "n_probes": [Interval(Integral, 1, None, closed="left")],
         "energy_weight": [Interval(Real, 0, None, closed="left")],
@@ -259,19 +289,21 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         "normalize": [StrOptions({"atoms"}), None],
         "device": [str, torch.device],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "working_memory": [Interval(Real, 0, None, closed="neither"), None],
         "dtype": [StrOptions(set(_DTYPES)), None],
         "random_state": ["random_state"],
         "progress_bar": ["boolean"],
     }
 
     def __init__(self, model=None, *, kind="energy", parameters="default", n_features=512,
-                 force_rows="auto", n_probes=8, energy_weight=1.0, force_weight=1.0,
-                 normalize="atoms", device="auto", batch_size=32, dtype=None, random_state=None,
-                 progress_bar=False):
+                 sketch="countsketch", force_rows="auto", n_probes=8, energy_weight=1.0,
+                 force_weight=1.0, normalize="atoms", device="auto", batch_size=32,
+                 working_memory=None, dtype=None, random_state=None, progress_bar=False):
         self.model = model
         self.kind = kind
         self.parameters = parameters
         self.n_features = n_features
+        self.sketch = sketch
         self.force_rows = force_rows
         self.n_probes = n_probes
         self.energy_weight = energy_weight
@@ -279,6 +311,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         self.normalize = normalize
         self.device = device
         self.batch_size = batch_size
+        self.working_memory = working_memory
         self.dtype = dtype
         self.random_state = random_state
         self.progress_bar = progress_bar
@@ -311,10 +344,10 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         if X is not None:
             X = validate_structures(as_atoms_list(X), species=model.species)
             n_atoms_max = max(len(a) for a in X)
+        d = self.n_params_ if self.n_features is None else int(self.n_features)
         route = self.force_rows
         if route == "auto":
-            route = ("exact" if n_atoms_max is not None and 3 * n_atoms_max <= 4 * self.n_probes
-                     else "probes")
+            route = _auto_route(n_atoms_max, d, self.n_probes, model.supports_torch_func)
         if route == "forward" and not model.supports_torch_func:
             raise ValueError(f"force_rows='forward' needs a model with forward-mode AD support; "
                              f"{type(model).__name__} does not declare it (functional=False).")
@@ -322,7 +355,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         self.model_ = model
         eval_dtype = self._eval_dtype(model)
         self.sketch_ = ntk.ParameterSketch([tuple(p.shape) for _, p in named], self.n_features,
-                                           self.seed_, dtype=eval_dtype, device=self.device_)
+                                           self.seed_, method=self.sketch, dtype=eval_dtype,
+                                           device=self.device_)
         self.n_features_out_ = self.sketch_.d
         if self.n_features is None and self.n_params_ > 100_000:
             warnings.warn(f"n_features=None keeps all {self.n_params_} gradient entries per row; "
@@ -367,8 +401,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             raise ValueError("the model's parameter subset changed since fit; refit the "
                              "transformer.")
         self.check_memory(X, validate=False)
-        per_structure = self.kind != "energy" and self.force_rows_ in ("exact", "probes")
-        groups = _groups(X, self.batch_size, _SMALL_GRAPH_ATOMS if per_structure else None)
+        groups = self._graph_groups(model, X)
         blocks = []
         dtype = self._eval_dtype(model)
         with module_state(model.module, device=self.device_, dtype=dtype, train=False,
@@ -468,46 +501,35 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             f"(distances, cell) and that the model supports it."
         )
 
+    def _graph_groups(self, model, X) -> list[tuple[int, int]]:
+        """Ranges of ``X`` that share one graph (see ``batch_size``)."""
+        if self.kind != "energy" and self.force_rows_ == "forward":
+            return _groups(X, self.batch_size, None)  # each JVP costs the batch: share it
+        if self.device_.type == "cuda" or model.batched_double_backward:
+            return _groups(X, self.batch_size, None if self.kind == "energy"
+                           else _SMALL_GRAPH_ATOMS)
+        return [(i, i + 1) for i in range(len(X))]
+
+    def _max_unsketched(self) -> int:
+        """Unsketched gradient rows (``n_params_`` entries of the evaluation dtype) that fit in
+        ``working_memory``."""
+        mib = self.working_memory if self.working_memory is not None else \
+            get_config()["working_memory"]
+        itemsize = torch.empty((), dtype=self.sketch_.dtype).element_size()
+        return max(1, int(mib * 2 ** 20 // (max(1, self.n_params_) * itemsize)))
+
     def _batch_rows(self, model, atoms, params, names):
-        per_atom = self.normalize == "atoms"
         batch = model.collate(atoms, self.device_)
-        n = [len(a) for a in atoms]
-        we, wf = float(self.energy_weight), float(self.force_weight)
-        e_rows = f_rows = None
-        with torch.enable_grad():
-            if self.kind == "energy":
-                e_rows = ntk.energy_rows(model, batch, params, self.sketch_, per_atom=per_atom)
-            elif self.force_rows_ == "exact":
-                f_rows, e_rows = ntk.force_rows_exact(model, batch, params, self.sketch_,
-                                                      with_energy=True, per_atom=per_atom)
-            elif self.force_rows_ == "forward":
-                f_rows = ntk.force_rows_forward(model, batch, params, self.sketch_, names=names)
-                if self.kind == "joint":
-                    batch = model.collate(atoms, self.device_)
-                    e_rows = ntk.energy_rows(model, batch, params, self.sketch_,
-                                             per_atom=per_atom)
-            else:
-                # Common random numbers: probes are keyed by atom count, not by position in X, so
-                # near-identical structures (frames of one trajectory) get near-identical rows and
-                # a structure's rows do not depend on where it sits in X.
-                probes = ntk.rademacher_probes(n, self.n_probes, self.seed_, n,
-                                               device=self.device_)
-                f_rows, e_rows = ntk.force_rows_probes(model, batch, params, self.sketch_, probes,
-                                                       with_energy=True, per_atom=per_atom)
-        out = []
-        e_np = None if e_rows is None else we * e_rows.detach().cpu().double().numpy()
-        f_np = None if f_rows is None else wf * f_rows.detach().cpu().double().numpy()
-        f_off = 0
-        for b, n_b in enumerate(n):
-            parts = []
-            if self.kind in ("energy", "joint"):
-                parts.append(e_np[b:b + 1])
-            if self.kind in ("force", "joint"):
-                m_b = self.n_probes if self.force_rows_ == "probes" else 3 * n_b
-                parts.append(f_np[f_off:f_off + m_b])
-                f_off += m_b
-            out.append(np.concatenate(parts))
-        return out
+        # Common random numbers: probes are keyed by atom count, not by position in X, so
+        # near-identical structures (frames of one trajectory) get near-identical rows and a
+        # structure's rows do not depend on where it sits in X.
+        rows, offsets = ntk.observation_rows(
+            model, batch, params, self.sketch_, self.kind, self.force_rows_,
+            (self.energy_weight, self.force_weight), names=names, n_probes=self.n_probes,
+            probe_seed=self.seed_, per_atom=self.normalize == "atoms",
+            max_unsketched=min(256, self._max_unsketched()))
+        rows = rows.cpu().double().numpy()
+        return [rows[offsets[b]:offsets[b + 1]] for b in range(len(atoms))]
 
     def get_feature_names_out(self, input_features=None):
         """Names ``forcentk<kind>0 .. forcentk<kind>{d-1}`` of the feature columns.

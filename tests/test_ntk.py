@@ -326,3 +326,137 @@ def test_per_output_gradients_loop_and_chunked_reduce_match_jacobian():
         torch.testing.assert_close(got, ref)
         loop = ntk.per_output_gradients(out, [w, v], retain_graph=True, vectorize=vectorize)
         torch.testing.assert_close(loop[1], jv)
+
+
+# -- CountSketch ----------------------------------------------------------------------------------
+
+def test_countsketch_is_one_signed_entry_per_row_seeded_and_matches_dense():
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    sk = ntk.ParameterSketch(shapes, 6, seed=11, method="countsketch")
+    R = sk.dense()
+    assert R.shape == (30, 6)
+    assert ((R != 0).sum(1) == 1).all() and set(R[R != 0].tolist()) <= {-1.0, 1.0}
+    g = [torch.randn(3, *s, dtype=torch.float64) for s in shapes]
+    flat = torch.cat([x.reshape(3, -1) for x in g], dim=1)
+    torch.testing.assert_close(sk.apply(g), flat @ R)
+    cols = sk.columns(1, 5)
+    torch.testing.assert_close(torch.cat([c.reshape(4, -1) for c in cols], 1), R[:, 1:5].T)
+    again = ntk.ParameterSketch(shapes, 6, seed=11, method="countsketch").dense()
+    assert torch.equal(R, again)
+    assert not torch.equal(R, ntk.ParameterSketch(shapes, 6, seed=12,
+                                                  method="countsketch").dense())
+    assert not torch.equal(R, ntk.ParameterSketch(shapes, 6, seed=11).dense())  # not Gaussian
+    with pytest.raises(ValueError, match="unknown sketch method 'srht'"):
+        ntk.ParameterSketch(shapes, 6, seed=0, method="srht")
+
+
+@pytest.mark.parametrize("method", ["gaussian", "countsketch"])
+def test_sketches_are_unbiased_with_the_documented_variance(method):
+    """E⟨gR, g'R⟩ = ⟨g, g'⟩ (a 4-standard-error check over 2000 seeds) and E[R Rᵀ] = I; the
+    CountSketch variance is the documented closed form, the Gaussian one is larger."""
+    rng = np.random.default_rng(0)
+    g1, g2 = (torch.as_tensor(rng.normal(size=(1, 40)) * rng.exponential(size=40))
+              for _ in range(2))
+    d = 16
+    vals, RRt = [], torch.zeros(40, 40, dtype=torch.float64)
+    for seed in range(2000):
+        sk = ntk.ParameterSketch([(40,)], d, seed=seed, method=method)
+        vals.append(float(sk.apply([g1]) @ sk.apply([g2]).T))
+        R = sk.dense()
+        RRt += R @ R.T / 2000
+    exact = float(g1 @ g2.T)
+    se = np.std(vals) / np.sqrt(len(vals))
+    assert abs(np.mean(vals) - exact) < 4 * se
+    assert (RRt - torch.eye(40, dtype=torch.float64)).abs().max() < 0.1
+    n1, n2 = float(g1 @ g1.T), float(g2 @ g2.T)
+    gauss_var = (n1 * n2 + exact ** 2) / d
+    if method == "countsketch":
+        var = (n1 * n2 + exact ** 2 - 2 * float((g1 ** 2 * g2 ** 2).sum())) / d
+        assert var < gauss_var
+    else:
+        var = gauss_var
+    assert abs(np.var(vals) / var - 1) < 0.15
+
+
+# -- observation_rows: the one entry point --------------------------------------------------------
+
+@pytest.mark.parametrize("kind,route", [("energy", "exact"), ("force", "exact"),
+                                        ("joint", "exact"), ("force", "forward"),
+                                        ("joint", "forward"), ("force", "probes"),
+                                        ("joint", "probes")])
+def test_observation_rows_layout_equals_the_reference_routes(model, kind, route):
+    """Blocks of observation_rows are [w_E energy row; w_F force rows] per structure, equal to
+    the route functions called on their own (the reference)."""
+    X = structures()
+    names, params = subset(model)
+    sk = ntk.ParameterSketch([p.shape for p in params], 9, seed=2, method="countsketch")
+    batch = model.collate(X)
+    rows, offsets = ntk.observation_rows(model, batch, params, sk, kind, route, (2.0, 0.5),
+                                         names=names, n_probes=3, probe_seed=7)
+    n = [len(a) for a in X]
+    m_f = [0] * 2 if kind == "energy" else ([3] * 2 if route == "probes" else [3 * k for k in n])
+    m_e = 0 if kind == "force" else 1
+    assert offsets.tolist() == np.cumsum([0] + [m_e + m for m in m_f]).tolist()
+    e_ref = ntk.energy_rows(model, model.collate(X), params, sk, per_atom=True)
+    if route == "exact":
+        f_ref = ntk.force_rows_exact(model, model.collate(X), params, sk)
+    elif route == "forward":
+        f_ref = ntk.force_rows_forward(model, model.collate(X), params, sk, names=names)
+    else:
+        Z = ntk.rademacher_probes(n, 3, 7, n)
+        f_ref = ntk.force_rows_probes(model, model.collate(X), params, sk, Z)
+    f_start = np.cumsum([0] + m_f)
+    for b in range(2):
+        blk = rows[offsets[b]:offsets[b + 1]]
+        if m_e:
+            torch.testing.assert_close(blk[0], 2.0 * e_ref[b], rtol=1e-10, atol=1e-12)
+        if kind != "energy":
+            torch.testing.assert_close(blk[m_e:], 0.5 * f_ref[f_start[b]:f_start[b + 1]],
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_observation_rows_finite_differences_and_probe_projection(model):
+    """Joint exact rows (unsketched) against central differences of E/N and F along random
+    directions; probe rows are exactly Zᵀ (exact force rows) / √s for the same probes."""
+    X = structures()
+    names, params = subset(model)
+    sk = exact_sketch(params)
+    rows, off = ntk.observation_rows(model, model.collate(X), params, sk, "joint", "exact")
+    gen = torch.Generator().manual_seed(3)
+    n = torch.tensor([len(a) for a in X], dtype=torch.float64)
+    for _ in range(2):
+        v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        flat_v = torch.cat([x.reshape(-1) for x in v])
+        Ep, Fp = energies_forces_at(model, names, params, v, EPS, X)
+        Em, Fm = energies_forces_at(model, names, params, v, -EPS, X)
+        dE, dF = (Ep - Em) / (2 * EPS) / n, (Fp - Fm) / (2 * EPS)
+        jv = rows @ flat_v
+        f_at = 0
+        for b in range(2):
+            blk = jv[off[b]:off[b + 1]]
+            torch.testing.assert_close(blk[0], dE[b], rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(blk[1:], dF[f_at:f_at + blk.numel() - 1], rtol=1e-5,
+                                       atol=1e-7)
+            f_at += blk.numel() - 1
+    probe_rows, poff = ntk.observation_rows(model, model.collate(X), params, sk, "force",
+                                            "probes", n_probes=4, probe_seed=5)
+    nn_ = [len(a) for a in X]
+    Z = ntk.rademacher_probes(nn_, 4, 5, nn_)  # (s, n_atoms, 3)
+    f_at = 0
+    for b in range(2):
+        exact = torch.cat([rows[off[b] + 1:off[b + 1]]])
+        zb = Z[:, f_at:f_at + nn_[b]].reshape(4, -1)
+        torch.testing.assert_close(probe_rows[poff[b]:poff[b + 1]], zb @ exact / 2.0,
+                                   rtol=1e-9, atol=1e-12)
+        f_at += nn_[b]
+
+
+def test_observation_rows_rejects_unknown_kind_and_route(model):
+    names, params = subset(model)
+    sk = exact_sketch(params)
+    with pytest.raises(ValueError, match="kind must be"):
+        ntk.observation_rows(model, model.collate(structures()), params, sk, "hessian", "exact")
+    with pytest.raises(ValueError, match="route must be"):
+        ntk.observation_rows(model, model.collate(structures()), params, sk, "force", "magic")
+    with pytest.raises(ValueError, match="parameter names"):
+        ntk.observation_rows(model, model.collate(structures()), params, sk, "force", "forward")

@@ -124,6 +124,31 @@ def test_auto_route_from_fit_structures(model, X):
     assert t.fit([molecule("H2O")]).force_rows_ == "exact"  # 3N = 9 <= 32
     assert t.fit(X + [molecule("C6H6")]).force_rows_ == "probes"  # 36 > 32
     assert t.fit().force_rows_ == "probes"
+    # forward-over-reverse costs ~1.5 d VJPs per structure whatever N: cheapest for tiny d
+    t.set_params(n_features=4)
+    assert t.fit(X + [molecule("C6H6")]).force_rows_ == "forward"  # 6 <= min(36, 32)
+    assert t.fit([molecule("H2O")]).force_rows_ == "forward"  # 6 < 9
+    t.set_params(n_features=16)
+    assert t.fit([molecule("H2O")]).force_rows_ == "exact"  # 9 < 24
+    assert t.fit(X + [molecule("C6H6")]).force_rows_ == "forward"  # 24 <= 32 < 36
+
+
+def test_working_memory_and_sketch_choice(model, X):
+    """working_memory only changes how many unsketched rows are held at once, not the rows; the
+    two sketches give different (both unbiased) features, and the Gaussian one is the dense
+    product of the unsketched rows."""
+    kw = dict(kind="joint", force_rows="exact", n_features=8, random_state=0)
+    a = ForceNTKTransformer(model, **kw).fit().transform(X)
+    b = ForceNTKTransformer(model, working_memory=1e-4, **kw).fit().transform(X)
+    np.testing.assert_allclose(a.rows, b.rows, rtol=1e-12, atol=1e-14)
+    g = ForceNTKTransformer(model, sketch="gaussian", **kw).fit()
+    Gg = g.transform(X)
+    assert not np.allclose(a.rows, Gg.rows)
+    full = ForceNTKTransformer(model, **{**kw, "n_features": None}).fit().transform(X)
+    np.testing.assert_allclose(full.rows @ g.sketch_.dense().numpy(), Gg.rows, rtol=1e-10,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="sketch"):
+        ForceNTKTransformer(model, sketch="srht").fit()
 
 
 def test_model_state_restored_even_on_error(model, X, monkeypatch):

@@ -50,8 +50,8 @@ METHODS = {
 }
 
 _SECTIONS = {"output", "model", "data", "selector", "finetune", "oracle", "loop"}
-_NTK_KEYS = {"parameters", "n_features", "force_rows", "n_probes", "energy_weight",
-             "force_weight", "batch_size", "device", "dtype"}
+_NTK_KEYS = {"parameters", "n_features", "sketch", "force_rows", "n_probes", "energy_weight",
+             "force_weight", "batch_size", "working_memory", "device", "dtype"}
 
 
 def build_selector(method, model, *, regressor=None, n_to_select=None, random_state=0,

@@ -126,6 +126,9 @@ class CHGNetMLIP(MLIP):
     #: Subset with the highest effective rank of energy-gradient features on 300 real frames
     #: (OC20 + 3BPA; docs/backends.md).
     default_subset = "all"
+    #: Forward-mode AD works through the network: the forward-over-reverse route
+    #: (``force_rows="forward"``) equals the reverse-mode exact rows (tests/models).
+    functional = True
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="chgnet"):
         require("chgnet", "chgnet")

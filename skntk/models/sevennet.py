@@ -94,6 +94,9 @@ class SevenNetMLIP(MLIP):
     #: Subset with the highest effective rank of energy-gradient features on 300 real frames
     #: (OC20 + 3BPA; docs/backends.md): 3-4x the readout's.
     default_subset = "last_block"
+    #: Forward-mode AD works through the network: the forward-over-reverse route
+    #: (``force_rows="forward"``) equals the reverse-mode exact rows (tests/models).
+    functional = True
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet",
                  config=None):

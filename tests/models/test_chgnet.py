@@ -100,3 +100,11 @@ def test_ntk_and_embedding_features(model, atoms):
     ptr = np.cumsum([0] + [len(a) for a in atoms])
     np.testing.assert_allclose(X, [h[a:b].mean(0) for a, b in zip(ptr[:-1], ptr[1:], strict=True)],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_force_row_routes_and_batch_independence(model, atoms):
+    """forward = exact, probes = Zᵀ exact / √s, CountSketch = unsketched @ R, and rows that do
+    not depend on the batch (one graph per structure or shared graphs)."""
+    from tests.models.test_protocol_extras import check_routes
+
+    check_routes(model, atoms[:2], "readout", rtol=2e-4)

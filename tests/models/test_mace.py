@@ -103,6 +103,18 @@ def test_ntk_and_embedding_features(model, atoms):
     check_featurizer(EmbeddingTransformer(model), atoms)
 
 
+def test_force_row_routes_and_batch_independence(model, atoms):
+    """probes = Zᵀ exact / √s, CountSketch = unsketched @ R, rows independent of the batch. The
+    forward route is refused: forward-over-reverse through MACE gives wrong force rows."""
+    from skntk.transformers import ForceNTKTransformer
+    from tests.models.test_protocol_extras import check_routes
+
+    check_routes(model, atoms, "last_block", rtol=1e-8)
+    assert not model.supports_torch_func
+    with pytest.raises(ValueError, match="forward-mode AD"):
+        ForceNTKTransformer(model, kind="force", force_rows="forward").fit(atoms)
+
+
 # -- reference energies, copies, saving, ASE calculator (checks shared with other backends) ---
 def test_reference_energies_are_e0s(model, atoms):
     from tests.models.test_protocol_extras import check_reference_energies

@@ -131,6 +131,57 @@ def check_ntk_rows(model, atoms, subset="readout", *, rtol=1e-4):
     return blocks
 
 
+def check_routes(model, atoms, subset="readout", *, rtol=1e-4, forward=True):
+    """Every force-row route and graph grouping of ForceNTKTransformer against the exact
+    reverse-mode rows (the reference, itself checked by :func:`check_ntk_rows`):
+
+    - ``"forward"`` (when declared; ``forward=False`` skips it) equals ``"exact"``;
+    - probe rows are ``Zᵀ (exact force rows) / √s`` for the transformer's own probes, energy rows
+      equal;
+    - CountSketch rows are the unsketched rows times the dense ``R``;
+    - a structure's rows do not depend on its batch: alone, first, last, beside structures of
+      other sizes, with one graph per structure and with shared graphs (as on CUDA).
+    """
+    from skntk import ntk as ntk_mod
+    from skntk.transformers import ForceNTKTransformer
+
+    kw = dict(kind="joint", parameters=subset, device="cpu", random_state=0)
+    exact = ForceNTKTransformer(model, force_rows="exact", n_features=24, **kw).fit(atoms)
+    G = exact.transform(atoms)
+    scale = np.abs(G.rows).max()
+    if forward and model.supports_torch_func:
+        fw = ForceNTKTransformer(model, force_rows="forward", n_features=24, **kw).fit(atoms)
+        np.testing.assert_allclose(fw.transform(atoms).rows, G.rows, atol=rtol * scale)
+    pr = ForceNTKTransformer(model, force_rows="probes", n_probes=3, n_features=24, **kw)
+    Gp = pr.fit(atoms).transform(atoms)
+    n = [len(a) for a in atoms]
+    Z = ntk_mod.rademacher_probes(n, 3, pr.seed_, n).numpy()
+    at = 0
+    for i, k in enumerate(n):
+        z = Z[:, at:at + k].reshape(3, -1)
+        np.testing.assert_allclose(Gp.block(i)[0], G.block(i)[0], atol=rtol * scale)
+        np.testing.assert_allclose(Gp.block(i)[1:], z @ G.block(i)[1:] / np.sqrt(3),
+                                   atol=rtol * scale)
+        at += k
+    dense = ForceNTKTransformer(model, force_rows="exact", n_features=None, **kw).fit(atoms)
+    R = exact.sketch_.dense().double().numpy()
+    np.testing.assert_allclose(dense.transform(atoms).rows @ R, G.rows, atol=rtol * scale)
+    mixed = [atoms[-1]] + list(atoms) + [atoms[0]]
+    for est in (exact, pr):
+        ref = est.transform(atoms)
+        for shared in (False, True):
+            model.batched_double_backward = shared  # instance attribute: graph grouping
+            try:
+                alone = [est.transform([a]).block(0) for a in atoms]
+                together = est.transform(mixed)
+            finally:
+                model.__dict__.pop("batched_double_backward", None)
+            for i in range(len(atoms)):
+                np.testing.assert_allclose(alone[i], ref.block(i), atol=rtol * scale)
+                np.testing.assert_allclose(together.block(i + 1), ref.block(i),
+                                           atol=rtol * scale)
+
+
 # -- built-in --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def atoms():
@@ -142,6 +193,10 @@ def builtin():
     model = BuiltinMLIP([1, 6, 8, 29], cutoff=4.0, n_hidden=16, n_blocks=2, random_state=1)
     model.set_reference_energies({1: -1.0, 6: -2.0, 8: -3.0, 29: -4.0})
     return model
+
+
+def test_builtin_routes(builtin, atoms):
+    check_routes(builtin, atoms, "all", rtol=1e-5)
 
 
 def test_builtin_reference_energies(builtin, atoms):

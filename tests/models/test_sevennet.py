@@ -67,3 +67,11 @@ def test_ntk_and_embedding_features(model, atoms):
                                          force_rows="exact", n_features=32), atoms[:1],
                      rtol=1e-4)
     check_featurizer(EmbeddingTransformer(model), atoms, rtol=1e-4)
+
+
+def test_force_row_routes_and_batch_independence(model, atoms):
+    """forward = exact, probes = Zᵀ exact / √s, CountSketch = unsketched @ R, and rows that do
+    not depend on the batch (one graph per structure or shared graphs)."""
+    from tests.models.test_protocol_extras import check_routes
+
+    check_routes(model, atoms[:2], "readout", rtol=2e-4)
