@@ -125,8 +125,8 @@ def _resolve_model(model, owner: str) -> MLIP:
                     f"{type(model).__name__}.")
 
 
-#: Exact and probe force rows cost (rows x graph size): structures share a graph only while the
-#: graph stays this small (per-call overhead dominates there), else one structure per graph.
+#: Shared graphs of exact and probe force rows cost (rows x graph size): structures share a graph
+#: only while the graph stays this small (per-call overhead dominates there).
 _SMALL_GRAPH_ATOMS = 48
 
 
@@ -228,13 +228,21 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
     device : str, default="auto"
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``; an unavailable CUDA
         device falls back to the CPU with a warning. Stored as ``device_``.
+    batching : {"auto", "shared", "per_structure"}, default="auto"
+        How structures share graphs; the rows do not depend on it (tested), only the cost does.
+        ``"shared"``: up to ``batch_size`` structures per graph (exact and probe force rows: at
+        most 48 atoms per graph), per-structure gradients by one-hot vector-Jacobian products
+        through the shared graph (the route of skntk < 0.2); ``"per_structure"``: one graph per
+        structure; ``"auto"`` (resolved in ``fit`` as ``batching_``): shared for
+        ``force_rows="forward"`` (each forward-mode pass costs the whole batch), on CUDA
+        (unmeasured), and for backends whose vectorised backward is cheap
+        (``batched_double_backward``: the built-in model) when the subset holds at most a quarter
+        of the model's parameters (a one-hot product then stops early); per structure elsewhere
+        (SevenNet, CHGNet, MACE on the CPU: a per-structure gradient through a shared graph costs
+        the whole graph, and these backends gain nothing from batching on the CPU; measured in
+        docs/ntk.md).
     batch_size : int, default=32
-        Structures per graph where graphs are shared: always for ``force_rows="forward"``, and
-        for every kind on CUDA or with a backend whose vectorised backward is cheap
-        (``batched_double_backward``, the built-in model; exact and probe force rows then share
-        a graph among at most 48 atoms). Elsewhere (SevenNet, CHGNet, MACE on the CPU) every
-        structure gets its own graph: a per-structure gradient through a shared graph costs the
-        whole graph, and these backends gain nothing from batching on the CPU (docs/ntk.md).
+        Structures per shared graph.
     working_memory : float or None, default=None
         MiB of unsketched gradient rows (``P`` entries each) held at once; ``None`` uses
         scikit-learn's ``working_memory`` (``sklearn.get_config()``).
@@ -259,6 +267,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         ``d``.
     force_rows_ : {"exact", "forward", "probes"}
         Resolved force-row route.
+    batching_ : {"shared", "per_structure"}
+        Resolved ``batching``.
     seed_ : int
         Seed of the sketch and the probes.
     sketch_ : skntk.ntk.ParameterSketch
@@ -288,6 +298,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         "force_weight": [Interval(Real, 0, None, closed="left")],
         "normalize": [StrOptions({"atoms"}), None],
         "device": [str, torch.device],
+        "batching": [StrOptions({"auto", "shared", "per_structure"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "working_memory": [Interval(Real, 0, None, closed="neither"), None],
         "dtype": [StrOptions(set(_DTYPES)), None],
@@ -297,8 +308,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
 
     def __init__(self, model=None, *, kind="energy", parameters="default", n_features=512,
                  sketch="countsketch", force_rows="auto", n_probes=8, energy_weight=1.0,
-                 force_weight=1.0, normalize="atoms", device="auto", batch_size=32,
-                 working_memory=None, dtype=None, random_state=None, progress_bar=False):
+                 force_weight=1.0, normalize="atoms", device="auto", batching="auto",
+                 batch_size=32, working_memory=None, dtype=None, random_state=None, progress_bar=False):
         self.model = model
         self.kind = kind
         self.parameters = parameters
@@ -310,6 +321,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         self.force_weight = force_weight
         self.normalize = normalize
         self.device = device
+        self.batching = batching
         self.batch_size = batch_size
         self.working_memory = working_memory
         self.dtype = dtype
@@ -353,6 +365,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                              f"{type(model).__name__} does not declare it (functional=False).")
         self.force_rows_ = route
         self.model_ = model
+        self.batching_ = self._resolve_batching(model)
         eval_dtype = self._eval_dtype(model)
         self.sketch_ = ntk.ParameterSketch([tuple(p.shape) for _, p in named], self.n_features,
                                            self.seed_, method=self.sketch, dtype=eval_dtype,
@@ -501,14 +514,23 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             f"(distances, cell) and that the model supports it."
         )
 
+    def _resolve_batching(self, model) -> str:
+        if self.batching != "auto":
+            return self.batching
+        forward = self.kind != "energy" and self.force_rows_ == "forward"
+        n_all = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
+        shallow = self.n_params_ <= 0.25 * max(1, n_all)
+        shared = forward or self.device_.type == "cuda" or (model.batched_double_backward
+                                                            and shallow)
+        return "shared" if shared else "per_structure"
+
     def _graph_groups(self, model, X) -> list[tuple[int, int]]:
-        """Ranges of ``X`` that share one graph (see ``batch_size``)."""
-        if self.kind != "energy" and self.force_rows_ == "forward":
-            return _groups(X, self.batch_size, None)  # each JVP costs the batch: share it
-        if self.device_.type == "cuda" or model.batched_double_backward:
-            return _groups(X, self.batch_size, None if self.kind == "energy"
-                           else _SMALL_GRAPH_ATOMS)
-        return [(i, i + 1) for i in range(len(X))]
+        """Ranges of ``X`` that share one graph (see ``batching``)."""
+        if self.batching_ == "per_structure":
+            return [(i, i + 1) for i in range(len(X))]
+        forward = self.kind != "energy" and self.force_rows_ == "forward"
+        small = None if self.kind == "energy" or forward else _SMALL_GRAPH_ATOMS
+        return _groups(X, self.batch_size, small)
 
     def _max_unsketched(self) -> int:
         """Unsketched gradient rows (``n_params_`` entries of the evaluation dtype) that fit in

@@ -133,6 +133,28 @@ def test_auto_route_from_fit_structures(model, X):
     assert t.fit(X + [molecule("C6H6")]).force_rows_ == "forward"  # 24 <= 32 < 36
 
 
+def test_batching_rule(model, X):
+    """auto: the built-in model (cheap vectorised backward) shares graphs for a shallow subset and
+    gives each structure its own graph for a deep one; a backend without it never shares (CPU),
+    except for forward-over-reverse; explicit choices pass through. Rows agree either way."""
+    fit = dict(X=X)
+    t = ForceNTKTransformer(model, kind="energy", parameters="readout", n_features=8,
+                            random_state=0)
+    assert t.fit(**fit).batching_ == "shared"
+    assert t.set_params(parameters="all").fit(**fit).batching_ == "per_structure"
+    G = t.transform(X).rows
+    np.testing.assert_allclose(t.set_params(batching="shared").fit(**fit).transform(X).rows, G,
+                               rtol=1e-10, atol=1e-13)
+    try:
+        model.batched_double_backward = False
+        t.set_params(batching="auto", parameters="readout")
+        assert t.fit(**fit).batching_ == "per_structure"
+        assert t.set_params(kind="force", force_rows="forward").fit(**fit).batching_ == "shared"
+    finally:
+        del model.batched_double_backward
+    assert t.set_params(batching="per_structure").fit(**fit).batching_ == "per_structure"
+
+
 def test_working_memory_and_sketch_choice(model, X):
     """working_memory only changes how many unsketched rows are held at once, not the rows; the
     two sketches give different (both unbiased) features, and the Gaussian one is the dense

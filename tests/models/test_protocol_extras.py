@@ -169,13 +169,10 @@ def check_routes(model, atoms, subset="readout", *, rtol=1e-4, forward=True):
     mixed = [atoms[-1]] + list(atoms) + [atoms[0]]
     for est in (exact, pr):
         ref = est.transform(atoms)
-        for shared in (False, True):
-            model.batched_double_backward = shared  # instance attribute: graph grouping
-            try:
-                alone = [est.transform([a]).block(0) for a in atoms]
-                together = est.transform(mixed)
-            finally:
-                model.__dict__.pop("batched_double_backward", None)
+        for batching in ("shared", "per_structure"):
+            est.set_params(batching=batching)
+            alone = [est.transform([a]).block(0) for a in atoms]
+            together = est.transform(mixed)
             for i in range(len(atoms)):
                 np.testing.assert_allclose(alone[i], ref.block(i), atol=rtol * scale)
                 np.testing.assert_allclose(together.block(i + 1), ref.block(i),
