@@ -6,7 +6,8 @@ keyed by two SHA-256 digests:
 
 - the **transformer key** (:func:`transformer_key`): the transformer's class and every setting that
   changes rows — its ``get_params()`` less those that do not (``device``, ``batch_size``,
-  ``progress_bar``, ``n_jobs``, ``verbose``), the fitted attributes that resolve them
+  ``batching``, ``working_memory``, ``progress_bar``, ``n_jobs``, ``verbose``), the fitted
+  attributes that resolve them
   (``force_rows_``, ``seed_``, ``n_features_out_``, ``parameter_names_``, ``n_params_``) and, for a
   transformer with a ``model_``, a digest of the model: handle class, cutoff, species and the
   bytes, names, dtypes and shapes of every tensor of ``model_.module.state_dict()`` (parameters
@@ -57,7 +58,8 @@ _MAGIC = b"SKNTKC\x00\x01"
 _PREFIX = struct.Struct("<8sQ")  # magic, header length
 _DIGEST = 32
 #: Parameters that never change rows (where the work runs, how it is batched, what is shown).
-_IGNORED_PARAMS = frozenset({"device", "batch_size", "progress_bar", "n_jobs", "verbose"})
+_IGNORED_PARAMS = frozenset({"device", "batch_size", "batching", "working_memory", "progress_bar",
+                             "n_jobs", "verbose"})
 #: Fitted attributes that resolve row-changing settings (e.g. ``force_rows="auto"``).
 _FITTED_ATTRS = ("force_rows_", "seed_", "n_features_out_", "parameter_names_", "n_params_")
 
@@ -179,8 +181,8 @@ def transformer_key(transformer) -> str:
     Parameters
     ----------
     transformer : fitted transformer
-        Its class, ``get_params()`` (less ``device``, ``batch_size``, ``progress_bar``,
-        ``n_jobs``, ``verbose``), the fitted ``force_rows_``, ``seed_``, ``n_features_out_``,
+        Its class, ``get_params()`` (less ``device``, ``batch_size``, ``batching``,
+        ``working_memory``, ``progress_bar``, ``n_jobs``, ``verbose``), the fitted ``force_rows_``, ``seed_``, ``n_features_out_``,
         ``parameter_names_``, ``n_params_`` where present, and the digest of ``model_`` (class,
         cutoff, species, every tensor of ``model_.module.state_dict()``) where present.
 

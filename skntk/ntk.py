@@ -442,7 +442,8 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     per_atom : bool, default=True
         Energy rows of ``E / N``.
     max_unsketched : int, default=256
-        Unsketched gradient rows (each of ``P`` entries) held at once.
+        Unsketched gradient rows (each of ``P`` entries) held at once; force routes hold at most
+        64 (a vectorised double backward keeps one graph copy per row in flight).
 
     Returns
     -------
@@ -458,6 +459,7 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).tolist()
     joint = kind == "joint"
     chunk = max(1, int(max_unsketched))
+    f_chunk = min(64, chunk)
     e_rows = f_rows = None
     with torch.enable_grad():
         if kind == "energy":
@@ -465,7 +467,7 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
                                  chunk_size=chunk)
         elif route == "exact":
             out = force_rows_exact(model, batch, params, sketch, with_energy=joint,
-                                   per_atom=per_atom, chunk_size=chunk)
+                                   per_atom=per_atom, chunk_size=f_chunk)
             f_rows, e_rows = out if joint else (out, None)
         elif route == "forward":
             if names is None:
@@ -478,7 +480,7 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
             probes = rademacher_probes(n_atoms, n_probes, probe_seed, n_atoms,
                                        device=batch.ptr.device)
             out = force_rows_probes(model, batch, params, sketch, probes, with_energy=joint,
-                                    per_atom=per_atom, chunk_size=chunk)
+                                    per_atom=per_atom, chunk_size=f_chunk)
             f_rows, e_rows = out if joint else (out, None)
     n = np.asarray(n_atoms, dtype=np.int64)
     m_e = 1 if kind in ("energy", "joint") else 0

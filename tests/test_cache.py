@@ -199,12 +199,13 @@ def test_key_ingredients():
     X = [molecule("H2O")]
     model = _model(0)
     base = transformer_key(_fresh(model, X))
-    same = [dict(batch_size=1), dict(progress_bar=True), dict(device="cpu")]
+    same = [dict(batch_size=1), dict(progress_bar=True), dict(device="cpu"),
+            dict(batching="per_structure"), dict(working_memory=1.0)]
     for kw in same:
         assert transformer_key(_fresh(model, X, **kw)) == base, kw
     other = [dict(n_features=8), dict(energy_weight=2.0), dict(normalize=None),
              dict(parameters="all"), dict(dtype="float32"), dict(random_state=1),
-             dict(kind="joint"), dict(n_probes=3, kind="force")]
+             dict(kind="joint"), dict(n_probes=3, kind="force"), dict(sketch="gaussian")]
     for kw in other:
         assert transformer_key(_fresh(model, X, **kw)) != base, kw
     assert transformer_key(_fresh(_model(1), X)) != base
