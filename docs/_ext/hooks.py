@@ -141,6 +141,28 @@ def _backends_cost() -> str:
                 "joint probes ×", "force exact ×"], rows)
 
 
+def _throughput() -> str:
+    res = _load("bench_throughput")["results"]
+    cells = {}
+    for r in res:
+        cells.setdefault((r["backend"], r["dataset"], r["config"]), {})[r["variant"]] = r
+    rows = []
+    for (backend, dataset, config), v in cells.items():
+        cur = min((x for k, x in v.items() if k.startswith("current")),
+                  key=lambda x: x["ratio"], default=None)
+        ref = v.get("reference")
+        proj = (f"{cur['projected_200k_oc20_h']:.1f} h" if cur and "projected_200k_oc20_h" in cur
+                else "")
+        rows.append([backend, dataset, f"`{config}`", f"{cur['n_params']:,}" if cur else "",
+                     " / ".join(f"{v[k]['ratio']:.2f}" for k in sorted(v)
+                                if k.startswith("current")),
+                     f"{ref['ratio']:.2f}" if ref else "—",
+                     f"{ref['seconds'] / cur['seconds']:.1f}×" if ref and cur else "—",
+                     f"{cur['structures_per_s']:.1f}" if cur else "", proj])
+    return _md(["backend", "frames", "rows", "P", "current × E+F (b8 / b32)",
+                "reference × E+F", "speed-up", "structures/s", "200k OC20 frames"], rows)
+
+
 def _machine(name: str) -> str:
     d = _load(name)
     meta = d.get("machine") or d.get("meta") or {}
@@ -156,6 +178,8 @@ _TABLES = {
     "ntk-ratios": _ntk_ratios,
     "backends-rank": _backends_rank,
     "backends-cost": _backends_cost,
+    "throughput": _throughput,
+    "throughput-machine": lambda: _machine("bench_throughput"),
     "pv-machine": lambda: _machine("bench_pv"),
     "ntk-machine": lambda: _machine("bench_ntk"),
     "backends-machine": lambda: _machine("bench_backends"),

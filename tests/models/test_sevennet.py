@@ -75,3 +75,34 @@ def test_force_row_routes_and_batch_independence(model, atoms):
     from tests.models.test_protocol_extras import check_routes
 
     check_routes(model, atoms[:2], "readout", rtol=2e-4)
+
+
+def test_peak_memory_of_a_500_atom_cell_stays_within_4_gib():
+    """Energy rows of every parameter (P = 842,440, CountSketch, working_memory=512 MiB) of a
+    500-atom Cu cell in a fresh process: peak RSS (ru_maxrss, model and interpreter included)
+    below 4 GiB, rows finite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import resource, numpy as np, torch
+        from ase.build import bulk
+        from skntk.models import load
+        from skntk.transformers import ForceNTKTransformer
+        torch.set_num_threads(1)
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((5, 5, 5))
+        a.rattle(0.05, seed=0)
+        assert len(a) == 500
+        est = ForceNTKTransformer(load("sevennet-0", device="cpu"), kind="energy",
+                                  parameters="all", n_features=256, working_memory=512,
+                                  device="cpu", random_state=0).fit([a])
+        G = est.transform([a])
+        assert np.isfinite(G.rows).all() and G.rows.shape == (1, 256)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak < 4 * 2 ** 30, f"peak RSS {peak / 2 ** 30:.2f} GiB"
