@@ -8,8 +8,9 @@ and a parameter subset ``θ_S`` of size ``P``:
   atom 0, then atom 1, ...);
 - probe rows: ``V R / √s`` with ``V = Zᵀ J_F`` for ``s`` Rademacher probes ``Z`` (3N x s):
   ``E[(VR)ᵀ(VR)] / s = (J_F R)ᵀ(J_F R)``, so every kernel built from Gram matrices is unbiased;
-- ``R`` (P x d) is a seeded Gaussian sketch with entries ``N(0, 1/d)`` (:class:`ParameterSketch`),
-  so ``E[⟨g R, g' R⟩] = ⟨g, g'⟩``; ``n_features=None`` uses ``R = I`` (exact gradients).
+- ``R`` (P x d) is a seeded sketch (:class:`ParameterSketch`: CountSketch, or Gaussian with
+  entries ``N(0, 1/d)``), so ``E[⟨g R, g' R⟩] = ⟨g, g'⟩``; ``n_features=None`` uses ``R = I``
+  (exact gradients).
 
 Routes for force rows (``C`` = one energy+forces evaluation of the structure):
 
@@ -21,8 +22,10 @@ Routes for force rows (``C`` = one energy+forces evaluation of the structure):
 - ``"probes"``: ``s`` double backwards per structure, ~``s · 2C`` whatever ``N``.
 
 Per-structure gradients are vector-Jacobian products with one-hot cotangents through the graph of
-the batch, so their cost grows with the batch; functions here accept any batch and
-:class:`skntk.transformers.ForceNTKTransformer` chooses batch sizes per route.
+the batch, so their cost grows with the batch; functions here accept any batch,
+:func:`observation_rows` is the one entry point (rows and their layout), and
+:class:`skntk.transformers.ForceNTKTransformer` chooses which structures share a graph
+(``batching``: one graph per structure on the CPU for the pretrained backends).
 """
 
 from __future__ import annotations
