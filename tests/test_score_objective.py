@@ -32,7 +32,7 @@ class CachedNTK(ForceNTKTransformer):
     rows are per structure, so caching them changes nothing)."""
 
     def transform(self, X):
-        params = (self.kind, self.n_features, self.random_state, self.force_rows)
+        params = (self.kind, self.n_features, self.sketch, self.random_state, self.force_rows)
 
         def key(a):
             return params + (a.numbers.tobytes(), a.positions.tobytes())
@@ -56,7 +56,11 @@ def model():
 
 
 def make_pipe(model, **kw):
-    ntk = CachedNTK(model, kind="joint", force_rows="exact", n_features=32, random_state=0)
+    # the Gaussian sketch these assertions were first measured with: with CountSketch rows of
+    # this 32-column slice the new objective also prefers the smallest sigma2 of the grid, which
+    # would tie with the constant objective's first-index choice
+    ntk = CachedNTK(model, kind="joint", force_rows="exact", n_features=32, sketch="gaussian",
+                    random_state=0)
     return make_pv_lcmd_pipeline(ntk, n_to_select=4, shortlist_size=10, **kw)
 
 
@@ -91,7 +95,7 @@ def test_score_equals_a_plain_reimplementation(frames, model):
     rest_atoms = [pool[i] for i in rest]
 
     ntk = ForceNTKTransformer(model, kind="joint", force_rows="exact", n_features=32,
-                              random_state=0).fit(train)
+                              sketch="gaussian", random_state=0).fit(train)
 
     def rows_targets(atoms, offset):
         G, X, y = ntk.transform(atoms), [], []
