@@ -376,7 +376,7 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         return nearest_centres(phi, self.centres_, working_memory=self.working_memory)[0]
 
     def _select(self, X, candidates, n_to_select):
-        phi = self._phi(X[candidates] if X.shortlist is not None else X)
+        phi = self._phi(X)
         picks = greedy_centres(phi, n_to_select, centres=self.centres_, method=self._method,
                                working_memory=self.working_memory)
         return np.asarray(candidates)[picks]
