@@ -10,6 +10,7 @@ the upstream (non-selector) steps so that ``GridSearchCV`` can compare settings 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from numbers import Integral
 
@@ -151,6 +152,9 @@ class SelectionPipeline(Pipeline):
         Indices into the pool of the last :meth:`select`.
     pool_index_ : ndarray of int or None
         Pool index of each candidate when duplicates were set aside (``None``: none were).
+    timings_ : dict of str to float
+        Seconds of the last :meth:`select`: ``"features"`` (the steps before the first
+        selector), then one entry per later step, by name.
 
     Examples
     --------
@@ -257,13 +261,16 @@ class SelectionPipeline(Pipeline):
 
     def _select_chain(self, X, n_to_select=None):
         """``(indices into X, upstream features)`` of a selection (see :meth:`select`)."""
+        t = time.perf_counter()
         upstream, first = self._featurise_pool(X)
+        timings = {"features": time.perf_counter() - t}
         Xt, cand = upstream, None  # cand: indices into upstream of the rows Xt holds
         started, narrowed_by = False, None
         for _, name, step in pipeline_steps(self, with_final=False):
             if not started and not isinstance(step, BaseSelector):
                 continue  # upstream steps: already applied
             started = True
+            t = time.perf_counter()
             if isinstance(step, BaseSelector):
                 local = np.asarray(step.shortlist(Xt) if hasattr(step, "shortlist")
                                    else step.select(Xt), dtype=np.int64)
@@ -274,14 +281,19 @@ class SelectionPipeline(Pipeline):
             if hasattr(Xt, "iter_chunks"):  # a lazy pool that no selector narrowed
                 Xt = Xt.take(np.arange(len(Xt)))
             Xt = step.transform(Xt)
-        if hasattr(Xt, "iter_chunks"):  # a lazy pool straight into the final selector
-            Xt = Xt.take(np.arange(len(Xt)))
+            timings[name] = time.perf_counter() - t
+        final_name = self.steps[-1][0]
+        t = time.perf_counter()
+        if hasattr(Xt, "iter_chunks") and not hasattr(self._final_estimator, "shortlist"):
+            Xt = Xt.take(np.arange(len(Xt)))  # a lazy pool into a selector that cannot stream
         if cand is not None:  # a budget above the shortlist: say where the candidates went
             budget = self._final_estimator.n_to_select if n_to_select is None else n_to_select
             resolve_n_to_select(budget, len(cand), what=(
                 f"candidates left by step {narrowed_by!r} (the pool holds {len(upstream)} "
                 f"structures)"))
         idx = np.asarray(self._final_estimator.select(Xt, n_to_select), dtype=np.int64)
+        timings[final_name] = time.perf_counter() - t
+        self.timings_ = timings
         if cand is not None:
             idx = cand[idx]
         if first is not None:

@@ -174,7 +174,8 @@ def _select(files, *extra, pool="pool.extxyz", model="model.pt"):
                   r"expected \d+\n"),
     ("junk model", r"error: model '.*junk.pt' could not be loaded as a model file "
                    r"\(UnpicklingError: .*\)\.\n"),
-    ("overlap", r"error: pool\[2\] \(C2H6\): atoms 0 and 1 are 0 Å apart, closer than "
+    ("overlap", r"error: --pool: .*overlap.extxyz: frame 2 \(C2H6\): atoms 0 and 1 are 0 Å "
+                r"apart, closer than "
                 r"skntk.atoms.MIN_DISTANCE = 0.1 Å.*\n"),
     ("missing output dir", r"error: -o/--output .*nodir.sel.extxyz: directory .*nodir does not "
                            r"exist\.\n"),

@@ -468,7 +468,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
 
     def _greedy(self, X, candidates, n_to_select, N):
         """Sequential picks, each followed by the rank-m conditioning of the candidates' Ψ."""
-        sub = X[candidates]
+        sub = _take(X, candidates)
         offsets = sub.offsets
         psi = self.posterior_.transform(sub).rows
         chosen = np.zeros(len(candidates), dtype=bool)
