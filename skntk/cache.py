@@ -610,7 +610,7 @@ class PoolFeatures:
         for name, js in by_shard.items():
             pos, blocks = self._load(name)
             for j in js:
-                parts[j] = blocks.block(pos[self.keys[int(idx[j])]])
+                parts[j] = blocks.block(pos[self.keys[int(idx[j])]]).copy()  # not the shard
         m = np.fromiter((len(b) for b in parts), np.int64, len(parts))
         return FeatureBlocks(np.concatenate(parts), np.concatenate([[0], np.cumsum(m)]),
                              kind=self.kind)
