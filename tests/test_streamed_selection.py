@@ -153,3 +153,33 @@ def test_selection_from_shards_has_flat_memory(tmp_path):
     # O(n) bookkeeping only (scores, indices: tens of bytes per structure), not the rows
     assert growth < rows_per_structure / 4, (peaks, growth)
     print(f"peak traced memory of select: {peaks}; {growth:.1f} B per extra structure")
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_train=st.integers(0, 30), b=st.integers(1, 12))
+def test_lcmd_float32_assignment_picks_the_float64_indices(seed, n_train, b):
+    from skntk.selection.lcmd import LCMDSelector
+
+    rng = np.random.default_rng(seed)
+    T = rng.normal(size=(max(n_train, 1), 6)).astype(np.float32)
+    X = (rng.normal(size=(200, 6)) * rng.uniform(0.2, 3, size=(200, 1))).astype(np.float32)
+    kw = dict(sel_with_train=n_train > 0, working_memory=0.005)  # many chunks
+    p32 = LCMDSelector(b, **kw).fit(T).select(X)
+    p64 = LCMDSelector(b, **kw).fit(T.astype(np.float64)).select(X.astype(np.float64))
+    assert p32.tolist() == p64.tolist()
+    if n_train:
+        ref = lcmd_reference(X.astype(np.float64), T.astype(np.float64), b)
+        assert p64.tolist() == ref
+
+
+def test_nearest_centres_equal_a_plain_argmin():
+    from skntk.selection._kernel import nearest_centres
+
+    rng = np.random.default_rng(3)
+    phi, C = rng.normal(size=(500, 5)), rng.normal(size=(37, 5))
+    d2 = ((phi[:, None, :] - C[None]) ** 2).sum(-1)
+    for x in (phi, phi.astype(np.float32)):
+        sq, arg = nearest_centres(x, C, working_memory=0.002)
+        assert arg.tolist() == d2.argmin(axis=1).tolist()
+        exact = ((np.asarray(x, np.float64) - C[arg]) ** 2).sum(-1)
+        np.testing.assert_allclose(sq, exact, rtol=1e-12)
