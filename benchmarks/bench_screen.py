@@ -317,6 +317,9 @@ def _oc20_per_frame(n_frames=200):
 def section_end2end(args):
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
+    previous = RESULTS / "bench_screen_end2end.json"
+    if args.append and previous.exists():  # keep the sizes measured by an earlier run
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["n"] not in sizes]
     for n in sizes:
         with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
             res = subprocess.run([sys.executable, __file__, "_end2end_child", str(n),
@@ -426,6 +429,8 @@ def main():
     s.add_argument("--sizes", default="10000,30000,100000,200000")
     s.add_argument("--n-jobs", type=int, default=1)
     s.add_argument("--tmp", default=None)
+    s.add_argument("--append", action="store_true",
+                   help="keep the rows of other sizes from the existing JSON")
     s = sub.add_parser("cluster")
     s.add_argument("--n", type=int, default=4000)
     s.add_argument("--tmp", default=None)

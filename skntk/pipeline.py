@@ -368,6 +368,8 @@ class SelectionPipeline(Pipeline):
             train = (lab or []) + [X[i] for i in idx]
             return float(self.scoring(train, [X[i] for i in rest]))
         idx, upstream = self._select_chain(X)
+        if hasattr(upstream, "iter_chunks"):  # features streamed from the cache: the yardstick
+            upstream = upstream.take(np.arange(len(upstream)))  # needs them all
         if self.pool_index_ is not None:  # duplicates set aside: score on the distinct ones
             X = [X[i] for i in self.pool_index_] if atoms_in else _index(X, self.pool_index_)
             y = None if y is None else _index_targets(y, self.pool_index_)

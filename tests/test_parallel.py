@@ -201,3 +201,15 @@ def test_dask_local_cluster_equals_serial(ntk, pool, tmp_path):
     np.testing.assert_allclose(b.rows, a.rows, rtol=1e-6, atol=1e-9)
     pipe = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=10).fit(ntk.transform(pool[:6]))
     assert pipe.select(on_dask).tolist() == pipe.select(serial).tolist()
+
+
+def test_float32_shards_live_apart_and_select_like_float64(ntk, pool, tmp_path):
+    f64 = featurize(ntk, pool, tmp_path, shard_size=6)
+    f32 = featurize(ntk, pool, tmp_path, shard_size=6, dtype=np.float32)
+    assert f32.dtype == np.float32 and f64.dtype == np.float64
+    a, b = f64.take(np.arange(23)), f32.take(np.arange(23))
+    assert b.rows.dtype == np.float32
+    np.testing.assert_array_equal(b.rows, a.rows.astype(np.float32))
+    assert len({p.parent for p in tmp_path.rglob("*.shard")}) == 2  # two cache keys
+    pipe = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=10).fit(ntk.transform(pool[:6]))
+    assert pipe.select(f32).tolist() == pipe.select(f64).tolist()
