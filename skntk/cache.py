@@ -560,8 +560,7 @@ class PoolFeatures:
             raise ValueError(f"feature cache shard {str(self._store.dir / name)!r} was damaged "
                              f"after featurisation (deleted now); run the featurisation again "
                              f"to recompute its structures.")
-        keys, blocks = loaded
-        return {k: p for p, k in enumerate(keys)}, blocks
+        return loaded
 
     def iter_chunks(self):
         """Yield ``(start, FeatureBlocks)``: runs of consecutive structures from one shard.
@@ -573,7 +572,12 @@ class PoolFeatures:
         n = len(self.keys)
         while start < n:
             name = where[self.keys[start]][0]
-            pos, blocks = self._load(name)
+            keys, blocks = self._load(name)
+            if self.keys[start:start + len(keys)] == keys:  # the usual case: a whole shard
+                yield start, blocks
+                start += len(keys)
+                continue
+            pos = {k: p for p, k in enumerate(keys)}
             stop = start
             while stop < n and where[self.keys[stop]][0] == name:
                 stop += 1
@@ -608,7 +612,8 @@ class PoolFeatures:
             by_shard.setdefault(where[self.keys[i]][0], []).append(j)
         parts: list = [None] * idx.size
         for name, js in by_shard.items():
-            pos, blocks = self._load(name)
+            keys, blocks = self._load(name)
+            pos = {k: p for p, k in enumerate(keys)}
             for j in js:
                 parts[j] = blocks.block(pos[self.keys[int(idx[j])]]).copy()  # not the shard
         m = np.fromiter((len(b) for b in parts), np.int64, len(parts))

@@ -104,7 +104,8 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
     pre_dispatch : int or str, default="2*n_jobs"
         Chunks in flight at once (bounds the memory).
     progress_bar : bool, default=False
-        A tqdm bar over the pool (structures, rate and elapsed time; no total for a stream).
+        A tqdm bar over the pool (structures, rate, elapsed time; total and ETA when the source
+        has a length, e.g. a list).
     validate : bool, default=True
         Check every structure (:func:`skntk.atoms.validate_structures`, against the model's
         species) and, for force rows, its memory estimate before it is featurised; errors name
@@ -215,7 +216,9 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         if progress_bar:
             from tqdm.auto import tqdm
 
-            bar = stack.enter_context(tqdm(desc="features", unit="structure"))
+            total = (len(source) if hasattr(source, "__len__")
+                     and not isinstance(source, (str, Path)) else None)  # a stream: rate only
+            bar = stack.enter_context(tqdm(desc="features", unit="structure", total=total))
         pending: list = []
 
         def calls():
