@@ -213,3 +213,10 @@ def test_float32_shards_live_apart_and_select_like_float64(ntk, pool, tmp_path):
     assert len({p.parent for p in tmp_path.rglob("*.shard")}) == 2  # two cache keys
     pipe = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=10).fit(ntk.transform(pool[:6]))
     assert pipe.select(f32).tolist() == pipe.select(f64).tolist()
+
+
+def test_a_glob_that_matches_nothing_is_named(tmp_path):
+    from skntk.io import read_structures
+
+    with pytest.raises(FileNotFoundError, match=r"no structure file matches '.*nothing-\*\.xyz'"):
+        read_structures(str(tmp_path / "nothing-*.xyz"))
