@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
-EXTRAS ?= test,plot,sevennet,chgnet,oracles
+EXTRAS ?= test,plot,sevennet,chgnet,oracles,dask
 
 .PHONY: demo test test-core test-mace test-sklearn-latest docs lint bench clean
 

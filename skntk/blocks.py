@@ -33,9 +33,6 @@ class FeatureBlocks:
         Block boundaries: ``offsets[0] == 0``, non-decreasing, ``offsets[-1] == n_rows``.
     kind : {"plain", "energy", "force", "joint"}, default="plain"
         What the rows of a block are (see :data:`KINDS`); used by per-atom reductions.
-    shortlist : array-like of int or None, default=None
-        Indices of structures a later selection step should restrict itself to (carried, e.g.,
-        from a posterior-variance screen to LCMD). ``None`` means all structures.
 
     Attributes
     ----------
@@ -56,7 +53,7 @@ class FeatureBlocks:
 
     __array_priority__ = -1  # never let numpy treat us as an array
 
-    def __init__(self, rows, offsets, *, kind="plain", shortlist=None):
+    def __init__(self, rows, offsets, *, kind="plain"):
         rows = np.asarray(rows)
         offsets = np.asarray(offsets)
         if rows.ndim != 2:
@@ -87,14 +84,6 @@ class FeatureBlocks:
         self.rows = rows
         self.offsets = offsets.astype(np.int64, copy=False)
         self.kind = kind
-        if shortlist is not None:
-            shortlist = np.asarray(shortlist, dtype=np.int64)
-            if shortlist.ndim != 1 or (shortlist.size and (
-                    shortlist.min() < 0 or shortlist.max() >= len(m))):
-                raise ValueError(
-                    f"shortlist must be 1-D indices in [0, {len(m)}); got {shortlist!r}."
-                )
-        self.shortlist = shortlist
 
     # -- array-like protocol -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -149,10 +138,7 @@ class FeatureBlocks:
             yield self.block(i)
 
     def __getitem__(self, key) -> FeatureBlocks:
-        """Structures ``key`` (int, slice, integer or boolean array) as new blocks.
-
-        The shortlist is dropped: it indexes the original structures.
-        """
+        """Structures ``key`` (int, slice, integer or boolean array) as new blocks."""
         key = row_key(key)  # scikit-learn's _safe_indexing passes (key, Ellipsis)
         if isinstance(key, tuple):
             raise IndexError("FeatureBlocks supports indexing by structure only.")
@@ -208,9 +194,9 @@ class FeatureBlocks:
             )
         return self.rows
 
-    def with_rows(self, rows, *, shortlist=None) -> FeatureBlocks:
+    def with_rows(self, rows) -> FeatureBlocks:
         """Same block layout and kind around new rows of shape (n_rows, any n_features)."""
-        return FeatureBlocks(rows, self.offsets, kind=self.kind, shortlist=shortlist)
+        return FeatureBlocks(rows, self.offsets, kind=self.kind)
 
     @classmethod
     def concatenate(cls, blocks: Sequence[FeatureBlocks]) -> FeatureBlocks:

@@ -50,7 +50,8 @@ from skntk.blocks import FeatureBlocks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["transform_cached", "transformer_key", "structure_key", "CorruptCacheWarning"]
+__all__ = ["transform_cached", "transformer_key", "structure_key", "CorruptCacheWarning",
+           "PoolFeatures"]
 
 #: Bump when the key ingredients or the container layout change (old entries then just miss).
 FORMAT_VERSION = 1
@@ -495,3 +496,128 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
     parts = [found[k] for k in skeys]
     m = np.fromiter((len(b) for b in parts), np.int64, len(parts))
     return FeatureBlocks(np.concatenate(parts), np.concatenate([[0], np.cumsum(m)]), kind=kind)
+
+
+# -- a pool held in the cache: streamed shard by shard ------------------------------------------
+class PoolFeatures:
+    """The feature blocks of a pool held in a feature cache, read shard by shard on demand.
+
+    Made by :func:`skntk.parallel.featurize`. Selectors stream it (:meth:`iter_chunks`: one
+    verified shard in memory at a time) and load only the rows they keep (:meth:`take`), so a
+    selection over it needs memory for one shard and the shortlist, not for the pool. Holds the
+    distinct structures of the pool once each, in pool order of their first copy.
+
+    Parameters
+    ----------
+    store : _Store
+        The opened store of the transformer key.
+    keys : list of bytes of length n_structures
+        Structure keys (:func:`structure_key`) of the distinct structures, in pool order.
+    pool_index : ndarray of int of shape (n_structures,)
+        Pool position of each distinct structure's first copy.
+    inverse : ndarray of int of shape (n_pool,)
+        Distinct structure of each pool position (``pool[k]`` is ``self[inverse[k]]``).
+    kind : str
+        Row layout of the blocks.
+    n_features : int
+    dtype : numpy dtype of the rows
+
+    Attributes
+    ----------
+    n_pool : int
+        Structures in the pool, duplicates included.
+    shape : tuple of (n_structures, n_features)
+    """
+
+    def __init__(self, store, keys, pool_index, inverse, *, kind, n_features, dtype):
+        self._store = store
+        self.keys = list(keys)
+        self.pool_index = np.asarray(pool_index, dtype=np.int64)
+        self.inverse = np.asarray(inverse, dtype=np.int64)
+        self.kind = kind
+        self.n_features = int(n_features)
+        self.dtype = np.dtype(dtype)
+        self.n_pool = int(self.inverse.shape[0])
+        missing = [i for i, k in enumerate(self.keys) if k not in store.where]
+        if missing:
+            raise ValueError(f"feature cache {store.dir} has no rows for {len(missing)} of the "
+                             f"{len(self.keys)} structures (first: pool structure "
+                             f"{int(self.pool_index[missing[0]])}); run the featurisation again.")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.n_features)
+
+    def __repr__(self) -> str:
+        return (f"PoolFeatures(n_structures={len(self)}, n_pool={self.n_pool}, "
+                f"n_features={self.n_features}, kind={self.kind!r}, dtype={self.dtype}, "
+                f"directory={str(self._store.dir)!r})")
+
+    def _load(self, name):
+        loaded = self._store.load(name)
+        if loaded is None:
+            raise ValueError(f"feature cache shard {str(self._store.dir / name)!r} was damaged "
+                             f"after featurisation (deleted now); run the featurisation again "
+                             f"to recompute its structures.")
+        return loaded
+
+    def iter_chunks(self):
+        """Yield ``(start, FeatureBlocks)``: runs of consecutive structures from one shard.
+
+        Memory: one shard (its file is read and verified whole) and one run at a time.
+        """
+        where = self._store.where
+        start = 0
+        n = len(self.keys)
+        while start < n:
+            name = where[self.keys[start]][0]
+            keys, blocks = self._load(name)
+            if self.keys[start:start + len(keys)] == keys:  # the usual case: a whole shard
+                yield start, blocks
+                start += len(keys)
+                continue
+            pos = {k: p for p, k in enumerate(keys)}
+            stop = start
+            while stop < n and where[self.keys[stop]][0] == name:
+                stop += 1
+            try:
+                idx = np.array([pos[k] for k in self.keys[start:stop]], dtype=np.int64)
+            except KeyError as err:
+                raise ValueError(f"feature cache shard {name} does not hold a structure its "
+                                 f"index points to; run the featurisation again.") from err
+            yield start, (blocks if np.array_equal(idx, np.arange(len(blocks)))
+                          else blocks[idx])
+            start = stop
+
+    def take(self, idx) -> FeatureBlocks:
+        """Blocks of structures ``idx`` (in that order), reading only the shards holding them.
+
+        Parameters
+        ----------
+        idx : array-like of int of shape (k,)
+
+        Returns
+        -------
+        blocks : FeatureBlocks of length k
+        """
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"structure indices out of range for {len(self)} structures.")
+        if idx.size == 0:
+            return FeatureBlocks(np.empty((0, self.n_features), self.dtype), [0], kind=self.kind)
+        where = self._store.where
+        by_shard: dict[str, list[int]] = {}
+        for j, i in enumerate(idx.tolist()):
+            by_shard.setdefault(where[self.keys[i]][0], []).append(j)
+        parts: list = [None] * idx.size
+        for name, js in by_shard.items():
+            keys, blocks = self._load(name)
+            pos = {k: p for p, k in enumerate(keys)}
+            for j in js:
+                parts[j] = blocks.block(pos[self.keys[int(idx[j])]]).copy()  # not the shard
+        m = np.fromiter((len(b) for b in parts), np.int64, len(parts))
+        return FeatureBlocks(np.concatenate(parts), np.concatenate([[0], np.cumsum(m)]),
+                             kind=self.kind)

@@ -51,10 +51,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skntk", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def selection_args(p, demo):
+    def selection_args(p, demo, featurize=False):
         p.add_argument("--model", default="sevennet-0",
                        help="sevennet-0, chgnet-0.3.0, a MACE .model file or a built-in model file")
-        p.add_argument("-n", "--n-to-select", type=_positive_int, default=10, help="batch size B")
+        if not featurize:
+            p.add_argument("-n", "--n-to-select", type=_positive_int, default=10,
+                           help="batch size B")
         p.add_argument("--kind", default="joint", choices=["energy", "force", "joint"])
         p.add_argument("--parameters", default=None,
                        help="parameter subset (readout, last_block, all); default: the backend's "
@@ -62,16 +64,24 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-features", type=_positive_int, default=256, help="sketch dimension d")
         p.add_argument("--force-rows", default="probes", choices=["exact", "probes", "auto"])
         p.add_argument("--n-probes", type=_positive_int, default=4)
-        p.add_argument("--shortlist", type=_positive_int, default=None,
-                       help="PV shortlist size M before LCMD (default: max(5 B, 50))")
-        p.add_argument("--sigma2", type=_positive_float, default=1e-3,
-                       help="noise variance (normalised units)")
+        if not featurize:
+            p.add_argument("--shortlist", type=_positive_int, default=None,
+                           help="PV shortlist size M before LCMD (default: max(5 B, 50))")
+            p.add_argument("--sigma2", type=_positive_float, default=1e-3,
+                           help="noise variance (normalised units)")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0,
                        help="seed of every random component (same inputs + seed: same batch)")
-        p.add_argument("--cache", default=None,
-                       help="directory for resumable pool features (rerun resumes there)")
-        p.add_argument("--no-plot", action="store_true")
+        p.add_argument("--cache", default=None, required=featurize,
+                       help="feature cache directory: pool features in shards (a rerun resumes "
+                            "there and recomputes nothing it holds)")
+        p.add_argument("--n-jobs", type=int, default=None,
+                       help="featurisation worker processes (joblib; -1: all cores)")
+        p.add_argument("--scheduler-address", default=None,
+                       help="featurise on a Dask cluster: address of its scheduler "
+                            "(tcp://host:8786)")
+        if not featurize:
+            p.add_argument("--no-plot", action="store_true")
         p.add_argument("-v", "--verbose", action="store_true",
                        help="log progress and show tracebacks of errors")
         if demo:
@@ -80,81 +90,40 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="use at most this many pool frames (faster trial runs)")
         else:
             p.add_argument("--train", required=True, help="labelled structures (any ASE format)")
-            p.add_argument("--pool", required=True, help="candidate structures (any ASE format)")
-            p.add_argument("-o", "--output", default="selected.extxyz")
+            p.add_argument("--pool", required=True,
+                           help="candidate structures: a file (any ASE format, streamed), an "
+                                "ASE .db or a quoted glob pattern")
+            if not featurize:
+                p.add_argument("-o", "--output", default="selected.extxyz")
+                p.add_argument("--scores", default=None,
+                               help="also write the PV of every pool structure to this CSV")
 
     learn = sub.add_parser("learn", help="run (or resume) active-learning rounds from a TOML "
                            "config: select, label, fine-tune, evaluate")
     learn.add_argument("--config", required=True, help="run config (docs/active_learning.md)")
     learn.add_argument("-v", "--verbose", action="store_true", help="log and show tracebacks")
+    selection_args(sub.add_parser("featurize", help="featurise a pool into the feature cache "
+                                  "(shards; resumable; --n-jobs or a Dask cluster)"),
+                   demo=False, featurize=True)
     selection_args(sub.add_parser("select", help="select a batch from a pool"), demo=False)
     selection_args(sub.add_parser("demo", help="run a selection on the bundled OC20 frames"),
                    demo=True)
     return parser
 
 
-def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=None,
-                  n_features=256, force_rows="probes", n_probes=4, shortlist=None, sigma2=1e-3,
-                  device="auto", seed=0, cache=None, progress_bar=True):
-    """Featurise ``train`` and ``pool`` with one model, PV-screen the pool, LCMD the shortlist.
+def _featurizer(model, train, *, kind="joint", parameters=None, n_features=256,
+                force_rows="probes", n_probes=4, device="auto", seed=0, progress_bar=True):
+    """``(fitted ForceNTKTransformer, validated train structures, seconds to load the model)``.
 
-    Parameters
-    ----------
-    model : str or skntk.models.MLIP
-    train, pool : list of ase.Atoms
-    n_to_select : int
-        Batch size B.
-    seed : int, default=0
-        Seed of every random component (NTK sketch and probes, LCMD's gram sketch): the same
-        inputs and seed give the same selection in every run.
-
-    Returns
-    -------
-    result : dict
-        ``selected`` (indices into pool, in order), ``pv`` (n_pool,) scores, ``shortlist``
-        indices, ``features`` (pool FeatureBlocks), ``timings`` (seconds per stage).
-
-    Raises
-    ------
-    ValueError
-        Before any featurisation: a model file that cannot be loaded, a bad structure (named as
-        ``train[i]`` / ``pool[i]``), ``n_to_select`` above the distinct pool structures,
-        ``shortlist < n_to_select``, a structure whose force rows would not fit in memory
-        (:class:`~skntk.transformers.InsufficientMemoryError`).
-
-    Notes
-    -----
-    Repeated pool structures (:func:`skntk.io.unique_structures`) are featurised and considered
-    once (a ``UserWarning`` counts them); indices and scores refer to the pool as given.
-    """
+    An unreadable model file or a bad train structure (named ``train[i]``) is a ValueError."""
     from skntk.atoms import validate_structures
-    from skntk.cache import transform_cached
-    from skntk.io import unique_structures
     from skntk.models import load
-    from skntk.selection.lcmd import LCMDSelector
-    from skntk.selection.pv import ChunkedPosteriorVarianceSelector
     from skntk.transformers import ForceNTKTransformer
 
-    timings = {}
     t = time.perf_counter()
     handle = _load_model(load, model, device)
-    timings["load model"] = time.perf_counter() - t
-    # everything that can be refused is refused before the first structure is featurised
+    loaded = time.perf_counter() - t
     train = validate_structures(train, species=handle.species, name="train")
-    pool = validate_structures(pool, species=handle.species, name="pool")
-    first, inverse = unique_structures(pool)
-    n_dup = len(pool) - len(first)
-    if n_dup:
-        warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, cell, "
-                      f"pbc); each is a candidate once.", UserWarning, stacklevel=2)
-    if n_to_select > len(first):
-        raise ValueError(f"n_to_select={n_to_select} exceeds the {len(first)} distinct pool "
-                         f"structures ({n_dup} of the {len(pool)} are duplicates).")
-    if shortlist is not None and shortlist < n_to_select:
-        raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
-                         f"LCMD picks the batch from the shortlist.")
-    pool = [pool[i] for i in first]
-
     if parameters is None:  # the subset each backend chose by measurement (docs/backends.md)
         parameters = "default"
     ntk = ForceNTKTransformer(handle, kind=kind, parameters=parameters, n_features=n_features,
@@ -162,35 +131,181 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
                               random_state=seed, progress_bar=progress_bar)
     ntk.fit(train)
     ntk.check_memory(train, validate=False)
-    ntk.check_memory(pool, validate=False)
-    t = time.perf_counter()
-    G_train = ntk.transform(train)
-    timings["features: train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    G_pool = (transform_cached(ntk, pool, cache) if cache else ntk.transform(pool))
-    timings["features: pool"] = time.perf_counter() - t
+    return ntk, train, loaded
 
-    M = shortlist if shortlist is not None else max(5 * n_to_select, 50)
-    M = min(M, len(pool))
-    t = time.perf_counter()
-    pv = ChunkedPosteriorVarianceSelector(sigma2=sigma2, shortlist_size=M)
-    Psi_train = pv.fit_transform(G_train)
-    scores = pv.score_samples(G_pool)
-    Psi_pool = pv.transform(G_pool)  # posterior features, carrying the top-M shortlist
-    timings["PV screen"] = time.perf_counter() - t
-    t = time.perf_counter()
-    # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram sketch
-    # here (used only when the exact gram route does not fit in memory); PV has none
-    lcmd = LCMDSelector(n_to_select=n_to_select, random_state=seed).fit(Psi_train)
-    selected = lcmd.select(Psi_pool)
-    timings["LCMD"] = time.perf_counter() - t
-    # indices into the pool as given (duplicates share their first copy's scores and rows)
-    selected, short = first[np.asarray(selected)], first[np.asarray(Psi_pool.shortlist)]
-    scores = np.asarray(scores)[inverse]
-    if n_dup:
-        G_pool = G_pool[inverse]
+
+def _featurize_pool(ntk, pool, directory, *, n_jobs=None, scheduler_address=None,
+                    progress_bar=True, option=None):
+    """:func:`skntk.parallel.featurize` of ``pool``; errors prefixed with ``option``."""
+    from skntk.parallel import featurize
+
+    try:
+        return featurize(ntk, pool, directory, n_jobs=n_jobs,
+                         scheduler_address=scheduler_address, progress_bar=progress_bar)
+    except (ValueError, OSError) as err:
+        if option is None:
+            raise
+        kind = type(err) if isinstance(err, (FileNotFoundError, IsADirectoryError)) else (
+            OSError if isinstance(err, OSError) else ValueError)
+        raise kind(f"{option}: {err}") from err
+
+
+@contextlib.contextmanager
+def _cache_dir(cache):
+    """``cache`` itself, or a temporary directory removed afterwards."""
+    if cache is not None:
+        yield cache
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="skntk-features-") as d:
+        yield d
+
+
+#: Pools up to this size get the feature scatter panel in the plot (it loads every row).
+_PLOT_MAX_POOL = 20_000
+
+
+def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=None,
+                  n_features=256, force_rows="probes", n_probes=4, shortlist=None, sigma2=1e-3,
+                  device="auto", seed=0, cache=None, n_jobs=None, scheduler_address=None,
+                  progress_bar=True, pool_option=None):
+    """Featurise ``train`` and ``pool`` with one model and select with the PV → LCMD pipeline.
+
+    The pool is featurised into the feature cache (``cache``, or a temporary one) in shards
+    (:func:`skntk.parallel.featurize`: streamed, resumable, ``n_jobs`` workers or a Dask
+    cluster) and screened from the shards by
+    :func:`~skntk.pipeline.make_pv_lcmd_pipeline` — the library's one selection path: PV keeps
+    its streamed top-M, LCMD loads only those rows.
+
+    Parameters
+    ----------
+    model : str or skntk.models.MLIP
+    train : list of ase.Atoms
+    pool : list of ase.Atoms, path, glob or iterator
+        Candidate structures (a file is streamed, never held whole).
+    n_to_select : int
+        Batch size B.
+    seed : int, default=0
+        Seed of every random component (NTK sketch and probes, LCMD's gram sketch): the same
+        inputs and seed give the same selection in every run.
+    cache : str or None
+        Feature cache directory (a rerun resumes there and recomputes nothing it holds).
+    n_jobs, scheduler_address
+        Featurisation workers (joblib), or the address of a Dask scheduler.
+    pool_option : str or None
+        Prefix of errors about the pool (the CLI's ``--pool``).
+
+    Returns
+    -------
+    result : dict
+        ``selected`` (pool indices, in order), ``pv`` (n_pool,) scores, ``shortlist`` (pool
+        indices), ``frames`` (pool index → ase.Atoms of the selected structures), ``features``
+        (pool FeatureBlocks, or None above :data:`_PLOT_MAX_POOL` structures), ``n_pool``,
+        ``timings`` (seconds per stage).
+
+    Raises
+    ------
+    ValueError
+        A model file that cannot be loaded, a bad structure (``train[i]``, or the pool's file
+        and frame), ``n_to_select`` above the distinct pool structures, ``shortlist <
+        n_to_select``, a structure whose force rows would not fit in memory.
+
+    Notes
+    -----
+    Repeated pool structures are featurised and considered once (a ``UserWarning`` counts
+    them); indices and scores refer to the pool as given.
+    """
+    from skntk.pipeline import make_pv_lcmd_pipeline
+
+    if shortlist is not None and shortlist < n_to_select:
+        raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
+                         f"LCMD picks the batch from the shortlist.")
+    timings = {}
+    ntk, train, timings["load model"] = _featurizer(
+        model, train, kind=kind, parameters=parameters, n_features=n_features,
+        force_rows=force_rows, n_probes=n_probes, device=device, seed=seed,
+        progress_bar=progress_bar)
+    with _cache_dir(cache) as directory:
+        t = time.perf_counter()
+        feats = _featurize_pool(ntk, pool, directory, n_jobs=n_jobs,
+                                scheduler_address=scheduler_address, progress_bar=progress_bar,
+                                option=pool_option)
+        timings["features: pool"] = time.perf_counter() - t
+        n_dup = feats.n_pool - len(feats)
+        if n_dup:
+            warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, "
+                          f"cell, pbc); each is a candidate once.", UserWarning, stacklevel=2)
+        if n_to_select > len(feats):
+            raise ValueError(f"n_to_select={n_to_select} exceeds the {len(feats)} distinct pool "
+                             f"structures ({n_dup} of the {feats.n_pool} are duplicates).")
+        t = time.perf_counter()
+        G_train = ntk.transform(train)
+        timings["features: train"] = time.perf_counter() - t
+        M = min(shortlist if shortlist is not None else max(5 * n_to_select, 50), len(feats))
+        # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram
+        # sketch (used only when the exact gram route does not fit in memory); PV has none
+        pipe = make_pv_lcmd_pipeline(n_to_select=n_to_select, shortlist_size=M, sigma2=sigma2,
+                                     random_state=seed)
+        t = time.perf_counter()
+        pipe.fit(G_train)
+        timings["fit posterior"] = time.perf_counter() - t
+        selected = pipe.select(feats)
+        timings["PV screen"] = pipe.timings_["pv"]
+        timings["LCMD"] = pipe.timings_["lcmd"]
+        G_pool = None
+        if feats.n_pool <= _PLOT_MAX_POOL:
+            G_pool = feats.take(feats.inverse)
+        pool_index = feats.pool_index
+        # indices into the pool as given (duplicates share their first copy's scores and rows)
+        scores = pipe["pv"].scores_[feats.inverse]
+        short = pool_index[pipe["pv"].shortlist_idx_]
+        selected = pool_index[selected]
     return {"selected": selected, "pv": scores, "shortlist": short, "features": G_pool,
-            "timings": timings}
+            "frames": _frames_at(pool, selected), "n_pool": feats.n_pool, "timings": timings}
+
+
+def _frames_at(source, indices):
+    """``{i: ase.Atoms}`` of the pool positions ``indices`` (the source streamed once more)."""
+    from skntk.io import iter_structures
+
+    want, out = {int(i) for i in indices}, {}
+    if not want:
+        return out
+    last = max(want)
+    for k, atoms in enumerate(iter_structures(source)):
+        if k in want:
+            out[k] = atoms
+        if k >= last:
+            break
+    return out
+
+
+def run_featurize(model, train, pool, *, cache, kind="joint", parameters=None, n_features=256,
+                  force_rows="probes", n_probes=4, device="auto", seed=0, n_jobs=None,
+                  scheduler_address=None, progress_bar=True, pool_option=None):
+    """Featurise ``pool`` into the feature cache ``cache``, resumably (train features are small
+    and computed by ``select``).
+
+    The transformer is fitted on ``train`` exactly as :func:`run_selection` fits it, so a later
+    ``skntk select`` with the same settings and ``--cache`` finds every pool row cached.
+
+    Returns
+    -------
+    result : dict
+        ``n_pool``, ``n_distinct``, ``computed`` and ``cached`` structure counts, ``timings``.
+    """
+    timings = {}
+    ntk, train, timings["load model"] = _featurizer(
+        model, train, kind=kind, parameters=parameters, n_features=n_features,
+        force_rows=force_rows, n_probes=n_probes, device=device, seed=seed,
+        progress_bar=progress_bar)
+    t = time.perf_counter()
+    feats = _featurize_pool(ntk, pool, cache, n_jobs=n_jobs, scheduler_address=scheduler_address,
+                            progress_bar=progress_bar, option=pool_option)
+    timings["features: pool"] = time.perf_counter() - t
+    return {"n_pool": feats.n_pool, "n_distinct": len(feats), "computed": feats.stats["computed"],
+            "cached": feats.stats["cached"], "timings": timings}
 
 
 def _load_model(load, model, device):
@@ -224,6 +339,13 @@ def _plot(path, result):
 
     pv, sel, shortlist = result["pv"], result["selected"], result["shortlist"]
     G = result["features"]
+    if G is None:  # a large pool: the histogram only (the scatter would load every row)
+        fig, a = plt.subplots(figsize=(6, 4.2))
+        _pv_histogram(a, pv, sel, shortlist)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     # one vector per structure: the energy row for energy/joint blocks, else the block's RMS row
     if G.kind in ("energy", "joint", "plain"):
         Z = G.rows[G.offsets[:-1]]
@@ -235,19 +357,7 @@ def _plot(path, result):
     if xy.shape[1] < 2:  # fewer than two structures or feature directions: pad with zeros
         xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    lo = max(float(pv.min()), 1e-12)
-    hi = max(float(pv.max()), lo)
-    if hi <= lo * (1 + 1e-9):  # one structure, or all alike: a decade around the value
-        lo, hi = lo / 10, hi * 10
-    bins = np.logspace(np.log10(lo), np.log10(hi), 30)
-    a.hist(pv, bins=bins, color="0.75", label=f"pool (n={len(pv)})")
-    a.hist(pv[shortlist], bins=bins, histtype="step", lw=2, color="C1",
-           label=f"shortlist (M={len(shortlist)})")
-    a.hist(pv[sel], bins=bins, color="C3", alpha=0.8, label=f"selected (B={len(sel)})")
-    a.set_xscale("log")
-    a.set_xlabel("posterior variance (trace)")
-    a.set_ylabel("structures")
-    a.legend()
+    _pv_histogram(a, pv, sel, shortlist)
     b.scatter(xy[:, 0], xy[:, 1], s=8, c="0.7", label="pool")
     b.scatter(xy[shortlist, 0], xy[shortlist, 1], s=10, c="C1", label="shortlist")
     b.scatter(xy[sel, 0], xy[sel, 1], s=60, marker="*", c="C3", label="selected")
@@ -262,28 +372,58 @@ def _plot(path, result):
     plt.close(fig)
 
 
-def _report(result, pool, out_path, plot_path):
-    lines = [f"pool: {len(pool)} structures; shortlist {len(result['shortlist'])}; "
+def _pv_histogram(a, pv, sel, shortlist):
+    lo = max(float(pv.min()), 1e-12)
+    hi = max(float(pv.max()), lo)
+    if hi <= lo * (1 + 1e-9):  # one structure, or all alike: a decade around the value
+        lo, hi = lo / 10, hi * 10
+    bins = np.logspace(np.log10(lo), np.log10(hi), 30)
+    a.hist(pv, bins=bins, color="0.75", label=f"pool (n={len(pv)})")
+    a.hist(pv[shortlist], bins=bins, histtype="step", lw=2, color="C1",
+           label=f"shortlist (M={len(shortlist)})")
+    a.hist(pv[sel], bins=bins, color="C3", alpha=0.8, label=f"selected (B={len(sel)})")
+    a.set_xscale("log")
+    a.set_xlabel("posterior variance (trace)")
+    a.set_ylabel("structures")
+    a.legend()
+
+
+def _report(result, out_path, plot_path):
+    frames = result["frames"]
+    lines = [f"pool: {result['n_pool']} structures; shortlist {len(result['shortlist'])}; "
              f"selected {len(result['selected'])}", "time per stage:"]
     lines += [f"  {k:<18s} {v:8.2f} s" for k, v in result["timings"].items()]
     lines.append(" rank  pool idx        PV  structure")
     for rank, i in enumerate(result["selected"]):
-        lines.append(f" {rank + 1:4d}  {i:8d}  {result['pv'][i]:.3e}  {_describe(pool[i])}")
+        lines.append(f" {rank + 1:4d}  {i:8d}  {result['pv'][i]:.3e}  {_describe(frames[i])}")
     lines.append(f"pool PV: median {np.median(result['pv']):.3e}, max {result['pv'].max():.3e}")
     lines.append(f"wrote {out_path}" + (f" and {plot_path}" if plot_path else ""))
     return "\n".join(lines)
 
 
-def _write_selected(path, pool, result):
+def _write_selected(path, result):
     import ase.io
 
     frames = []
     for rank, i in enumerate(result["selected"]):
-        atoms = pool[i].copy()
-        atoms.calc = pool[i].calc
+        src = result["frames"][int(i)]
+        atoms = src.copy()
+        atoms.calc = src.calc
         atoms.info.update(pool_index=int(i), selection_rank=rank, pv=float(result["pv"][i]))
         frames.append(atoms)
     ase.io.write(path, frames, format="extxyz")
+
+
+def _write_scores(path, result):
+    """CSV of every pool structure: pool index, PV, shortlisted, selection rank (-1: none)."""
+    n = len(result["pv"])
+    rank = np.full(n, -1, dtype=np.int64)
+    rank[result["selected"]] = np.arange(len(result["selected"]))
+    short = np.zeros(n, dtype=np.int64)
+    short[result["shortlist"]] = 1
+    table = np.column_stack([np.arange(n), result["pv"], short, rank])
+    np.savetxt(path, table, delimiter=",", fmt=["%d", "%.10e", "%d", "%d"],
+               header="pool_index,pv,shortlisted,selection_rank", comments="")
 
 
 def main(argv=None) -> int:
@@ -295,7 +435,7 @@ def main(argv=None) -> int:
     if args.command == "learn":
         return _learn(args)
     try:
-        return _select(args)
+        return _featurize(args) if args.command == "featurize" else _select(args)
     except _INPUT_ERRORS as err:
         if args.verbose:
             raise
@@ -373,10 +513,13 @@ def _select(args) -> int:
         out_path = Path(args.output)
         _check_output_file(out_path, "-o/--output")
         plot_path = out_path.with_suffix(".png")
-        train, pool = _read(args.train, "--train"), _read(args.pool, "--pool")
+        if args.scores is not None:
+            _check_output_file(Path(args.scores), "--scores")
+        pool = _check_source(args.pool, "--pool")  # streamed by the featurisation, never held
+        train = _read(args.train, "--train")
     if args.no_plot:
         plot_path = None
-    if args.n_to_select > len(pool):
+    if isinstance(pool, list) and args.n_to_select > len(pool):
         raise ValueError(f"-n {args.n_to_select} exceeds the {len(pool)} pool structures")
     if args.shortlist is not None and args.shortlist < args.n_to_select:
         raise ValueError(f"--shortlist {args.shortlist} is smaller than -n {args.n_to_select}: "
@@ -386,9 +529,12 @@ def _select(args) -> int:
             args.model, train, pool, n_to_select=args.n_to_select, kind=args.kind,
             parameters=args.parameters, n_features=args.n_features, force_rows=args.force_rows,
             n_probes=args.n_probes, shortlist=args.shortlist, sigma2=args.sigma2,
-            device=args.device, seed=args.seed, cache=args.cache,
-            progress_bar=sys.stderr.isatty())
-    _write_selected(out_path, pool, result)
+            device=args.device, seed=args.seed, cache=args.cache, n_jobs=args.n_jobs,
+            scheduler_address=args.scheduler_address, progress_bar=sys.stderr.isatty(),
+            pool_option="--pool")
+    _write_selected(out_path, result)
+    if getattr(args, "scores", None):
+        _write_scores(args.scores, result)
     summary = {k: v for k, v in result.items() if k in ("timings",)}
     summary["selected"] = result["selected"].tolist()
     (out_path.parent / (out_path.stem + "_report.json")).write_text(json.dumps(summary, indent=1))
@@ -403,7 +549,43 @@ def _select(args) -> int:
                 raise
             print(f"warning: no plot ({type(err).__name__}: {err})", file=sys.stderr)
             plot_path = None
-    print(_report(result, pool, out_path, plot_path))
+    print(_report(result, out_path, plot_path))
+    return 0
+
+
+def _check_source(source, option):
+    """Refuse a pool path that is missing or a directory before any work (a glob must match)."""
+    path = Path(source)
+    if any(c in str(source) for c in "*?[") and not path.exists():
+        import glob
+
+        if not glob.glob(str(source)):
+            raise FileNotFoundError(f"{option}: no structure file matches {str(source)!r}.")
+        return str(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{option}: no structure file at {str(path)!r}.")
+    if path.is_dir():
+        raise IsADirectoryError(f"{option}: {str(path)!r} is a directory, not a structure file.")
+    return str(source)
+
+
+def _featurize(args) -> int:
+    """``skntk featurize``: pool features into the cache (shards), resumable."""
+    if Path(args.cache).exists() and not Path(args.cache).is_dir():
+        raise NotADirectoryError(f"--cache {args.cache} exists and is not a directory.")
+    pool = _check_source(args.pool, "--pool")
+    train = _read(args.train, "--train")
+    with _one_line_warnings():
+        result = run_featurize(
+            args.model, train, pool, cache=args.cache, kind=args.kind,
+            parameters=args.parameters, n_features=args.n_features, force_rows=args.force_rows,
+            n_probes=args.n_probes, device=args.device, seed=args.seed, n_jobs=args.n_jobs,
+            scheduler_address=args.scheduler_address, progress_bar=sys.stderr.isatty(),
+            pool_option="--pool")
+    t = result["timings"]["features: pool"]
+    print(f"featurised {result['n_pool']} pool structures ({result['n_distinct']} distinct): "
+          f"{result['computed']} computed, {result['cached']} already in {args.cache}; "
+          f"{t:.1f} s")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Only this module and :mod:`skntk.atoms` touch ``ase.Atoms``. A *source* is an ``ase.Atoms``, an
 iterable of them, a path to a file ASE can read (extended XYZ, ASE trajectory, ...) or a path to an
-ASE database (``.db``). Labels are read from the attached calculator (``SinglePointCalculator``
+ASE database (``.db``), or a glob pattern of such files. Labels are read from the attached calculator (``SinglePointCalculator``
 from an extxyz file) or from ``info``/``arrays`` under a key such as ``REF_energy``/``REF_forces``.
 """
 
@@ -30,7 +30,8 @@ def iter_structures(source, index=":") -> Iterator[Atoms]:
     Parameters
     ----------
     source : ase.Atoms, iterable of ase.Atoms, str or os.PathLike
-        Structures, or a path to a file ASE can read, or to an ASE database (``*.db``).
+        Structures, or a path to a file ASE can read, or to an ASE database (``*.db``), or a
+        glob pattern (``"frames/*.extxyz"``: the matching files in sorted order).
     index : str or int or slice, default=":"
         Frames to read from a file (ASE's index syntax); ignored for in-memory sources.
 
@@ -43,6 +44,15 @@ def iter_structures(source, index=":") -> Iterator[Atoms]:
         return
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if not path.exists() and isinstance(source, str) and any(c in source for c in "*?["):
+            import glob
+
+            files = sorted(glob.glob(source))
+            if not files:
+                raise FileNotFoundError(f"no structure file matches {source!r}.")
+            for f in files:  # in sorted order, each streamed
+                yield from iter_structures(f, index=index)
+            return
         if not path.exists():
             raise FileNotFoundError(f"no structure file at {str(path)!r}.")
         if path.is_dir():

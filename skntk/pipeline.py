@@ -10,6 +10,7 @@ the upstream (non-selector) steps so that ``GridSearchCV`` can compare settings 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from numbers import Integral
 
@@ -22,7 +23,7 @@ from sklearn.utils.metaestimators import available_if
 
 from skntk._sklearn_compat import pipeline_steps
 from skntk.blocks import FeatureBlocks, as_blocks
-from skntk.selection._base import BaseSelector, selection_score
+from skntk.selection._base import BaseSelector, resolve_n_to_select, selection_score
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 
@@ -68,6 +69,30 @@ def _deduplicate(X):
     return [X[i] for i in first], first
 
 
+def _warn_duplicates(n_unique, n_pool):
+    n_dup = n_pool - n_unique
+    if n_dup:
+        warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, cell, "
+                      f"pbc); each is a candidate once.", UserWarning, stacklevel=4)
+
+
+def _index(X, idx):
+    """Rows ``idx`` of arrays / FeatureBlocks, items of sequences."""
+    if isinstance(X, (np.ndarray, FeatureBlocks)):
+        return X[idx]
+    if hasattr(X, "iloc"):
+        return X.iloc[idx]
+    return [X[i] for i in idx]
+
+
+def _index_targets(y, idx):
+    """Targets of structures ``idx``: one float each, or one array of per-row targets each."""
+    try:
+        return np.asarray(y, dtype=np.float64)[idx]
+    except ValueError:  # ragged per-row targets
+        return [y[i] for i in idx]
+
+
 def _atoms_labels(atoms, y):
     """``(energies, forces)`` of ``atoms``: ``y`` (eV) if given, else the stored labels; forces
     from the stored labels (entries None where missing). ``None`` when there are no labels."""
@@ -91,8 +116,9 @@ class SelectionPipeline(Pipeline):
 
     ``fit(X_labelled)`` fits every step on the labelled structures (a PV step then hands the
     posterior features of the train set to the next selector, which uses them as centres);
-    ``select(X_pool)`` transforms the pool through all steps but the last (a PV step with
-    ``shortlist_size`` carries its shortlist) and lets the final selector pick. :meth:`score`
+    ``select(X_pool)`` featurises the pool and chains the selector steps by indices (a PV step
+    with ``shortlist_size`` passes its streamed top-M on; the next step sees only those) until
+    the final selector picks. :meth:`score`
     turns a selection into one number for ``GridSearchCV``: by default the error of linearised
     fine-tuning on the labelled structures plus the selected ones, on the rest of the pool.
 
@@ -109,8 +135,26 @@ class SelectionPipeline(Pipeline):
             from skntk.finetune import MLIPRegressor
             scoring = lambda train, rest: MLIPRegressor(model, epochs=30,
                                                         random_state=0).fit(train).score(rest)
+    feature_cache : str, os.PathLike or None, default=None
+        Directory of the content-addressed feature cache (:mod:`skntk.cache`). When set,
+        :meth:`select` featurises an Atoms pool into it in shards (resumable: a rerun computes
+        only what is missing) and streams the shards, so memory is flat in the pool size; the
+        final step loads only the shortlisted rows.
+    n_jobs : int or None, default=None
+        Featurisation workers with ``feature_cache`` (joblib; inside
+        ``joblib.parallel_config(backend="dask")`` they run on a Dask cluster).
     memory, transform_input, verbose
         As for :class:`~sklearn.pipeline.Pipeline`.
+
+    Attributes
+    ----------
+    selected_idx_ : ndarray of int
+        Indices into the pool of the last :meth:`select`.
+    pool_index_ : ndarray of int or None
+        Pool index of each candidate when duplicates were set aside (``None``: none were).
+    timings_ : dict of str to float
+        Seconds of the last :meth:`select`: ``"features"`` (the steps before the first
+        selector), then one entry per later step, by name.
 
     Examples
     --------
@@ -125,10 +169,12 @@ class SelectionPipeline(Pipeline):
     (4,)
     """
 
-    def __init__(self, steps, *, scoring=None, transform_input=None, memory=None,
-                 verbose=False):
+    def __init__(self, steps, *, scoring=None, feature_cache=None, n_jobs=None,
+                 transform_input=None, memory=None, verbose=False):
         super().__init__(steps, transform_input=transform_input, memory=memory, verbose=verbose)
         self.scoring = scoring
+        self.feature_cache = feature_cache
+        self.n_jobs = n_jobs
 
     def fit(self, X, y=None, **params):
         """Fit every step on the labelled ``X`` (as :meth:`Pipeline.fit`).
@@ -155,39 +201,106 @@ class SelectionPipeline(Pipeline):
 
     @available_if(_final_estimator_has("select"))
     def select(self, X, n_to_select=None):
-        """Transform ``X`` through all but the last step and select with the last.
+        """Pick structures of the pool ``X``: selector steps chained by indices.
+
+        ``X`` goes through the steps before the first selector (the featuriser); then every
+        selector step but the last picks candidates (a PV step: its streamed top-M,
+        :meth:`~skntk.selection.pv.ChunkedPosteriorVarianceSelector.shortlist`; any other
+        selector: its ``select``), the next step sees only those candidates, transformed by the
+        step that picked them, and the last step picks the batch. Indices map back to ``X``.
+        No step holds more than the shortlist's transformed rows.
 
         Parameters
         ----------
-        X : any input the first step accepts (e.g. list of ase.Atoms, arrays, FeatureBlocks)
-            Candidate pool.
+        X : any input the first step accepts, or a pool source
+            Candidate pool: arrays, FeatureBlocks, a list of ase.Atoms, or (with a featuriser
+            first) an extxyz / ASE-readable path, an ``ase.db``, a glob pattern or an iterator
+            of Atoms. With ``feature_cache`` set, an Atoms pool is featurised into that cache
+            shard by shard (:func:`skntk.parallel.featurize`, ``n_jobs`` workers) and streamed
+            from it: memory stays flat in the pool size.
         n_to_select : int, float or None, default=None
             Overrides the final selector's ``n_to_select``.
 
         Returns
         -------
         selected_idx : ndarray of int of shape (n_to_select,)
-            Indices into ``X`` in selection order.
+            Indices into ``X`` in selection order (also ``selected_idx_``).
 
         Notes
         -----
-        A pool of ``ase.Atoms`` is deduplicated first (:func:`skntk.io.unique_structures`: same
-        atomic numbers, positions, cell and pbc): only the first copy of a structure is a
-        candidate, a ``UserWarning`` says how many copies were set aside, and the indices
-        returned point into the original ``X``. A batch never holds two copies of one structure.
+        A pool of ``ase.Atoms`` is deduplicated first (same atomic numbers, positions, cell and
+        pbc): only the first copy of a structure is a candidate, a ``UserWarning`` says how many
+        copies were set aside, and the indices returned point into the original ``X``. A batch
+        never holds two copies of one structure.
         """
-        self._pool_index = None
-        if isinstance(X, (str, os.PathLike)) and self._model_step() is not None:
-            from skntk.atoms import as_atoms_list
-
-            X = as_atoms_list(X)  # a structure file: read once, deduplicated below
-        X, first = _deduplicate(X)
-        _, Xt = self._transform_for_final(X)
-        idx = self._final_estimator.select(Xt, n_to_select)
-        if first is not None:
-            self._pool_index = first
-            idx = first[idx]
+        idx, _ = self._select_chain(X, n_to_select)
         return idx
+
+    def _featurise_pool(self, X):
+        """``(upstream features, pool index of each candidate or None)`` of the pool ``X``."""
+        upstream_steps = self._upstream_steps()
+        model_step = self._model_step()
+        is_source = isinstance(X, (str, os.PathLike)) or _is_atoms_input(X) or (
+            model_step is not None and not isinstance(X, (np.ndarray, FeatureBlocks))
+            and not hasattr(X, "iter_chunks"))
+        if self.feature_cache is not None and upstream_steps and is_source:
+            if len(upstream_steps) != 1:
+                raise ValueError("feature_cache needs the featuriser to be the only step before "
+                                 f"the first selector; got {len(upstream_steps)} steps.")
+            from skntk.parallel import featurize
+
+            feats = featurize(upstream_steps[0], X, self.feature_cache, n_jobs=self.n_jobs)
+            _warn_duplicates(len(feats), feats.n_pool)
+            return feats, (None if len(feats) == feats.n_pool else feats.pool_index)
+        if model_step is not None and is_source and not _is_atoms_input(X):
+            from skntk.io import read_structures
+
+            X = read_structures(X)  # a file, glob or iterator: read once, deduplicated below
+        X, first = _deduplicate(X)
+        return self._upstream_transform(X), first
+
+    def _select_chain(self, X, n_to_select=None):
+        """``(indices into X, upstream features)`` of a selection (see :meth:`select`)."""
+        t = time.perf_counter()
+        upstream, first = self._featurise_pool(X)
+        timings = {"features": time.perf_counter() - t}
+        Xt, cand = upstream, None  # cand: indices into upstream of the rows Xt holds
+        started, narrowed_by = False, None
+        for _, name, step in pipeline_steps(self, with_final=False):
+            if not started and not isinstance(step, BaseSelector):
+                continue  # upstream steps: already applied
+            started = True
+            t = time.perf_counter()
+            if isinstance(step, BaseSelector):
+                local = np.asarray(step.shortlist(Xt) if hasattr(step, "shortlist")
+                                   else step.select(Xt), dtype=np.int64)
+                if not (local.size == len(Xt) and np.array_equal(local, np.arange(len(Xt)))):
+                    cand = local if cand is None else cand[local]
+                    narrowed_by = name
+                    Xt = Xt.take(local) if hasattr(Xt, "iter_chunks") else _index(Xt, local)
+            if hasattr(Xt, "iter_chunks"):  # a lazy pool that no selector narrowed
+                Xt = Xt.take(np.arange(len(Xt)))
+            Xt = step.transform(Xt)
+            timings[name] = time.perf_counter() - t
+        final_name = self.steps[-1][0]
+        t = time.perf_counter()
+        if hasattr(Xt, "iter_chunks") and not hasattr(self._final_estimator, "shortlist"):
+            Xt = Xt.take(np.arange(len(Xt)))  # a lazy pool into a selector that cannot stream
+        if cand is not None:  # a budget above the shortlist: say where the candidates went
+            budget = self._final_estimator.n_to_select if n_to_select is None else n_to_select
+            resolve_n_to_select(budget, len(cand), what=(
+                f"candidates left by step {narrowed_by!r} (the pool holds {len(upstream)} "
+                f"structures)"))
+        idx = np.asarray(self._final_estimator.select(Xt, n_to_select), dtype=np.int64)
+        timings[final_name] = time.perf_counter() - t
+        self.timings_ = timings
+        if cand is not None:
+            idx = cand[idx]
+        if first is not None:
+            idx = np.asarray(first)[idx]
+        self.selected_idx_ = idx
+        self.pool_index_ = first
+        return idx, upstream
 
     def _upstream_steps(self):
         """The fitted steps before the first selector."""
@@ -202,24 +315,6 @@ class SelectionPipeline(Pipeline):
         for step in self._upstream_steps():
             X = step.transform(X)
         return X
-
-    def _transform_for_final(self, X):
-        """``(upstream, Xt)``: ``X`` after the steps before the first selector, and after all but
-        the last step (each step runs once)."""
-        Xt, upstream = X, None
-        for _, _, step in pipeline_steps(self, with_final=False):
-            if upstream is None and isinstance(step, BaseSelector):
-                upstream = Xt
-            Xt = step.transform(Xt)
-        return (Xt if upstream is None else upstream), Xt
-
-    @property
-    def selected_idx_(self):
-        """Indices into the pool picked by the last :meth:`select` (the final step's
-        ``selected_idx_``, mapped back to the pool when duplicates were set aside)."""
-        idx = self._final_estimator.selected_idx_
-        first = getattr(self, "_pool_index", None)
-        return idx if first is None else first[idx]
 
     @available_if(_final_estimator_has("select"))
     def score(self, X, y=None, **params):
@@ -272,9 +367,13 @@ class SelectionPipeline(Pipeline):
             lab = self._labelled_atoms()
             train = (lab or []) + [X[i] for i in idx]
             return float(self.scoring(train, [X[i] for i in rest]))
-        upstream, Xt = self._transform_for_final(X)
-        self._pool_index = None
-        idx = self._final_estimator.select(Xt)
+        idx, upstream = self._select_chain(X)
+        if hasattr(upstream, "iter_chunks"):  # features streamed from the cache: the yardstick
+            upstream = upstream.take(np.arange(len(upstream)))  # needs them all
+        if self.pool_index_ is not None:  # duplicates set aside: score on the distinct ones
+            X = [X[i] for i in self.pool_index_] if atoms_in else _index(X, self.pool_index_)
+            y = None if y is None else _index_targets(y, self.pool_index_)
+            idx = np.searchsorted(self.pool_index_, idx)
         if atoms_in:
             return self._linearised_score(X, as_blocks(upstream), y, idx)
         if y is None:
@@ -414,7 +513,7 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
     >>> pipe = make_pv_lcmd_pipeline(n_to_select=5, shortlist_size=40)
     >>> pool = rng.normal(size=(200, 4))
     >>> idx = pipe.fit(rng.normal(size=(30, 4))).select(pool)
-    >>> shortlist = pipe["pv"].transform(pool).shortlist
+    >>> shortlist = pipe["pv"].shortlist_idx_  # PV's streamed top-40, best first
     >>> len(set(idx.tolist())), set(idx.tolist()) <= set(shortlist.tolist())
     (5, True)
     """

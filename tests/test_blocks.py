@@ -66,8 +66,8 @@ def test_concatenate_and_with_rows():
     c = FeatureBlocks.concatenate([b, b[[0]]])
     assert len(c) == 4
     np.testing.assert_array_equal(c.block(3), b.block(0))
-    w = b.with_rows(b.rows * 2, shortlist=[2])
-    assert w.shortlist.tolist() == [2] and w.offsets is b.offsets
+    w = b.with_rows(b.rows * 2)
+    assert w.offsets is b.offsets and not hasattr(w, "shortlist")  # a plain container
     with pytest.raises(ValueError, match=r"blocks\[1\] has n_features=3"):
         FeatureBlocks.concatenate([b, FeatureBlocks.from_array(np.zeros((2, 3)))])
 
@@ -81,12 +81,11 @@ def test_force_layout_and_validation():
         FeatureBlocks(np.zeros((2, 1)), [0, 3])
     with pytest.raises(ValueError, match="kind must be one of"):
         FeatureBlocks(np.zeros((2, 1)), [0, 2], kind="stress")
-    with pytest.raises(ValueError, match=r"shortlist must be 1-D indices in \[0, 1\)"):
-        FeatureBlocks(np.zeros((2, 1)), [0, 2], shortlist=[1])
 
 
 def test_pickle_round_trip():
-    b = _blocks().with_rows(_blocks().rows, shortlist=[0, 2])
+    b = _blocks("force")
     c = pickle.loads(pickle.dumps(b))
     np.testing.assert_array_equal(c.rows, b.rows)
-    assert c.shortlist.tolist() == [0, 2]
+    np.testing.assert_array_equal(c.offsets, b.offsets)
+    assert c.kind == "force"

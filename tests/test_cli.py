@@ -72,3 +72,60 @@ def test_one_line_warnings_reemits_foreign_warnings_once(capsys):
         with _one_line_warnings():
             warnings.warn("from elsewhere", RuntimeWarning, stacklevel=1)
     assert [str(w.message) for w in outer] == ["from elsewhere"]
+
+
+def _files(tmp_path):
+    frames = read_structures(example_path())
+    sids = sorted({a.info["sid"] for a in frames})
+    train_idx, pool_idx = split_by(frames, "sid", sids[:1])
+    ase.io.write(tmp_path / "train.extxyz", [frames[i] for i in train_idx])
+    ase.io.write(tmp_path / "pool.extxyz", [frames[i] for i in pool_idx[:30]])
+    return ["--train", str(tmp_path / "train.extxyz"), "--pool", str(tmp_path / "pool.extxyz"),
+            "--kind", "energy", "--n-features", "16"]
+
+
+def test_featurize_then_select_from_the_shards(tmp_path, model_file, capsys, monkeypatch):
+    import skntk.parallel
+
+    common = ["--model", str(model_file), *_files(tmp_path), "--cache", str(tmp_path / "c")]
+    assert main(["featurize", *common]) == 0
+    assert "featurised 30 pool structures (30 distinct): 30 computed, 0 already in" in \
+        capsys.readouterr().out
+    assert main(["featurize", *common]) == 0  # a rerun resumes: nothing left to compute
+    assert "0 computed, 30 already in" in capsys.readouterr().out
+    monkeypatch.setattr(skntk.parallel, "_transform_chunk",
+                        lambda *a: pytest.fail("select featurised a cached structure"))
+    out = tmp_path / "sel.extxyz"
+    assert main(["select", *common, "-n", "4", "--shortlist", "10", "-o", str(out), "--no-plot",
+                 "--scores", str(tmp_path / "scores.csv")]) == 0
+    monkeypatch.undo()
+    cached = json.loads((tmp_path / "sel_report.json").read_text())["selected"]
+    # the same selection without a cache (a temporary one) and with two workers
+    out2 = tmp_path / "sel2.extxyz"
+    assert main(["select", "--model", str(model_file), *_files(tmp_path), "-n", "4",
+                 "--shortlist", "10", "-o", str(out2), "--no-plot", "--n-jobs", "2"]) == 0
+    assert json.loads((tmp_path / "sel2_report.json").read_text())["selected"] == cached
+    table = np.loadtxt(tmp_path / "scores.csv", delimiter=",", skiprows=1)
+    assert table.shape == (30, 4) and table[:, 0].tolist() == list(range(30))
+    ranks = table[:, 3].astype(int)
+    assert [int(np.flatnonzero(ranks == r)[0]) for r in range(4)] == cached
+    assert table[:, 2].sum() == 10 and np.all(table[ranks >= 0, 2] == 1)
+    # the shortlist is the top-10 PV, the written pv is the CSV's
+    assert set(np.flatnonzero(table[:, 2])) == set(np.argsort(-table[:, 1], kind="stable")[:10])
+    for a in ase.io.read(out, ":"):
+        assert a.info["pv"] == pytest.approx(table[a.info["pool_index"], 1], rel=1e-9)
+
+
+def test_featurize_needs_a_cache_and_names_bad_frames(tmp_path, model_file, capsys):
+    args = _files(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["featurize", "--model", str(model_file), *args])
+    assert "--cache" in capsys.readouterr().err
+    text = (tmp_path / "pool.extxyz").read_text().splitlines()
+    n0 = int(text[0])
+    (tmp_path / "pool.extxyz").write_text("\n".join(text[: n0 + 2 + 5]) + "\n")
+    assert main(["featurize", "--model", str(model_file), *args, "--cache",
+                 str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --pool: ") and "pool.extxyz: frame 1: XYZError" in err
+    assert err.count("\n") == 1

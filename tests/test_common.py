@@ -30,11 +30,6 @@ def _expected_failed_checks(estimator):
     if getattr(estimator, "criterion", None) == "pool_variance_reduction":
         reason = "pool variance reduction scores depend on the whole pool passed in"
         failed["check_methods_subset_invariance"] = reason
-    if getattr(estimator, "shortlist_size", None) is not None:
-        reason = ("with shortlist_size, transform returns FeatureBlocks carrying the shortlist "
-                  "(fit_transform of the labelled set does not)")
-        failed["check_transformer_general"] = reason
-        failed["check_transformer_data_not_an_array"] = reason
     return failed
 
 

@@ -23,7 +23,7 @@ from skntk.atoms import MIN_DISTANCE, validate_structures
 from skntk.cli import main
 from skntk.io import structure_hash, unique_structures
 from skntk.models.builtin import BuiltinMLIP
-from skntk.pipeline import make_pv_lcmd_pipeline
+from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 from skntk.transformers import ForceNTKTransformer, InsufficientMemoryError
@@ -174,7 +174,8 @@ def _select(files, *extra, pool="pool.extxyz", model="model.pt"):
                   r"expected \d+\n"),
     ("junk model", r"error: model '.*junk.pt' could not be loaded as a model file "
                    r"\(UnpicklingError: .*\)\.\n"),
-    ("overlap", r"error: pool\[2\] \(C2H6\): atoms 0 and 1 are 0 Å apart, closer than "
+    ("overlap", r"error: --pool: .*overlap.extxyz: frame 2 \(C2H6\): atoms 0 and 1 are 0 Å "
+                r"apart, closer than "
                 r"skntk.atoms.MIN_DISTANCE = 0.1 Å.*\n"),
     ("missing output dir", r"error: -o/--output .*nodir.sel.extxyz: directory .*nodir does not "
                            r"exist\.\n"),
@@ -291,9 +292,8 @@ def test_overflowing_features_are_refused_naming_the_structure():
 def test_shortlist_message_says_what_x_holds():
     rng = np.random.default_rng(0)
     T, X = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
-    pv = ChunkedPosteriorVarianceSelector(shortlist_size=5)
-    psi_T = pv.fit_transform(T)
-    psi = pv.transform(X)
-    with pytest.raises(ValueError, match=r"n_to_select=6 exceeds the 5 shortlisted candidates "
-                                         r"\(X holds 20 structures\)"):
-        LCMDSelector(n_to_select=6).fit(psi_T).select(psi)
+    pipe = SelectionPipeline([("pv", ChunkedPosteriorVarianceSelector(shortlist_size=5)),
+                              ("lcmd", LCMDSelector(n_to_select=6))]).fit(T)
+    with pytest.raises(ValueError, match=r"n_to_select=6 exceeds the 5 candidates left by step 'pv' "
+                                         r"\(the pool holds 20 structures\)"):
+        pipe.select(X)  # LCMD sees the 5 shortlisted structures only

@@ -78,8 +78,7 @@ def relabel(frames, shift):
 def old_objective(est, X, y=None):
     """The previous default: zero-mean ridge on raw total energies of the selected structures."""
     energies = np.array([a.get_potential_energy() for a in X])
-    upstream, Xt = est._transform_for_final(X)
-    idx = est._final_estimator.select(Xt)
+    idx, upstream = est._select_chain(X)
     rest = np.setdiff1d(np.arange(len(X)), idx)
     rows = upstream.rows[upstream.offsets[:-1]]  # energy rows of the joint blocks
     return ridge_rmse(rows[idx], energies[idx], rows[rest], energies[rest])

@@ -1,7 +1,9 @@
 """Shared base of all selectors: input validation, ``n_to_select``, ``selected_idx_``, ``score``.
 
 Subclasses implement ``fit`` and ``_select(X, candidates, n_to_select)``; the base class owns the
-bookkeeping (validate, restrict to a carried shortlist, resolve the budget, record the picks).
+bookkeeping (validate, resolve the budget, record the picks). Chaining selectors (a PV shortlist,
+then LCMD on it) is the job of :class:`skntk.pipeline.SelectionPipeline`, which passes indices
+between steps, never data.
 """
 
 from __future__ import annotations
@@ -175,8 +177,7 @@ class BaseSelector(BaseEstimator):
 
     Subclasses implement ``fit(X, y=None)`` (call :meth:`_check_X` with ``reset=True``) and
     ``_select(X, candidates, n_to_select) -> indices into X``. :meth:`select` validates ``X``,
-    restricts candidates to a shortlist carried by ``X`` (:attr:`FeatureBlocks.shortlist`), resolves
-    the budget and stores ``selected_idx_``.
+    resolves the budget and stores ``selected_idx_``.
 
     Parameters
     ----------
@@ -233,7 +234,7 @@ class BaseSelector(BaseEstimator):
         Parameters
         ----------
         X : FeatureBlocks or array-like of shape (n_structures, n_features)
-            Candidate pool. If it carries a ``shortlist``, only those structures are candidates.
+            Candidate pool.
         n_to_select : int, float or None, default=None
             Overrides the ``n_to_select`` parameter for this call.
 
@@ -244,10 +245,8 @@ class BaseSelector(BaseEstimator):
         """
         check_is_fitted(self)
         X = self._check_X(X, reset=False)
-        candidates = np.arange(len(X)) if X.shortlist is None else np.asarray(X.shortlist)
+        candidates = np.arange(len(X))
         n_cand, what = self._n_candidates(len(candidates))
-        if X.shortlist is not None and n_cand == len(candidates):
-            what = f"shortlisted candidates (X holds {len(X)} structures)"
         n = resolve_n_to_select(self.n_to_select if n_to_select is None else n_to_select,
                                 n_cand, what=what)
         idx = np.asarray(self._select(X, candidates, n), dtype=np.int64)

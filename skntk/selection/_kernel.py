@@ -158,13 +158,19 @@ def gram_features_sketch(X, R1, R2, *, working_memory=None):
 
 
 def _row_sq(phi):
-    return np.einsum("ij,ij->i", phi, phi)
+    """Squared row norms in float64 (whatever the dtype of ``phi``)."""
+    return np.einsum("ij,ij->i", phi, phi, dtype=np.float64)
 
 
 def nearest_centres(phi, centres, *, working_memory=None):
     """Squared distance of each row of ``phi`` to its nearest centre, and that centre's index.
 
-    Ties go to the lower centre index (as adding the centres one by one with a strict ``<`` does).
+    The assignment is one matrix product per chunk of rows, in the dtype of ``phi`` (float32
+    rows: float32 products, the cost floor of this step): the nearest centre maximises
+    ``φ·c − ½‖c‖²``, so the product against the centres augmented by ``−½‖c‖²`` and an argmax
+    are all it takes. The squared distance to the chosen centre is then recomputed in float64
+    from the difference ``φ − c``, so it carries no cancellation error. Ties go to the lower
+    centre index.
 
     Parameters
     ----------
@@ -175,23 +181,30 @@ def nearest_centres(phi, centres, *, working_memory=None):
     Returns
     -------
     min_sq : ndarray of shape (n,)
+        Float64.
     closest : ndarray of int of shape (n,)
     """
-    n = phi.shape[0]
-    diag = _row_sq(phi)
-    diag_c = _row_sq(centres)
-    min_sq = np.full(n, np.inf)
-    closest = np.zeros(n, dtype=np.int64)
-    step = chunk_n_rows(16 * max(n, 1), max_n_rows=centres.shape[0], working_memory=working_memory)
-    for lo in range(0, centres.shape[0], step):
-        C = centres[lo:lo + step]
-        sq = diag_c[lo:lo + step, None] + diag[None, :] - 2.0 * (C @ phi.T)
-        np.maximum(sq, 0.0, out=sq)
-        arg = np.argmin(sq, axis=0)
-        val = sq[arg, np.arange(n)]
-        better = val < min_sq
-        min_sq[better] = val[better]
-        closest[better] = arg[better] + lo
+    n, D = phi.shape
+    dtype = phi.dtype if phi.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    c64 = np.asarray(centres, dtype=np.float64)
+    aug = np.empty((c64.shape[0], D + 1), dtype=dtype)  # [c, -|c|²/2]
+    aug[:, :D] = c64
+    aug[:, D] = -0.5 * _row_sq(c64)
+    min_sq = np.empty(n)
+    closest = np.empty(n, dtype=np.int64)
+    isz = np.dtype(dtype).itemsize
+    step = chunk_n_rows(isz * (c64.shape[0] + D + 1) + 8 * D, max_n_rows=max(n, 1),
+                        working_memory=working_memory)
+    buf = np.empty((min(step, max(n, 1)), D + 1), dtype=dtype)
+    buf[:, D] = 1.0
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        rows = buf[:hi - lo]
+        rows[:, :D] = phi[lo:hi]
+        arg = np.argmax(rows @ aug.T, axis=1)
+        closest[lo:hi] = arg
+        diff = np.asarray(phi[lo:hi], dtype=np.float64) - c64[arg]
+        min_sq[lo:hi] = np.einsum("ij,ij->i", diff, diff)
     return min_sq, closest
 
 
@@ -246,7 +259,7 @@ def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_mem
                 j = int(np.flatnonzero(~chosen)[0])
         picks[k] = j
         chosen[j] = True
-        sq = diag[j] + diag - 2.0 * (phi @ phi[j])
+        sq = diag[j] + diag - 2.0 * (phi @ phi[j])  # float64 (diag), the product in phi's dtype
         np.maximum(sq, 0.0, out=sq)
         sq[j] = 0.0
         new = sq < min_sq
@@ -339,7 +352,10 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
                     f"kernel='linear' needs one row per structure; structure {i} of X has {m[i]} "
                     "rows (use kernel='gram' for multi-row blocks)."
                 )
-            return np.asarray(X.rows, dtype=np.float64)
+            # float32 rows stay float32 (no pool-sized copy; products in float32, distances and
+            # cluster sizes in float64), anything else float64
+            return np.asarray(X.rows, dtype=np.float32 if X.rows.dtype == np.float32
+                              else np.float64)
         if self.gram_features_ == "exact":
             return gram_features_exact(X, working_memory=self.working_memory)
         return gram_features_sketch(X, *self.sketch_, working_memory=self.working_memory)
@@ -376,7 +392,7 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         return nearest_centres(phi, self.centres_, working_memory=self.working_memory)[0]
 
     def _select(self, X, candidates, n_to_select):
-        phi = self._phi(X[candidates] if X.shortlist is not None else X)
+        phi = self._phi(X)
         picks = greedy_centres(phi, n_to_select, centres=self.centres_, method=self._method,
                                working_memory=self.working_memory)
         return np.asarray(candidates)[picks]

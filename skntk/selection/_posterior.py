@@ -222,19 +222,24 @@ class FeaturePosterior:
             out[lo:hi] = self.transform_rows(X.rows[lo:hi])
         return X.with_rows(out)
 
-    def iter_transform(self, X):
+    def iter_transform(self, X, *, dtype=np.float64):
         """Yield ``(structure_slice, Ψ rows, chunk-relative offsets)`` chunk by chunk.
 
-        The yielded ``Ψ`` is a view of a buffer reused by the next chunk (no page faults per
-        chunk); copy it to keep it.
+        ``dtype=np.float32``: ``Ψ`` is the float32 product of the rows (cast if needed) and the
+        float32-rounded whitener (for ranking; the posterior itself stays float64). The yielded
+        ``Ψ`` is a view of a buffer reused by the next chunk (no page faults per chunk); copy it
+        to keep it.
         """
         X = as_blocks(X)
-        max_rows = chunk_n_rows(3 * 8 * max(X.n_features, 1), max_n_rows=max(X.n_rows, 1),
-                                working_memory=self.working_memory)
+        dtype = np.dtype(dtype)
+        itemsize = dtype.itemsize
+        max_rows = chunk_n_rows(3 * itemsize * max(X.n_features, 1),
+                                max_n_rows=max(X.n_rows, 1), working_memory=self.working_memory)
         chunks = list(gen_structure_chunks(X.offsets, max_rows))
         longest = max((int(X.offsets[c.stop] - X.offsets[c.start]) for c in chunks), default=0)
-        out = np.empty((longest, self.n_features_))
-        cast = None if X.rows.dtype == np.float64 else np.empty((longest, X.n_features))
+        whitener = self.whitener_ if dtype == np.float64 else self.whitener_.astype(dtype)
+        out = np.empty((longest, self.n_features_), dtype=dtype)
+        cast = None if X.rows.dtype == dtype else np.empty((longest, X.n_features), dtype=dtype)
         for sl in chunks:
             lo, hi = X.offsets[sl.start], X.offsets[sl.stop]
             rows = X.rows[lo:hi]
@@ -247,7 +252,8 @@ class FeaturePosterior:
                 np.copyto(cast[:hi - lo], rows, casting="unsafe")
                 rows = cast[:hi - lo]
             psi = out[:hi - lo]
-            np.matmul(rows, self.whitener_, out=psi)
+            with np.errstate(over="ignore", invalid="ignore"):  # refused by the caller, by name
+                np.matmul(rows, whitener, out=psi)
             yield sl, psi, X.offsets[sl.start:sl.stop + 1] - lo
 
     def variance(self, X):

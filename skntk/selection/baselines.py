@@ -18,8 +18,6 @@ __all__ = ["RandomSelector", "MaxDistSelector"]
 class _Structures:
     """Stand-in for a sequence of structures: random selection needs only its length."""
 
-    shortlist = None
-
     def __init__(self, n: int):
         self._n = n
 

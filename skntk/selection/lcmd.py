@@ -24,8 +24,9 @@ class LCMDSelector(_KernelCentresSelector):
     ``d(d+1)/2``) or a tensor sketch of ``n_sketch_features`` dimensions. LCMD runs on the features
     it is given (``features="prior"``: e.g. posterior features from a
     :class:`~skntk.selection.pv.ChunkedPosteriorVarianceSelector` step) or transforms them itself
-    with its own posterior (``features="posterior"``, noise ``sigma2``). When ``X`` carries a
-    ``shortlist`` (from a PV step), only shortlisted structures are candidates.
+    with its own posterior (``features="posterior"``, noise ``sigma2``). To run it on a PV
+    shortlist, chain the two in a :class:`~skntk.pipeline.SelectionPipeline`
+    (:func:`~skntk.pipeline.make_pv_lcmd_pipeline`): LCMD then sees only the shortlisted rows.
 
     Parameters
     ----------

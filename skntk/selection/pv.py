@@ -198,8 +198,9 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
     greedy : bool, default=False
         Batch selection by sequential posterior conditioning instead of top-scores.
     shortlist_size : int or None, default=None
-        Keep a running top-``shortlist_size`` while streaming; :meth:`transform` carries it to the
-        next step and :meth:`select` picks within it.
+        Keep a running top-``shortlist_size`` while streaming: :meth:`shortlist` returns it (in a
+        :class:`~skntk.pipeline.SelectionPipeline`, the next step sees only these structures) and
+        :meth:`select` picks within it.
     n_to_select : int, float or None, default=None
         Default budget of :meth:`select` (count, fraction of candidates, or half of them).
     working_memory : float or None, default=None
@@ -214,7 +215,10 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
     n_train_ : int
         Labelled structures seen in ``fit``.
     shortlist_idx_ : ndarray of int of shape (shortlist_size,)
-        Top structures of the last :meth:`select` (best first); only with ``shortlist_size``.
+        Top structures of the last :meth:`shortlist` or :meth:`select` (best first).
+    scores_ : ndarray of shape (n_structures,)
+        Acquisition score of every structure of the last :meth:`shortlist` or :meth:`select`
+        (for reports; float32 precision for float32 rows, see :meth:`shortlist`).
     selected_idx_ : ndarray of int of shape (n_to_select,)
         Indices into the last ``X`` given to :meth:`select`, in selection order.
 
@@ -283,31 +287,62 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         func = REDUCTIONS[self.reduction] if isinstance(self.reduction, str) else self.reduction
         return np.asarray(func(psi, offsets, kind=kind, sigma2=self.sigma2), dtype=np.float64)
 
-    def _stream(self, X, *, top_k=None, keep_psi=False):
-        """One pass: scores (n_structures,), optional top-k over X's candidates, optional Ψ rows."""
+    def _chunks(self, X):
+        """``(start, FeatureBlocks)`` pieces of ``X`` in order: validated blocks whole, a lazy
+        pool (:class:`~skntk.cache.PoolFeatures`) shard by shard."""
+        if not _is_lazy(X):
+            yield 0, X
+            return
+        if X.n_features != self.n_features_in_:
+            raise ValueError(f"X has {X.n_features} features, but {type(self).__name__} is "
+                             f"expecting {self.n_features_in_} features as input.")
+        yield from X.iter_chunks()
+
+    def _second_moment(self, X):
+        if self.criterion != "pool_variance_reduction":
+            return None
+        N = np.zeros((self.n_features_in_, self.n_features_in_))
+        for _, blocks in self._chunks(X):
+            N += self.posterior_.whitened_second_moment(blocks) * len(blocks)
+        return N / max(len(X), 1)
+
+    def _stream(self, X, *, top_k=None, fast=False):
+        """One pass over ``X``: scores (n_structures,), top-``top_k`` indices (best first, ties by
+        index) and the pool moment ``N`` (pool variance reduction only).
+
+        ``fast`` (float32 rows, plain variance): Ψ and the scores of the pass in float32; the
+        ``top_k + margin`` best are then rescored in float64 and ranked on those, so the
+        top-``top_k`` equal the float64 ones unless float32 rounding (relative ~1e-6) moves a
+        structure across more than ``margin`` ranks.
+        """
         post = self.posterior_
-        N = post.whitened_second_moment(X) if self.criterion == "pool_variance_reduction" else None
+        N = self._second_moment(X)
+        dtype = (np.float32 if fast and X.dtype == np.float32 and self.criterion == "variance"
+                 else np.float64)
+        keep = top_k
+        if top_k is not None and dtype == np.float32:
+            keep = min(len(X), top_k + max(_F32_MARGIN, top_k // 8))
+        top = StreamingTopK(keep) if keep is not None else None
         scores = np.empty(len(X))
-        psi_all = np.empty((X.n_rows, X.n_features)) if keep_psi else None
-        top = StreamingTopK(top_k) if top_k is not None else None
-        cand_mask = None
-        if top is not None and X.shortlist is not None:
-            cand_mask = np.zeros(len(X), dtype=bool)
-            cand_mask[X.shortlist] = True
-        for sl, psi, offsets in post.iter_transform(X):
-            s = self._reduce(psi, offsets, X.kind, N)
-            _check_scores(s, X, sl.start, post)
-            scores[sl] = s
-            if keep_psi:
-                psi_all[X.offsets[sl.start]:X.offsets[sl.stop]] = psi
-            if top is not None:
-                idx = np.arange(sl.start, sl.stop)
-                if cand_mask is not None:
-                    keep = cand_mask[sl]
-                    idx, s = idx[keep], s[keep]
-                top.push(s, idx)
-        shortlist = top.indices() if top is not None else None
-        return scores, shortlist, psi_all, N
+        for start, blocks in self._chunks(X):
+            for sl, psi, offsets in post.iter_transform(blocks, dtype=dtype):
+                s = self._reduce(psi, offsets, blocks.kind, N)
+                _check_scores(s, blocks, sl.start, post, base=start, dtype=dtype)
+                lo, hi = start + sl.start, start + sl.stop
+                scores[lo:hi] = s
+                if top is not None:
+                    top.push(s, np.arange(lo, hi))
+        if top is None:
+            return scores, None, N
+        idx = top.indices()
+        if dtype == np.float32:  # the ranking that counts: float64 scores of the finalists
+            sub = _take(X, idx)
+            exact = np.concatenate([self._reduce(psi, off, sub.kind, N)
+                                    for _, psi, off in post.iter_transform(sub)])
+            _check_scores(exact, sub, 0, post, index=idx)
+            scores[idx] = exact
+            idx = idx[np.lexsort((idx, -exact))][:top_k]
+        return scores, idx, N
 
     def _shortlist_k(self, n_candidates):
         if self.shortlist_size is None:
@@ -320,11 +355,11 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         return min(self.shortlist_size, n_candidates)
 
     def score_samples(self, X):
-        """Acquisition score per structure (larger = more worth labelling).
+        """Acquisition score per structure (larger = more worth labelling), in float64.
 
         Parameters
         ----------
-        X : FeatureBlocks or array-like of shape (n_structures, n_features)
+        X : FeatureBlocks, array-like of shape (n_structures, n_features) or PoolFeatures
 
         Returns
         -------
@@ -336,8 +371,46 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         X = self._check_X(X, reset=False)
         return self._stream(X)[0]
 
+    def shortlist(self, X):
+        """Candidates for the next selection step: the top-``shortlist_size`` structures.
+
+        One streamed pass over ``X`` that keeps only the running top-M (no Ψ of the pool is
+        stored); float32 rows are screened in float32 and the finalists ranked on float64
+        scores (see Notes). This is what :class:`~skntk.pipeline.SelectionPipeline` calls on a
+        PV step that is not the last one: the next step sees only these structures.
+
+        Parameters
+        ----------
+        X : FeatureBlocks, array-like of shape (n_structures, n_features) or PoolFeatures
+
+        Returns
+        -------
+        shortlist_idx : ndarray of int of shape (M,)
+            Indices into ``X``, best first (ties by lower index); all of ``X`` in order when
+            ``shortlist_size`` is None. Also stored as ``shortlist_idx_``; the pass's scores of
+            every structure as ``scores_``.
+
+        Notes
+        -----
+        With float32 rows the scores of the pass are float32 products (``scores_`` has float32
+        precision, except the shortlisted structures, rescored in float64), which halves the
+        time of the pass; the shortlist is ranked on the float64 scores of the best
+        ``M + max(64, M / 8)`` structures, so it is the float64 shortlist unless rounding moves a
+        structure across that margin.
+        """
+        check_is_fitted(self)
+        X = self._check_X(X, reset=False)
+        k = self._shortlist_k(len(X))
+        scores, idx, _ = self._stream(X, top_k=k, fast=True)
+        self.scores_ = scores
+        self.shortlist_idx_ = np.arange(len(X)) if idx is None else idx
+        return self.shortlist_idx_
+
     def transform(self, X):
         """Posterior features ``Ψ = σ c G L⁻ᵀ`` of every row (no row is dropped).
+
+        In a :class:`~skntk.pipeline.SelectionPipeline` the PV step transforms only the
+        structures it shortlisted (:meth:`shortlist`), for the next step.
 
         Parameters
         ----------
@@ -346,38 +419,29 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         Returns
         -------
         Psi : ndarray of shape (n_structures, n_features) or FeatureBlocks
-            A plain array for plain-array input without ``shortlist_size``; otherwise blocks with
-            the layout of ``X`` whose ``shortlist`` holds the top-``shortlist_size`` structures.
+            Float64; a plain array for plain-array input, else blocks with the layout of ``X``.
         """
         check_is_fitted(self)
         was_array = not isinstance(X, FeatureBlocks)
         X = self._check_X(X, reset=False)
-        n_cand = len(X) if X.shortlist is None else len(X.shortlist)
-        k = self._shortlist_k(n_cand)
-        if k is None:
-            psi = self.posterior_.transform(X)
-            if was_array:
-                return psi.rows
-            return X.with_rows(psi.rows, shortlist=X.shortlist)
-        _, shortlist, psi_all, _ = self._stream(X, top_k=k, keep_psi=True)
-        return X.with_rows(psi_all, shortlist=shortlist)
+        psi = self.posterior_.transform(X)
+        return psi.rows if was_array else psi
 
     def fit_transform(self, X, y=None):
-        """Fit on the labelled ``X`` and return its posterior features.
-
-        Same rows as ``fit(X).transform(X)``, but no shortlist is computed: labelled structures
-        are not candidates (in a pipeline, the next selector uses them as centres).
+        """Fit on the labelled ``X`` and return its posterior features (``fit(X).transform(X)``).
 
         Returns
         -------
         Psi : ndarray of shape (n_structures, n_features) or FeatureBlocks
         """
-        was_array = not isinstance(X, FeatureBlocks)
-        self.fit(X, y)
-        psi = self.posterior_.transform(self._check_X(X, reset=False))
-        return psi.rows if was_array else psi
+        return self.fit(X, y).transform(X)
 
     # -- selection -----------------------------------------------------------------------------
+    def _check_X(self, X, *, reset):
+        if _is_lazy(X):
+            return X
+        return super()._check_X(X, reset=reset)
+
     def _n_candidates(self, n_candidates):
         if self.shortlist_size is not None and self.shortlist_size < n_candidates:
             k = self.shortlist_size
@@ -387,25 +451,24 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
     def _select(self, X, candidates, n_to_select):
         k = self._shortlist_k(len(candidates))
         if not self.greedy:
-            scores, shortlist, _, _ = self._stream(X, top_k=k)
-            if shortlist is not None:
-                self.shortlist_idx_ = shortlist
-                candidates = shortlist
-            s = scores[candidates]
-            order = np.lexsort((candidates, -s))
-            return candidates[order[:n_to_select]]
+            # the picks are the top-n_to_select of the shortlist, i.e. of X: one top-k pass
+            scores, top, _ = self._stream(X, top_k=max(k or 0, n_to_select), fast=True)
+            self.scores_ = scores
+            if k is not None:
+                self.shortlist_idx_ = top[:k]
+            return top[:n_to_select]
         if k is not None:
-            _, shortlist, _, N = self._stream(X, top_k=k)
+            scores, shortlist, N = self._stream(X, top_k=k)
+            self.scores_ = scores
             self.shortlist_idx_ = shortlist
             candidates = shortlist
         else:
-            N = (self.posterior_.whitened_second_moment(X)
-                 if self.criterion == "pool_variance_reduction" else None)
+            N = self._second_moment(X)
         return self._greedy(X, np.asarray(candidates), n_to_select, N)
 
     def _greedy(self, X, candidates, n_to_select, N):
         """Sequential picks, each followed by the rank-m conditioning of the candidates' Ψ."""
-        sub = X[candidates]
+        sub = _take(X, candidates)
         offsets = sub.offsets
         psi = self.posterior_.transform(sub).rows
         chosen = np.zeros(len(candidates), dtype=bool)
@@ -426,18 +489,42 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         return candidates[np.asarray(picks, dtype=np.int64)]
 
 
-def _check_scores(scores, X, start, posterior, index=None):
-    """Refuse non-finite acquisition scores, naming the first structure (``X[start + k]``, or
-    ``X[index[k]]``): features too large for the fitted scale make ``|Ψ|²`` overflow float64, and
-    a ranking of infinities is arbitrary."""
+def _is_lazy(X):
+    """Whether ``X`` is a lazy pool of feature shards (``iter_chunks`` / ``take``)."""
+    return hasattr(X, "iter_chunks") and hasattr(X, "take")
+
+
+def _take(X, idx):
+    """Structures ``idx`` of blocks or of a lazy pool, as FeatureBlocks."""
+    return X.take(idx) if _is_lazy(X) else X[idx]
+
+
+#: Extra finalists rescored in float64 after a float32 screening pass (at least).
+_F32_MARGIN = 64
+
+
+def _check_scores(scores, X, start, posterior, index=None, *, base=0, dtype=np.float64):
+    """Refuse non-finite acquisition scores, naming the first structure (``X[start + k]`` of the
+    pool position ``base + start + k``, or ``index[k]``): features too large for the fitted
+    scale make ``|Ψ|²`` overflow (float64, or float32 in a float32 screening pass), and a ranking
+    of infinities is arbitrary."""
     bad = ~np.isfinite(scores)
     if not bad.any():
         return
     k = int(np.flatnonzero(bad)[0])
-    i = int(index[k]) if index is not None else start + k
+    i = int(index[k]) if index is not None else base + start + k
     rows = np.asarray(X.rows[X.offsets[start + k]:X.offsets[start + k + 1]], dtype=np.float64)
     amax = float(np.abs(rows).max()) if rows.size else 0.0
     ref = 1.0 / posterior.scale_ if posterior.scale_ > 0 else float("inf")
+    if not np.all(np.isfinite(rows)):
+        raise ValueError(f"X contains NaN or infinity: structure {i}.")
+    if dtype == np.float32:
+        raise ValueError(
+            f"X[{i}]: its posterior variance overflows float32 ({scores[k]}; float32 rows are "
+            f"screened in float32): its features (entries up to {amax:.3g}) are too large for "
+            f"the train features' scale ({ref:.3g}); pass float64 features "
+            f"(X.astype(np.float64)) or rescale them."
+        )
     raise ValueError(
         f"X[{i}]: its posterior variance is {scores[k]} in float64 ({int(bad.sum())} of "
         f"{len(scores)} structures in this chunk): its features (entries up to {amax:.3g}) are "

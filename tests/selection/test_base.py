@@ -54,8 +54,6 @@ def test_select_bookkeeping_through_subclass():
     assert sel.select(X).tolist() == [3, 1]
     assert sel.selected_idx_.tolist() == [3, 1]
     assert sel.select(X, 1).tolist() == [3]  # select-time override
-    short = X.with_rows(X.rows, shortlist=[0, 2, 1])
-    assert sel.select(short).tolist() == [1, 0]
     assert sel.n_features_in_ == 1
 
 

@@ -50,17 +50,14 @@ def test_maxdist_picks_farthest_point_not_largest_cluster():
     assert MaxDistSelector(1).fit(train).select(pool).tolist() == [0]
 
 
-def test_random_selector_unique_reproducible_and_respects_shortlist():
+def test_random_selector_unique_and_reproducible():
     X = np.zeros((50, 2))
     sel = RandomSelector(10, random_state=0).fit(X)
     a, b = sel.select(X), sel.select(X)
     assert a.tolist() == b.tolist() and len(set(a.tolist())) == 10 and a.max() < 50
     assert RandomSelector(10, random_state=1).fit(X).select(X).tolist() != a.tolist()
-    blocks = FeatureBlocks.from_array(X).with_rows(X, shortlist=[4, 9, 30])
-    assert sorted(sel.select(blocks, 3).tolist()) == [4, 9, 30]
-    with pytest.raises(ValueError, match=r"n_to_select=4 exceeds the 3 shortlisted candidates "
-                                         r"\(X holds 50 structures\)"):
-        sel.select(blocks, 4)
+    with pytest.raises(ValueError, match=r"n_to_select=51 exceeds the 50 candidates in X"):
+        sel.select(X, 51)
 
 
 def test_random_selector_is_uniform():

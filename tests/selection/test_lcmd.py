@@ -103,13 +103,18 @@ def test_never_repeats_even_with_duplicates():
     assert sorted(idx.tolist()) == list(range(6))
 
 
-def test_shortlist_respected_and_indices_map_to_pool():
+def test_after_a_selector_step_indices_map_to_pool():
+    """In a pipeline, LCMD sees only the rows the step before it picked; indices map back."""
+    from skntk.pipeline import SelectionPipeline
+    from skntk.selection.baselines import MaxDistSelector
+
     rng = np.random.default_rng(0)
     train, pool = rng.normal(size=(4, 3)), rng.normal(size=(30, 3))
-    shortlist = np.array([25, 3, 17, 8, 11, 29])
-    X = FeatureBlocks.from_array(pool).with_rows(pool, shortlist=shortlist)
-    idx = LCMDSelector(3).fit(train).select(X)
-    assert set(idx.tolist()) <= set(shortlist.tolist())
+    # MaxDist (linear kernel: its transform is the identity) picks 6, LCMD 3 of those
+    pipe = SelectionPipeline([("maxdist", MaxDistSelector(6)), ("lcmd", LCMDSelector(3))])
+    idx = pipe.fit(train).select(pool)
+    shortlist = MaxDistSelector(6).fit(train).select(pool)
+    assert sorted(shortlist.tolist()) != list(range(6))
     ref = lcmd_reference(pool[shortlist], train, 3)
     assert idx.tolist() == shortlist[ref].tolist()
 

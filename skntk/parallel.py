@@ -1,0 +1,272 @@
+"""Featurise a pool into the feature cache in shards, in parallel (joblib, or a Dask cluster).
+
+:func:`featurize` streams a pool source (an extxyz path read with ``ase.io.iread``, an ``ase.db``,
+a glob of files, an iterator or a list of ``ase.Atoms``) in consecutive chunks of ``shard_size``
+structures, computes the rows of the structures the cache does not hold yet with a fitted
+transformer's ``transform`` in joblib workers, and writes each chunk as one shard of the
+content-addressed cache (:mod:`skntk.cache`) from the calling process. It returns a
+:class:`~skntk.cache.PoolFeatures` that selectors stream shard by shard.
+
+- **Resumable**: a shard is written atomically as soon as its chunk is done; a rerun (after a
+  kill) verifies the shards already there and computes only the structures they miss. A
+  corrupted or truncated shard fails its checksum, is deleted (with a
+  :class:`~skntk.cache.CorruptCacheWarning`) and its structures are recomputed.
+- **Parallel**: ``n_jobs`` joblib workers (loky processes), each sent the fitted transformer
+  (model included) and a chunk of structures. On a cluster, run it inside
+  ``joblib.parallel_config(backend="dask")`` with a ``dask.distributed.Client``
+  (``scheduler_address=`` does that for you): the same code, the workers are Dask's.
+- **Identical to serial**: chunks are cut from the pool order alone, so a structure is computed
+  with the same neighbours whatever the number of workers.
+- **Flat memory**: at most ``pre_dispatch`` chunks of structures and rows are in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from skntk.cache import PoolFeatures, _as_blocks, _Store, _transformer_description, structure_key
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["featurize"]
+
+#: Structures per shard by default: large enough for few files, small enough to lose little.
+DEFAULT_SHARD_SIZE = 256
+
+
+def _transform_chunk(transformer, structures):
+    """Worker task: the rows of ``structures`` (a list of ase.Atoms) as FeatureBlocks."""
+    return _as_blocks(transformer.transform(structures), len(structures))
+
+
+def _renamed(err, label, start):
+    """``err`` (naming ``X[i]``) re-raised as naming the source and its frame ``start + i``."""
+    msg = str(err)
+    m = re.match(r"X\[(\d+)\]\s*(.*)", msg, flags=re.DOTALL)
+    if m is None:
+        return type(err)(f"{label}: {msg}")
+    return type(err)(f"{label}: frame {start + int(m.group(1))} {m.group(2)}")
+
+
+def _source_label(source):
+    return str(source) if isinstance(source, (str, Path)) else "pool"
+
+
+def _chunks(source, shard_size, check, label):
+    """Yield ``(start, list of ase.Atoms)`` of consecutive structures, validated by ``check``."""
+    from skntk.io import iter_structures
+
+    chunk, start = [], 0
+    for k, atoms in enumerate(iter_structures(source)):
+        chunk.append(atoms)
+        if len(chunk) == shard_size:
+            yield start, check(chunk, start)
+            start, chunk = k + 1, []
+    if chunk:
+        yield start, check(chunk, start)
+
+
+def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT_SHARD_SIZE,
+              scheduler_address=None, dtype=None, pre_dispatch="2*n_jobs", progress_bar=False,
+              validate=True) -> PoolFeatures:
+    """Featurise the pool ``source`` into the cache ``directory``, resumably and in parallel.
+
+    Parameters
+    ----------
+    transformer : fitted transformer returning FeatureBlocks (or a 2-D array) from ase.Atoms
+        E.g. :class:`~skntk.transformers.ForceNTKTransformer`; a structure's rows must not
+        depend on the other structures of its chunk.
+    source : str, os.PathLike, iterable of ase.Atoms
+        A structure file (streamed), an ``ase.db``, a glob pattern, an iterator or a list.
+    directory : str or os.PathLike
+        Feature cache directory (created if missing; shared with
+        :func:`~skntk.cache.transform_cached`).
+    n_jobs : int or None, default=None
+        joblib workers (``None``: joblib's default, one unless inside a
+        ``joblib.parallel_config``; ``-1``: all cores).
+    shard_size : int, default=256
+        Structures per chunk and shard.
+    scheduler_address : str or None, default=None
+        Address of a running ``dask.distributed`` scheduler (``tcp://host:8786``): the chunks
+        run on its workers through joblib's Dask backend (needs ``pip install skntk[dask]``).
+    dtype : numpy dtype or None, default=None
+        Store the rows in this dtype (``np.float32``: half the disk and reading time, and PV
+        screens them in float32); ``None`` keeps the transformer's. Shards of another dtype
+        live under another cache key, so they never mix.
+    pre_dispatch : int or str, default="2*n_jobs"
+        Chunks in flight at once (bounds the memory).
+    progress_bar : bool, default=False
+        A tqdm bar over the pool (structures, rate, elapsed time; total and ETA when the source
+        has a length, e.g. a list).
+    validate : bool, default=True
+        Check every structure (:func:`skntk.atoms.validate_structures`, against the model's
+        species) and, for force rows, its memory estimate before it is featurised; errors name
+        the file and the frame.
+
+    Returns
+    -------
+    features : PoolFeatures
+        The distinct structures of the pool (first copies, in pool order), streamed from the
+        cache.
+
+    Raises
+    ------
+    ValueError
+        A bad structure, naming ``<file>: frame <k>`` (truncated file, unknown element, atoms on
+        top of each other); an empty pool.
+    """
+    from joblib import Parallel, delayed
+    from sklearn.utils.validation import check_is_fitted
+
+    from skntk.atoms import validate_structures
+
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be >= 1; got {shard_size}.")
+    if hasattr(transformer, "get_params"):
+        check_is_fitted(transformer)
+    label = _source_label(source)
+    species = getattr(getattr(transformer, "model_", None), "species", None)
+
+    def check(chunk, start):
+        if not validate:
+            return chunk
+        try:
+            chunk = validate_structures(chunk, species=species, name="X")
+            if hasattr(transformer, "check_memory"):
+                transformer.check_memory(chunk, validate=False)
+        except ValueError as err:
+            raise _renamed(err, label, start) from err
+        return chunk
+
+    description = _transformer_description(transformer)
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise ValueError(f"dtype must be a floating dtype or None; got {dtype}.")
+        description = {**description, "stored_dtype": dtype.str}
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    store = _Store(directory, key)
+    store.open(description)
+    verified: set[str] = set()
+    seen: dict[bytes, int] = {}  # structure key -> distinct index
+    keys, pool_index, inverse = [], [], []
+    kind = n_feat = row_dtype = None
+    stats = {"structures": 0, "computed": 0, "cached": 0}
+
+    def cached(k):
+        """Whether the cache holds a verified row block for structure key ``k``."""
+        entry = store.where.get(k)
+        if entry is None:
+            return False
+        if entry[0] not in verified:
+            loaded = store.load(entry[0])  # checksums; a damaged shard is deleted and warned
+            if loaded is None:
+                return False
+            verified.add(entry[0])
+            note(loaded[1])
+        return True
+
+    def note(blocks):
+        nonlocal kind, n_feat, row_dtype
+        if kind is None:
+            kind, n_feat, row_dtype = blocks.kind, blocks.n_features, blocks.rows.dtype
+        elif (blocks.kind, blocks.n_features) != (kind, n_feat):
+            raise ValueError(f"cached blocks of kind={blocks.kind!r}, n_features="
+                             f"{blocks.n_features} next to kind={kind!r}, n_features={n_feat}; "
+                             f"the transformer's rows depend on something its key misses.")
+
+    def tasks(bar):
+        """Chunks of the structures still to compute (bookkeeping of the pool on the way)."""
+        for start, chunk in _chunks(source, int(shard_size), check, label):
+            todo, todo_keys = [], []
+            for j, atoms in enumerate(chunk):
+                k = structure_key(atoms)
+                if k in seen:
+                    inverse.append(seen[k])
+                    continue
+                seen[k] = len(keys)
+                inverse.append(len(keys))
+                keys.append(k)
+                pool_index.append(start + j)
+                if not cached(k):
+                    todo.append(atoms)
+                    todo_keys.append(k)
+            stats["structures"] += len(chunk)
+            stats["cached"] += len(chunk) - len(todo)
+            if bar is not None:
+                bar.update(len(chunk) - len(todo))
+            if todo:
+                yield todo_keys, delayed(_transform_chunk)(transformer, todo)
+
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if scheduler_address is not None:
+            stack.enter_context(_dask_backend(scheduler_address))
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            total = (len(source) if hasattr(source, "__len__")
+                     and not isinstance(source, (str, Path)) else None)  # a stream: rate only
+            bar = stack.enter_context(tqdm(desc="features", unit="structure", total=total))
+        pending: list = []
+
+        def calls():
+            for todo_keys, call in tasks(bar):
+                pending.append(todo_keys)
+                yield call
+
+        try:
+            results = Parallel(n_jobs=n_jobs, return_as="generator", pre_dispatch=pre_dispatch)(
+                calls())
+            for blocks in results:
+                todo_keys = pending.pop(0)
+                if dtype is not None and blocks.rows.dtype != dtype:
+                    blocks = blocks.with_rows(blocks.rows.astype(dtype))
+                note(blocks)
+                name = store.write(todo_keys, blocks)
+                verified.add(name)
+                stats["computed"] += len(todo_keys)
+                if bar is not None:
+                    bar.update(len(todo_keys))
+        finally:
+            try:
+                store.save_index()
+            except OSError as err:  # the shards are safe; the next run rebuilds the index
+                logger.warning("could not write the feature cache index %s: %s",
+                               store.index_path, err)
+    if not keys:
+        raise ValueError(f"{label} holds no structures.")
+    logger.info("featurised %s: %d structures (%d distinct), %d computed, %d from the cache, "
+                "%.1f s", label, stats["structures"], len(keys), stats["computed"],
+                stats["cached"], time.perf_counter() - t0)
+    feats = PoolFeatures(store, keys, pool_index, inverse, kind=kind, n_features=n_feat,
+                         dtype=row_dtype)
+    feats.stats = stats
+    return feats
+
+
+@contextlib.contextmanager
+def _dask_backend(address):
+    """joblib's Dask backend on the scheduler at ``address`` for the duration."""
+    try:
+        from dask.distributed import Client
+    except ImportError as err:
+        raise ImportError("scheduler_address needs dask.distributed: pip install "
+                          "'skntk[dask]'.") from err
+    from joblib import parallel_config
+
+    with Client(address) as client, parallel_config(backend="dask"):
+        logger.info("featurising on the Dask cluster at %s (%d workers)", address,
+                    len(client.scheduler_info().get("workers", {})))
+        yield client
