@@ -496,13 +496,9 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     f_rows = wf * f_rows.detach()
     if e_rows is None:
         return f_rows, offsets
-    # interleave: structure b's energy row at offsets[b], its force rows right after it
-    e_pos = torch.as_tensor(offsets[:-1], device=f_rows.device)
-    f_pos = torch.as_tensor(np.repeat(offsets[:-1] + 1, m_f)
-                            + np.arange(int(m_f.sum())) - np.repeat(np.cumsum(m_f) - m_f, m_f),
-                            device=f_rows.device)
-    rows = torch.empty(int(offsets[-1]), f_rows.shape[1], dtype=f_rows.dtype,
-                       device=f_rows.device)
-    rows[e_pos] = we * e_rows.detach().to(f_rows.dtype)
-    rows[f_pos] = f_rows
+    # structure b's block: its energy row, then its force rows
+    e_rows = we * e_rows.detach().to(f_rows.dtype)
+    f_off = np.concatenate([[0], np.cumsum(m_f)])
+    rows = torch.cat([part for b in range(len(n_atoms))
+                      for part in (e_rows[b:b + 1], f_rows[f_off[b]:f_off[b + 1]])])
     return rows, offsets
