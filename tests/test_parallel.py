@@ -183,7 +183,8 @@ def test_joblib_workers_equal_serial(ntk, pool, tmp_path):
     serial = featurize(ntk, pool, tmp_path / "serial", shard_size=6)
     parallel = featurize(ntk, pool, tmp_path / "parallel", shard_size=6, n_jobs=2)
     a, b = serial.take(np.arange(23)), parallel.take(np.arange(23))
-    np.testing.assert_allclose(b.rows, a.rows, rtol=1e-6, atol=1e-9)
+    # float32 model: worker processes may use another torch thread count (reduction order)
+    np.testing.assert_allclose(b.rows, a.rows, rtol=1e-5, atol=1e-8)
     pipe = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=10).fit(ntk.transform(pool[:6]))
     assert pipe.select(parallel).tolist() == pipe.select(serial).tolist()
 
@@ -199,7 +200,7 @@ def test_dask_local_cluster_equals_serial(ntk, pool, tmp_path):
             on_dask = featurize(ntk, pool, tmp_path / "dask", shard_size=6,
                                 scheduler_address=cluster.scheduler_address)
     a, b = serial.take(np.arange(23)), on_dask.take(np.arange(23))
-    np.testing.assert_allclose(b.rows, a.rows, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b.rows, a.rows, rtol=1e-5, atol=1e-8)
     pipe = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=10).fit(ntk.transform(pool[:6]))
     assert pipe.select(on_dask).tolist() == pipe.select(serial).tolist()
 
