@@ -166,6 +166,20 @@ def _machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
 
 
+def _code_version() -> str:
+    """skntk's version and, inside a git checkout, the commit the run used."""
+    import subprocess
+
+    import skntk
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(skntk.__file__).parent, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{skntk.__version__} {commit.strip()}".strip()
+
+
 def run_one(cfg, method, seed, out_dir, model):
     from skntk.al import ActiveLearningLoop, PoolOracle
     from skntk.al.config import build_selector
@@ -191,6 +205,7 @@ def run_one(cfg, method, seed, out_dir, model):
         "rounds": res.history, "selected": res.selected,
         "failed": {str(k): v for k, v in res.failed.items()},
         "seconds": time.perf_counter() - t0, "machine": _machine(),
+        "code": _code_version(),
         "n_labelled0": len(labelled), "n_pool": len(pool),
         "n_test": {k: len(v) for k, v in tests.items()},
     }
