@@ -42,7 +42,8 @@ from skntk.models.base import replaced_parameters
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ParameterSketch", "SKETCH_METHODS", "observation_rows", "per_output_gradients",
+__all__ = ["ParameterSketch", "SKETCH_METHODS", "GraphMeter", "observation_rows",
+           "per_output_gradients",
            "energy_rows", "force_rows_exact", "force_rows_forward", "force_rows_probes",
            "rademacher_probes", "structure_index"]
 
@@ -221,6 +222,63 @@ class ParameterSketch:
                           for j in range(len(self.sizes))])
 
 
+class GraphMeter:
+    """Bytes of the tensors autograd saves for backward inside ``with meter.record():``.
+
+    Distinct storages are counted once. The graph of a batch is what a vectorised
+    (``is_grads_batched``) backward copies once per cotangent row, so ``budget // bytes`` rows
+    fit in a memory budget (:func:`observation_rows`).
+
+    Attributes
+    ----------
+    bytes : int
+        Saved bytes of the last recorded graph.
+
+    Examples
+    --------
+    >>> x = torch.ones(1000, requires_grad=True)
+    >>> meter = GraphMeter()
+    >>> with meter.record():
+    ...     y = x.exp().sum()  # exp saves its float32 result: 4000 bytes
+    >>> meter.bytes
+    4000
+    """
+
+    def __init__(self):
+        self.bytes = 0
+
+    def record(self):
+        self.bytes = 0
+        seen: set = set()
+
+        def pack(t):
+            try:
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), t.device)
+                if key not in seen:
+                    seen.add(key)
+                    self.bytes += storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+                self.bytes += t.numel() * t.element_size()
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _budget_chunk(chunk: int, meter: GraphMeter | None, budget: int | None,
+                  vectorize: bool = True) -> int:
+    """Rows per vectorised backward so that ``rows x graph bytes`` stays within ``budget``."""
+    if budget is None or meter is None or not vectorize or meter.bytes <= 0:
+        return chunk
+    return int(max(1, min(chunk, budget // meter.bytes)))
+
+
+def _recording(meter: GraphMeter | None):
+    import contextlib
+
+    return meter.record() if meter is not None else contextlib.nullcontext()
+
+
 def per_output_gradients(outputs: torch.Tensor, params: Sequence[torch.Tensor], *,
                          retain_graph: bool = False, chunk_size: int = 256,
                          vectorize: bool = True, reduce=None):
@@ -299,7 +357,9 @@ def structure_index(ptr: torch.Tensor) -> torch.Tensor:
 
 
 def energy_rows(model, batch, params, sketch: ParameterSketch, *,
-                per_atom: bool = False, chunk_size: int = 256) -> torch.Tensor:
+                per_atom: bool = False, chunk_size: int = 256,
+                memory_budget: int | None = None,
+                meter: GraphMeter | None = None) -> torch.Tensor:
     """Sketched energy rows ``g_E R``, shape (n_structures, d).
 
     Parameters
@@ -313,28 +373,42 @@ def energy_rows(model, batch, params, sketch: ParameterSketch, *,
         Differentiate ``E / N`` instead of ``E``.
     chunk_size : int, default=256
         Unsketched gradient rows held at once.
+    memory_budget : int or None, default=None
+        Bytes for the vectorised backward: at most ``memory_budget // graph bytes`` rows at once
+        (the graph measured by a :class:`GraphMeter` during the forward).
+    meter : GraphMeter or None
+        Filled with the graph's saved bytes (one is made when ``memory_budget`` is set).
     """
-    energy = model.energy(batch)  # [n_structures]
+    if meter is None and memory_budget is not None:
+        meter = GraphMeter()
+    with _recording(meter):
+        energy = model.energy(batch)  # [n_structures]
     if per_atom:
         energy = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype)
-    return per_output_gradients(energy, params, chunk_size=chunk_size, reduce=sketch.apply)
+    return per_output_gradients(energy, params, reduce=sketch.apply,
+                                chunk_size=_budget_chunk(chunk_size, meter, memory_budget))
 
 
 def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
-                     with_energy: bool = False, per_atom: bool = False, chunk_size: int = 64):
+                     with_energy: bool = False, per_atom: bool = False, chunk_size: int = 64,
+                     memory_budget: int | None = None, meter: GraphMeter | None = None):
     """Exact sketched force rows ``J_F R`` by reverse-over-reverse, shape (3 n_atoms, d).
 
     Rows are atom-major within each structure, structures in batch order. With ``with_energy``
-    also returns the energy rows (n_structures, d) from the same graph.
+    also returns the energy rows (n_structures, d) from the same graph. ``memory_budget`` and
+    ``meter`` as in :func:`energy_rows` (the graph of the forces, built with ``create_graph``).
     """
-    energy, forces = model.energy_and_forces(batch, create_graph=True)  # [B], [n_atoms, 3]
+    if meter is None and memory_budget is not None:
+        meter = GraphMeter()
+    with _recording(meter):
+        energy, forces = model.energy_and_forces(batch, create_graph=True)  # [B], [n_atoms, 3]
     outs = forces.reshape(-1)
     if with_energy:
         e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
         outs = torch.cat([e.to(outs.dtype), outs])
-    rows = per_output_gradients(outs, params, chunk_size=chunk_size,
-                                vectorize=_vectorize_double_backward(model, outs),
-                                reduce=sketch.apply)
+    vec = _vectorize_double_backward(model, outs)
+    rows = per_output_gradients(outs, params, vectorize=vec, reduce=sketch.apply,
+                                chunk_size=_budget_chunk(chunk_size, meter, memory_budget, vec))
     if with_energy:
         n_s = energy.shape[0]
         return rows[n_s:], rows[:n_s]
@@ -385,7 +459,8 @@ def rademacher_probes(n_atoms: Sequence[int], n_probes: int, seed: int,
 
 
 def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: torch.Tensor, *,
-                      with_energy: bool = False, per_atom: bool = False, chunk_size: int = 64):
+                      with_energy: bool = False, per_atom: bool = False, chunk_size: int = 64,
+                      memory_budget: int | None = None, meter: GraphMeter | None = None):
     """Probe rows ``Zᵀ J_F R / √s``, shape (n_structures · s, d), structure-major.
 
     Parameters
@@ -398,9 +473,14 @@ def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: tor
     rows : Tensor of shape (n_structures * s, d)
         Rows ``b * s + k`` are probe ``k`` of structure ``b``.
     energy_rows : Tensor of shape (n_structures, d), only with ``with_energy``
+
+    ``memory_budget`` and ``meter`` as in :func:`force_rows_exact`.
     """
     s = probes.shape[0]
-    energy, forces = model.energy_and_forces(batch, create_graph=True)
+    if meter is None and memory_budget is not None:
+        meter = GraphMeter()
+    with _recording(meter):
+        energy, forces = model.energy_and_forces(batch, create_graph=True)
     idx = structure_index(batch.ptr)
     n_s = batch.ptr.shape[0] - 1
     proj = (forces.unsqueeze(0) * probes.to(forces.dtype)).sum(-1).T  # [n_atoms, s]
@@ -409,9 +489,9 @@ def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: tor
     if with_energy:
         e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
         outs = torch.cat([e.to(outs.dtype), outs])
-    rows = per_output_gradients(outs, params, chunk_size=chunk_size,
-                                vectorize=_vectorize_double_backward(model, outs),
-                                reduce=sketch.apply)
+    vec = _vectorize_double_backward(model, outs)
+    rows = per_output_gradients(outs, params, vectorize=vec, reduce=sketch.apply,
+                                chunk_size=_budget_chunk(chunk_size, meter, memory_budget, vec))
     if with_energy:
         return rows[n_s:] / math.sqrt(s), rows[:n_s]
     return rows / math.sqrt(s)
@@ -420,7 +500,8 @@ def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: tor
 def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, route: str,
                      weights=(1.0, 1.0), *, names: Sequence[str] | None = None,
                      n_probes: int = 8, probe_seed: int = 0, per_atom: bool = True,
-                     max_unsketched: int = 256):
+                     max_unsketched: int = 256, memory_budget: int | None = None,
+                     meter: GraphMeter | None = None):
     """Every structure's observation rows of one collated batch, with their layout.
 
     The one entry point of the transformer: it batches structures, calls this and concatenates.
@@ -447,6 +528,12 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     max_unsketched : int, default=256
         Unsketched gradient rows (each of ``P`` entries) held at once; force routes hold at most
         64 (a vectorised double backward keeps one graph copy per row in flight).
+    memory_budget : int or None, default=None
+        Bytes for one vectorised backward: the graph of the batch is measured while it is built
+        (:class:`GraphMeter`) and at most ``memory_budget // graph bytes`` rows are vectorised
+        at once (at least one). The forward route holds one graph at a time and ignores it.
+    meter : GraphMeter or None
+        Filled with the bytes of the batch's graph (for callers that size later batches).
 
     Returns
     -------
@@ -464,13 +551,16 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     chunk = max(1, int(max_unsketched))
     f_chunk = min(64, chunk)
     e_rows = f_rows = None
+    if meter is None and memory_budget is not None:
+        meter = GraphMeter()
+    mem = {"memory_budget": memory_budget, "meter": meter}
     with torch.enable_grad():
         if kind == "energy":
             e_rows = energy_rows(model, batch, params, sketch, per_atom=per_atom,
-                                 chunk_size=chunk)
+                                 chunk_size=chunk, **mem)
         elif route == "exact":
             out = force_rows_exact(model, batch, params, sketch, with_energy=joint,
-                                   per_atom=per_atom, chunk_size=f_chunk)
+                                   per_atom=per_atom, chunk_size=f_chunk, **mem)
             f_rows, e_rows = out if joint else (out, None)
         elif route == "forward":
             if names is None:
@@ -478,12 +568,12 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
             f_rows = force_rows_forward(model, batch, params, sketch, names=names)
             if joint:
                 e_rows = energy_rows(model, batch, params, sketch, per_atom=per_atom,
-                                     chunk_size=chunk)
+                                     chunk_size=chunk, **mem)
         else:
             probes = rademacher_probes(n_atoms, n_probes, probe_seed, n_atoms,
                                        device=batch.ptr.device)
             out = force_rows_probes(model, batch, params, sketch, probes, with_energy=joint,
-                                    per_atom=per_atom, chunk_size=f_chunk)
+                                    per_atom=per_atom, chunk_size=f_chunk, **mem)
             f_rows, e_rows = out if joint else (out, None)
     n = np.asarray(n_atoms, dtype=np.int64)
     m_e = 1 if kind in ("energy", "joint") else 0

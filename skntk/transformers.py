@@ -244,8 +244,12 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
     batch_size : int, default=32
         Structures per shared graph.
     working_memory : float or None, default=None
-        MiB of unsketched gradient rows (``P`` entries each) held at once; ``None`` uses
-        scikit-learn's ``working_memory`` (``sklearn.get_config()``).
+        Memory budget in MiB; ``None`` uses scikit-learn's ``working_memory``
+        (``sklearn.get_config()``, 1024 by default). It bounds the unsketched gradient rows
+        (``P`` entries each) held at once, and the rows of one vectorised backward: the graph of
+        each batch is measured while it is built (:class:`skntk.ntk.GraphMeter`) and at most
+        ``budget // graph bytes`` rows go through one backward. With shared graphs, the first
+        graph's measured bytes per atom cap the atoms of the graphs after it.
     dtype : {"float32", "float64"} or None, default=None
         Dtype of the model evaluation (``None``: the model's own). Rows come out as float64.
     random_state : int, RandomState instance or None, default=None
@@ -417,12 +421,22 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         groups = self._graph_groups(model, X)
         blocks = []
         dtype = self._eval_dtype(model)
+        meter, sized = ntk.GraphMeter(), False
         with module_state(model.module, device=self.device_, dtype=dtype, train=False,
-                          requires_grad=set(names)):
+                          requires_grad=set(names)), \
+                tqdm(total=len(X), desc=type(self).__name__, unit="structure",
+                     disable=not self.progress_bar, leave=False) as bar:
             params = [p for n, p in model.module.named_parameters() if n in set(names)]
-            for start, stop in tqdm(groups, desc=type(self).__name__, unit="batch",
-                                    disable=not self.progress_bar, leave=False):
-                blocks.extend(self._transform_batch(model, X[start:stop], params, names, start))
+            while groups:
+                start, stop = groups.pop(0)
+                blocks.extend(self._transform_batch(model, X[start:stop], params, names, start,
+                                                    meter))
+                bar.update(stop - start)
+                if not sized and groups:
+                    # size the remaining shared graphs from the first one's measured bytes
+                    sized = True
+                    groups = self._resize_groups(X, groups, meter.bytes,
+                                                 sum(len(a) for a in X[start:stop]))
         rows = np.concatenate(blocks) if blocks else np.zeros((0, self.n_features_out_))
         m = np.array([b.shape[0] for b in blocks], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(m)])
@@ -489,8 +503,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             f"this check)."
         )
 
-    def _transform_batch(self, model, atoms, params, names, start):
-        out = self._batch_rows(model, atoms, params, names)
+    def _transform_batch(self, model, atoms, params, names, start, meter=None):
+        out = self._batch_rows(model, atoms, params, names, meter)
         bad = [b for b, rows in enumerate(out) if not np.all(np.isfinite(rows))]
         if not bad:
             return out
@@ -524,23 +538,41 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                                                             and shallow)
         return "shared" if shared else "per_structure"
 
-    def _graph_groups(self, model, X) -> list[tuple[int, int]]:
-        """Ranges of ``X`` that share one graph (see ``batching``)."""
+    def _graph_groups(self, model, X, max_atoms=None) -> list[tuple[int, int]]:
+        """Ranges of ``X`` that share one graph (see ``batching``), of at most ``max_atoms``
+        atoms when given."""
         if self.batching_ == "per_structure":
             return [(i, i + 1) for i in range(len(X))]
         forward = self.kind != "energy" and self.force_rows_ == "forward"
         small = None if self.kind == "energy" or forward else _SMALL_GRAPH_ATOMS
+        if max_atoms is not None:
+            small = max_atoms if small is None else min(small, max_atoms)
         return _groups(X, self.batch_size, small)
+
+    def _memory_budget(self) -> int:
+        """``working_memory`` in bytes."""
+        mib = self.working_memory if self.working_memory is not None else \
+            get_config()["working_memory"]
+        return int(mib * 2 ** 20)
 
     def _max_unsketched(self) -> int:
         """Unsketched gradient rows (``n_params_`` entries of the evaluation dtype) that fit in
         ``working_memory``."""
-        mib = self.working_memory if self.working_memory is not None else \
-            get_config()["working_memory"]
         itemsize = torch.empty((), dtype=self.sketch_.dtype).element_size()
-        return max(1, int(mib * 2 ** 20 // (max(1, self.n_params_) * itemsize)))
+        return max(1, self._memory_budget() // (max(1, self.n_params_) * itemsize))
 
-    def _batch_rows(self, model, atoms, params, names):
+    def _resize_groups(self, X, groups, graph_bytes, n_atoms):
+        """Regroup the shared graphs left so that each one's graph (``graph_bytes`` per
+        ``n_atoms`` atoms, measured on the first) stays within ``working_memory``."""
+        if self.batching_ != "shared" or graph_bytes <= self._memory_budget():
+            return groups
+        cap = max(1, int(self._memory_budget() * n_atoms // graph_bytes))
+        start = groups[0][0]
+        logger.info("graph of %d atoms took %.0f MiB (> working_memory); at most %d atoms per "
+                    "graph from now on", n_atoms, graph_bytes / 2 ** 20, cap)
+        return [(start + a, start + b) for a, b in self._graph_groups(None, X[start:], cap)]
+
+    def _batch_rows(self, model, atoms, params, names, meter=None):
         batch = model.collate(atoms, self.device_)
         # Common random numbers: probes are keyed by atom count, not by position in X, so
         # near-identical structures (frames of one trajectory) get near-identical rows and a
@@ -549,7 +581,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             model, batch, params, self.sketch_, self.kind, self.force_rows_,
             (self.energy_weight, self.force_weight), names=names, n_probes=self.n_probes,
             probe_seed=self.seed_, per_atom=self.normalize == "atoms",
-            max_unsketched=min(256, self._max_unsketched()))
+            max_unsketched=min(256, self._max_unsketched()),
+            memory_budget=self._memory_budget(), meter=meter)
         rows = rows.cpu().double().numpy()
         return [rows[offsets[b]:offsets[b + 1]] for b in range(len(atoms))]
 

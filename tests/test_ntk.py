@@ -460,3 +460,55 @@ def test_observation_rows_rejects_unknown_kind_and_route(model):
         ntk.observation_rows(model, model.collate(structures()), params, sk, "force", "magic")
     with pytest.raises(ValueError, match="parameter names"):
         ntk.observation_rows(model, model.collate(structures()), params, sk, "force", "forward")
+
+
+# -- memory budget: the graph is measured while it is built ---------------------------------------
+
+def test_graph_meter_counts_saved_storages_once():
+    """x * x saves x twice (one storage: counted once); nothing recorded gives 0."""
+    x = torch.ones(250, dtype=torch.float64, requires_grad=True)
+    meter = ntk.GraphMeter()
+    with meter.record():
+        (x * x).sum()
+    assert meter.bytes == 250 * 8
+    w = torch.ones(10, 20, requires_grad=True)
+    with meter.record():
+        (w[:, :5].exp() @ torch.ones(5)).sum()
+    # exp saves its (10, 5) float32 result; the product saves it again (counted once) and v
+    assert meter.bytes == 10 * 5 * 4 + 5 * 4
+    with meter.record():
+        pass
+    assert meter.bytes == 0
+
+
+@pytest.mark.parametrize("kind,route", [("energy", "exact"), ("joint", "exact"),
+                                        ("joint", "probes")])
+def test_memory_budget_bounds_vectorised_rows_and_keeps_rows(model, kind, route, monkeypatch):
+    """With a budget of 2.5 graphs, every vectorised backward takes at most 2 rows (the built-in
+    model vectorises its double backward); the rows equal those without a budget."""
+    X = structures()
+    names, params = subset(model)
+    sk = ntk.ParameterSketch([p.shape for p in params], 6, seed=1)
+    ref, off = ntk.observation_rows(model, model.collate(X), params, sk, kind, route,
+                                    n_probes=3)
+    meter = ntk.GraphMeter()
+    ntk.observation_rows(model, model.collate(X), params, sk, kind, route, n_probes=3,
+                         meter=meter)
+    assert meter.bytes > 0
+    chunks = []
+    real = ntk.per_output_gradients
+
+    def spy(outputs, params, **kw):
+        chunks.append(kw["chunk_size"])
+        return real(outputs, params, **kw)
+
+    monkeypatch.setattr(ntk, "per_output_gradients", spy)
+    rows, off2 = ntk.observation_rows(model, model.collate(X), params, sk, kind, route,
+                                      n_probes=3, memory_budget=int(2.5 * meter.bytes))
+    assert chunks and max(chunks) == 2
+    np.testing.assert_array_equal(off, off2)
+    torch.testing.assert_close(rows, ref, rtol=1e-10, atol=1e-12)
+    chunks.clear()
+    ntk.observation_rows(model, model.collate(X), params, sk, kind, route, n_probes=3,
+                         memory_budget=1)
+    assert chunks == [1] * len(chunks) and chunks

@@ -262,3 +262,27 @@ def test_probe_rows_do_not_depend_on_position_in_X(model, X):
         np.testing.assert_allclose(G_perm.block(k), G.block(i), rtol=1e-12, atol=1e-12)
     twice = est.transform([X[0], X[0]])
     np.testing.assert_allclose(twice.block(0), twice.block(1), rtol=1e-10, atol=1e-12)
+
+
+def test_working_memory_sizes_shared_graphs_from_the_first(model, X, monkeypatch):
+    """Shared graphs: when the first graph's measured bytes exceed working_memory, the graphs
+    after it get fewer atoms (here one structure each); the rows do not change."""
+    kw = dict(kind="joint", force_rows="probes", n_probes=2, n_features=8, batching="shared",
+              batch_size=2, random_state=0)
+    X6 = [a.copy() for a in X + X]
+    ref = ForceNTKTransformer(model, **kw).fit().transform(X6).rows
+    sizes = []
+    real = type(model).collate
+
+    def spy(self, atoms, device=None):
+        sizes.append(len(atoms))
+        return real(self, atoms, device)
+
+    monkeypatch.setattr(type(model), "collate", spy)
+    t = ForceNTKTransformer(model, working_memory=1e-3, **kw).fit()
+    rows = t.transform(X6).rows
+    assert sizes == [2, 1, 1, 1, 1], sizes
+    np.testing.assert_allclose(rows, ref, rtol=1e-10, atol=1e-13)
+    sizes.clear()
+    ForceNTKTransformer(model, **kw).fit().transform(X6)
+    assert sizes == [2, 2, 2], sizes  # 1 GiB: batch_size decides, as before
