@@ -185,7 +185,14 @@ def _check_min_distance(atoms: Atoms, i: int, name: str) -> None:
         return
     pos = np.asarray(atoms.positions, dtype=np.float64)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
-    a_idx, b_idx, S = neighbor_pairs(pos, cell, atoms.pbc, MIN_DISTANCE)
+    if not np.any(atoms.pbc):  # a k-d tree: no images to build (the common, molecular case)
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(pos).query_pairs(MIN_DISTANCE, output_type="ndarray")
+        a_idx, b_idx = pairs[:, 0], pairs[:, 1]
+        S = np.zeros((len(pairs), 3))
+    else:
+        a_idx, b_idx, S = neighbor_pairs(pos, cell, atoms.pbc, MIN_DISTANCE)
     if len(a_idx) == 0:
         return
     d = np.linalg.norm(pos[b_idx] - pos[a_idx] + S @ cell, axis=1)
