@@ -11,8 +11,11 @@ content-addressed cache (:mod:`skntk.cache`) from the calling process. It return
   kill) verifies the shards already there and computes only the structures they miss. A
   corrupted or truncated shard fails its checksum, is deleted (with a
   :class:`~skntk.cache.CorruptCacheWarning`) and its structures are recomputed.
-- **Parallel**: ``n_jobs`` joblib workers (loky processes), each sent the fitted transformer
-  (model included) and a chunk of structures. On a cluster, run it inside
+- **Parallel**: ``n_jobs`` joblib workers (loky processes), each sent the fitted transformer and
+  a chunk of structures. When the transformer's ``model`` parameter is a name or a file
+  (``"sevennet-0"``, a saved model), the network is not sent: each worker process loads it
+  itself, once, and checks its weights against the caller's (a digest of every tensor). A model
+  handle passed as an object travels with the transformer. On a cluster, run it inside
   ``joblib.parallel_config(backend="dask")`` with a ``dask.distributed.Client``
   (``scheduler_address=`` does that for you): the same code, the workers are Dask's.
 - **Identical to serial**: chunks are cut from the pool order alone, so a structure is computed
@@ -42,8 +45,73 @@ __all__ = ["featurize"]
 DEFAULT_SHARD_SIZE = 256
 
 
+class _ModelRef:
+    """Stands in for a fitted transformer's ``model_`` on its way to a worker: the worker loads
+    the model itself from ``spec`` (a name or a file) and checks its weights against ``digest``
+    (the parent's, :func:`skntk.cache._model_digest`)."""
+
+    def __init__(self, spec, owner, digest, dtype=None):
+        self.spec, self.owner, self.digest, self.dtype = spec, owner, digest, dtype
+
+
+#: Models a worker process has loaded, by ``(spec, digest)``: loaded once per process.
+_LOADED: dict = {}
+
+
+def _by_reference(transformer):
+    """A shallow copy of ``transformer`` whose ``model_`` is a :class:`_ModelRef` when the model
+    has a name or a file (the ``model`` parameter is a string or path, or the handle came from
+    :func:`skntk.models.load`, which records ``source``); ``transformer`` itself otherwise."""
+    import copy
+    import os
+
+    from skntk.cache import _model_digest
+
+    model = getattr(transformer, "model_", None)
+    spec = getattr(transformer, "get_params", dict)().get("model")
+    if not isinstance(spec, (str, os.PathLike)):
+        spec = getattr(model, "source", None)
+    if spec is None or not hasattr(model, "module"):
+        return transformer
+    dtype = getattr(model, "dtype", None)
+    out = copy.copy(transformer)
+    out.model_ = _ModelRef(os.fspath(spec), type(transformer).__name__, _model_digest(model),
+                           None if dtype is None else str(dtype).replace("torch.", ""))
+    return out
+
+
+def _resolve_reference(transformer):
+    """The transformer with its model loaded in this process (once), verified by digest."""
+    import copy
+
+    ref = getattr(transformer, "model_", None)
+    if not isinstance(ref, _ModelRef):
+        return transformer
+    import torch
+
+    from skntk.cache import _model_digest
+    from skntk.models import load
+
+    key = (ref.spec, json.dumps(ref.digest, sort_keys=True))
+    model = _LOADED.get(key)
+    if model is None:
+        model = load(ref.spec, device="cpu",
+                     dtype=None if ref.dtype is None else getattr(torch, ref.dtype))
+        if _model_digest(model) != ref.digest:
+            raise RuntimeError(
+                f"a worker loaded the model {ref.spec!r} with other weights than the calling "
+                f"process fitted with (the file changed, or another package version); refit "
+                f"the {ref.owner} or pass the model handle itself.")
+        _LOADED[key] = model
+    out = copy.copy(transformer)
+    out.model_ = model
+    return out
+
+
 def _transform_chunk(transformer, structures):
-    """Worker task: the rows of ``structures`` (a list of ase.Atoms) as FeatureBlocks."""
+    """Worker task: the rows of ``structures`` (a list of ase.Atoms) as FeatureBlocks; a model
+    sent by reference (:class:`_ModelRef`) is loaded here, once per process."""
+    transformer = _resolve_reference(transformer)
     return _as_blocks(transformer.transform(structures), len(structures))
 
 
@@ -206,8 +274,14 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
             if bar is not None:
                 bar.update(len(chunk) - len(todo))
             if todo:
-                yield todo_keys, delayed(_transform_chunk)(transformer, todo)
+                yield todo_keys, delayed(_transform_chunk)(sent, todo)
 
+    from joblib import effective_n_jobs
+
+    if scheduler_address is not None or effective_n_jobs(n_jobs) > 1:
+        sent = _by_reference(transformer)  # workers load a named model themselves
+    else:
+        sent = transformer
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if scheduler_address is not None:

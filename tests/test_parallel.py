@@ -190,14 +190,18 @@ def test_joblib_workers_equal_serial(ntk, pool, tmp_path):
 
 
 def test_dask_local_cluster_equals_serial(ntk, pool, tmp_path):
+    """Dask workers load the model from its file themselves (the transformer names the file)
+    and give the serial features and picks."""
     distributed = pytest.importorskip("dask.distributed")
     serial = featurize(ntk, pool, tmp_path / "serial", shard_size=6)
+    path = ntk.model_.save(tmp_path / "model.pt")
+    by_file = ForceNTKTransformer(str(path), kind="energy", n_features=16, random_state=0).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dask's own port / resource notices
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                       dashboard_address=None) as cluster:
             assert len(cluster.workers) == 2
-            on_dask = featurize(ntk, pool, tmp_path / "dask", shard_size=6,
+            on_dask = featurize(by_file, pool, tmp_path / "dask", shard_size=6,
                                 scheduler_address=cluster.scheduler_address)
     a, b = serial.take(np.arange(23)), on_dask.take(np.arange(23))
     np.testing.assert_allclose(b.rows, a.rows, rtol=1e-5, atol=1e-8)
@@ -222,3 +226,39 @@ def test_a_glob_that_matches_nothing_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"no structure file matches '.*nothing-\*\.xyz'"):
         read_structures(str(tmp_path / "nothing-*.xyz"))
+
+
+def test_workers_load_a_named_model_themselves_and_check_its_weights(pool, tmp_path):
+    """A transformer whose model is a file is sent without the network (the payload shrinks to
+    a reference), workers load it once and give the serial rows; a file whose weights changed
+    after fit is refused by the worker, naming the file."""
+    import pickle
+
+    import skntk.parallel as par
+
+    path = BuiltinMLIP([1, 6, 8], n_hidden=32, n_blocks=2, random_state=0).save(
+        tmp_path / "model.pt")
+    t = ForceNTKTransformer(str(path), kind="energy", n_features=16, random_state=0).fit()
+    sent = par._by_reference(t)
+    assert isinstance(sent.model_, par._ModelRef) and t.model_ is not sent.model_
+    assert len(pickle.dumps(sent)) < 0.2 * len(pickle.dumps(t))
+    assert par._resolve_reference(sent).model_ is par._resolve_reference(sent).model_  # once
+    serial = featurize(t, pool, tmp_path / "serial", shard_size=6)
+    parallel = featurize(t, pool, tmp_path / "parallel", shard_size=6, n_jobs=2)
+    np.testing.assert_allclose(parallel.take(np.arange(23)).rows,
+                               serial.take(np.arange(23)).rows, rtol=1e-5, atol=1e-8)
+    # a handle built in memory travels as it is; one from skntk.models.load knows its file
+    built = BuiltinMLIP([1, 6, 8], n_hidden=8, n_blocks=1)
+    assert par._by_reference(ForceNTKTransformer(built, n_features=4).fit()).model_ is built
+    from skntk.models import load
+
+    loaded = load(path)
+    assert loaded.source == str(path.resolve())
+    ref = par._by_reference(ForceNTKTransformer(loaded, n_features=4).fit()).model_
+    assert isinstance(ref, par._ModelRef) and ref.spec == loaded.source
+    other = BuiltinMLIP([1, 6, 8], n_hidden=32, n_blocks=2, random_state=0).save(
+        tmp_path / "other.pt")
+    t2 = ForceNTKTransformer(str(other), kind="energy", n_features=16, random_state=0).fit()
+    BuiltinMLIP([1, 6, 8], n_hidden=32, n_blocks=2, random_state=1).save(other)  # changed
+    with pytest.raises(RuntimeError, match="other weights"):
+        featurize(t2, pool, tmp_path / "changed", shard_size=6, n_jobs=2)

@@ -88,50 +88,58 @@ def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
         return _wrap_module(name_or_model, device=device, dtype=dtype)
     if isinstance(name_or_model, (str, os.PathLike)):
         key = os.fspath(name_or_model)
-        low = key.lower()
-        if low in _SEVENNET_NAMES:
-            from skntk.models.sevennet import SevenNetMLIP
-
-            return SevenNetMLIP.from_pretrained(_SEVENNET_NAMES[low], device=device,
-                                                dtype=dtype or torch.float32)
-        if low in _CHGNET_NAMES:
-            from skntk.models.chgnet import CHGNetMLIP
-
-            return CHGNetMLIP.from_pretrained(_CHGNET_NAMES[low], device=device,
-                                              dtype=dtype or torch.float32)
-        if low.endswith(".model"):
-            if not os.path.isfile(key):
-                raise ValueError(f"MACE model file {key!r} does not exist.")
-            from skntk.models.mace import MACEMLIP
-
-            return MACEMLIP.from_file(key, device=device, dtype=dtype)
-        if os.path.isfile(key):
-            kind = _sniff(key)
-            if kind == "sevennet":
-                from skntk.models.sevennet import SevenNetMLIP
-
-                return SevenNetMLIP.from_checkpoint(key, device=device,
-                                                    dtype=dtype or torch.float32)
-            if kind == "chgnet":
-                from skntk.models.chgnet import CHGNetMLIP
-
-                return CHGNetMLIP.from_file(key, device=device, dtype=dtype or torch.float32)
-            if kind == "mace":
-                from skntk.models.mace import MACEMLIP
-
-                return MACEMLIP.from_file(key, device=device, dtype=dtype)
-            from skntk.models.builtin import BuiltinMLIP
-
-            return BuiltinMLIP.load(key, device=_resolve_device(device))
-        known = sorted(set(_SEVENNET_NAMES) | set(_CHGNET_NAMES))
-        raise ValueError(
-            f"Unknown model {key!r}: expected one of {known}, a path to a model file (MACE "
-            ".model, SevenNet checkpoint, CHGNet state file, built-in), an MLIP handle or a "
-            "torch.nn.Module."
-        )
+        handle = _load_spec(key, device, dtype)
+        # where it came from: parallel workers load it themselves (skntk.parallel)
+        handle.source = os.path.abspath(key) if os.path.isfile(key) else key
+        return handle
     raise TypeError(
         f"load() takes a model name, a path, an MLIP or a torch.nn.Module; "
         f"got {type(name_or_model).__name__}."
+    )
+
+
+def _load_spec(key: str, device, dtype) -> MLIP:
+    """The handle of a model name or file ``key`` (see :func:`load`)."""
+    low = key.lower()
+    if low in _SEVENNET_NAMES:
+        from skntk.models.sevennet import SevenNetMLIP
+
+        return SevenNetMLIP.from_pretrained(_SEVENNET_NAMES[low], device=device,
+                                            dtype=dtype or torch.float32)
+    if low in _CHGNET_NAMES:
+        from skntk.models.chgnet import CHGNetMLIP
+
+        return CHGNetMLIP.from_pretrained(_CHGNET_NAMES[low], device=device,
+                                          dtype=dtype or torch.float32)
+    if low.endswith(".model"):
+        if not os.path.isfile(key):
+            raise ValueError(f"MACE model file {key!r} does not exist.")
+        from skntk.models.mace import MACEMLIP
+
+        return MACEMLIP.from_file(key, device=device, dtype=dtype)
+    if os.path.isfile(key):
+        kind = _sniff(key)
+        if kind == "sevennet":
+            from skntk.models.sevennet import SevenNetMLIP
+
+            return SevenNetMLIP.from_checkpoint(key, device=device,
+                                                dtype=dtype or torch.float32)
+        if kind == "chgnet":
+            from skntk.models.chgnet import CHGNetMLIP
+
+            return CHGNetMLIP.from_file(key, device=device, dtype=dtype or torch.float32)
+        if kind == "mace":
+            from skntk.models.mace import MACEMLIP
+
+            return MACEMLIP.from_file(key, device=device, dtype=dtype)
+        from skntk.models.builtin import BuiltinMLIP
+
+        return BuiltinMLIP.load(key, device=_resolve_device(device))
+    known = sorted(set(_SEVENNET_NAMES) | set(_CHGNET_NAMES))
+    raise ValueError(
+        f"Unknown model {key!r}: expected one of {known}, a path to a model file (MACE "
+        ".model, SevenNet checkpoint, CHGNet state file, built-in), an MLIP handle or a "
+        "torch.nn.Module."
     )
 
 

@@ -254,6 +254,9 @@ class MLIP(ABC):
     module: torch.nn.Module
     cutoff: float
     species: frozenset[int] | None = None
+    #: The name or file :func:`skntk.models.load` loaded the handle from (``None`` otherwise):
+    #: parallel workers load the model themselves from it (:func:`skntk.parallel.featurize`).
+    source: str | None = None
 
     # -- scikit-learn: clone returns the same handle, GridSearchCV never deep-copies a network.
     def __sklearn_clone__(self):
