@@ -246,7 +246,7 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram
         # sketch (used only when the exact gram route does not fit in memory); PV has none
         pipe = make_pv_lcmd_pipeline(n_to_select=n_to_select, shortlist_size=M, sigma2=sigma2,
-                                     random_state=seed)
+                                     random_state=seed, progress_bar=progress_bar)
         t = time.perf_counter()
         pipe.fit(G_train)
         timings["fit posterior"] = time.perf_counter() - t

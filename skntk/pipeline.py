@@ -469,7 +469,8 @@ def _seeded(transformer, seed):
 def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=None,
                           sigma2=1e-3, normalize=True, reduction="trace", criterion="variance",
                           kernel="auto", gram_features="auto", n_sketch_features=1024,
-                          random_state=None, working_memory=None, scoring=None):
+                          random_state=None, working_memory=None, scoring=None,
+                          progress_bar=False):
     """The paper's selection chain: PV screen → top-M shortlist → LCMD in posterior space.
 
     Reproducible by construction: the same inputs give the same indices in every call and every
@@ -499,6 +500,8 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
         MiB budget of both selector steps.
     scoring : callable or None, default=None
         Objective of :meth:`SelectionPipeline.score` (``None``: linearised fine-tuning).
+    progress_bar : bool, default=False
+        tqdm bars of both selector steps (structures scored by PV, LCMD's picks).
 
     Returns
     -------
@@ -521,9 +524,10 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
     steps = [] if transformer is None else [("features", _seeded(transformer, seed))]
     steps.append(("pv", ChunkedPosteriorVarianceSelector(
         sigma2, normalize=normalize, reduction=reduction, criterion=criterion,
-        shortlist_size=shortlist_size, working_memory=working_memory)))
+        shortlist_size=shortlist_size, working_memory=working_memory,
+        progress_bar=progress_bar)))
     steps.append(("lcmd", LCMDSelector(
         n_to_select, kernel=kernel, gram_features=gram_features,
         n_sketch_features=n_sketch_features, random_state=seed,
-        working_memory=working_memory)))
+        working_memory=working_memory, progress_bar=progress_bar)))
     return SelectionPipeline(steps, scoring=scoring)

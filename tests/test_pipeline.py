@@ -133,3 +133,18 @@ def test_clone_and_pickle_fitted_pipeline():
     assert clone(pipe).get_params()["pv__shortlist_size"] == 6
     again = pickle.loads(pickle.dumps(pipe))
     assert again.select(pool).tolist() == pipe.select(pool).tolist()
+
+
+def test_progress_bars_of_the_selection_stages(capsys):
+    """progress_bar=True shows one bar per selector stage (PV over structures, LCMD over picks)
+    and changes no pick."""
+    from skntk.pipeline import make_pv_lcmd_pipeline
+
+    rng = np.random.default_rng(0)
+    train, pool = rng.normal(size=(20, 5)), rng.normal(size=(300, 5))
+    quiet = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=30).fit(train).select(pool)
+    capsys.readouterr()
+    loud = make_pv_lcmd_pipeline(n_to_select=4, shortlist_size=30, progress_bar=True)
+    assert loud.fit(train).select(pool).tolist() == quiet.tolist()
+    err = capsys.readouterr().err
+    assert "PV scores" in err and "/300" in err and "LCMD" in err and "/4 " in err, err

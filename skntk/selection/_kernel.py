@@ -29,6 +29,7 @@ from sklearn import get_config
 from sklearn.base import TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import trange
 
 from skntk._sklearn_compat import Interval, StrOptions, validate_params
 from skntk.linalg import chunk_n_rows, gen_structure_chunks, segment_sum
@@ -208,7 +209,8 @@ def nearest_centres(phi, centres, *, working_memory=None):
     return min_sq, closest
 
 
-def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_memory=None):
+def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_memory=None,
+                   progress_bar=False):
     """Grow centres greedily: LCMD (largest cluster, max distance) or MaxDist (farthest point).
 
     Semantics of bmdal_reg: ``centres`` (e.g. the train set) are the initial centres; without
@@ -226,6 +228,8 @@ def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_mem
     centres : ndarray of shape (n_centres, D) or None
     method : {"lcmd", "maxdist"}
     working_memory : float or None
+    progress_bar : bool, default=False
+        A tqdm bar over the picks.
 
     Returns
     -------
@@ -244,7 +248,8 @@ def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_mem
         closest = np.zeros(n, dtype=np.int64)
     chosen = np.zeros(n, dtype=bool)
     picks = np.empty(n_to_select, dtype=np.int64)
-    for k in range(n_to_select):
+    for k in trange(n_to_select, desc=method.upper(), unit="pick", leave=False,
+                    disable=not progress_bar):
         if n_added == 0:
             j = int(np.argmax(diag))
         else:
@@ -283,11 +288,13 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         "normalize": ["boolean"],
         "sel_with_train": ["boolean"],
         "random_state": ["random_state"],
+        "progress_bar": ["boolean"],
     }
 
     def __init__(self, n_to_select=None, *, kernel="auto", gram_features="auto",
                  n_sketch_features=1024, features="prior", sigma2=1e-3, normalize=True,
-                 sel_with_train=True, random_state=None, working_memory=None):
+                 sel_with_train=True, random_state=None, working_memory=None,
+                 progress_bar=False):
         self.n_to_select = n_to_select
         self.kernel = kernel
         self.gram_features = gram_features
@@ -298,6 +305,7 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         self.sel_with_train = sel_with_train
         self.random_state = random_state
         self.working_memory = working_memory
+        self.progress_bar = progress_bar
 
     def fit(self, X, y=None):
         """Record the train structures as centres (in kernel feature space).
@@ -394,6 +402,7 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
     def _select(self, X, candidates, n_to_select):
         phi = self._phi(X)
         picks = greedy_centres(phi, n_to_select, centres=self.centres_, method=self._method,
-                               working_memory=self.working_memory)
+                               working_memory=self.working_memory,
+                               progress_bar=getattr(self, "progress_bar", False))
         return np.asarray(candidates)[picks]
 

@@ -143,6 +143,7 @@ class MaxDistSelector(_KernelCentresSelector):
     random_state : int, RandomState instance or None, default=None
         Seed of the gram sketch (``None``: the fixed seed 0).
     working_memory : float or None, default=None
+    progress_bar : bool, default=False
 
     Attributes
     ----------

@@ -54,6 +54,8 @@ class LCMDSelector(_KernelCentresSelector):
         instance for fresh draws.
     working_memory : float or None, default=None
         MiB budget for chunked temporaries; ``None`` uses ``sklearn.get_config()``.
+    progress_bar : bool, default=False
+        A tqdm bar over the picks.
 
     Attributes
     ----------

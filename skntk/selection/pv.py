@@ -15,6 +15,7 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.base import TransformerMixin
 from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
 
 from skntk._sklearn_compat import Interval, StrOptions, validate_params
 from skntk.blocks import FeatureBlocks
@@ -205,6 +206,8 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         Default budget of :meth:`select` (count, fraction of candidates, or half of them).
     working_memory : float or None, default=None
         MiB budget for chunk temporaries; ``None`` uses ``sklearn.get_config()``.
+    progress_bar : bool, default=False
+        A tqdm bar over the structures scored (rate and ETA).
 
     Attributes
     ----------
@@ -246,10 +249,12 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         "criterion": [StrOptions({"variance", "pool_variance_reduction"})],
         "greedy": ["boolean"],
         "shortlist_size": [Interval(Integral, 1, None, closed="left"), None],
+        "progress_bar": ["boolean"],
     }
 
     def __init__(self, sigma2=1e-3, *, normalize=True, reduction="trace", criterion="variance",
-                 greedy=False, shortlist_size=None, n_to_select=None, working_memory=None):
+                 greedy=False, shortlist_size=None, n_to_select=None, working_memory=None,
+                 progress_bar=False):
         self.sigma2 = sigma2
         self.normalize = normalize
         self.reduction = reduction
@@ -258,6 +263,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         self.shortlist_size = shortlist_size
         self.n_to_select = n_to_select
         self.working_memory = working_memory
+        self.progress_bar = progress_bar
 
     def fit(self, X, y=None):
         """Learn the posterior from labelled features.
@@ -324,14 +330,17 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
             keep = min(len(X), top_k + max(_F32_MARGIN, top_k // 8))
         top = StreamingTopK(keep) if keep is not None else None
         scores = np.empty(len(X))
-        for start, blocks in self._chunks(X):
-            for sl, psi, offsets in post.iter_transform(blocks, dtype=dtype):
-                s = self._reduce(psi, offsets, blocks.kind, N)
-                _check_scores(s, blocks, sl.start, post, base=start, dtype=dtype)
-                lo, hi = start + sl.start, start + sl.stop
-                scores[lo:hi] = s
-                if top is not None:
-                    top.push(s, np.arange(lo, hi))
+        with tqdm(total=len(X), desc="PV scores", unit="structure", leave=False,
+                  disable=not getattr(self, "progress_bar", False)) as bar:
+            for start, blocks in self._chunks(X):
+                for sl, psi, offsets in post.iter_transform(blocks, dtype=dtype):
+                    s = self._reduce(psi, offsets, blocks.kind, N)
+                    _check_scores(s, blocks, sl.start, post, base=start, dtype=dtype)
+                    lo, hi = start + sl.start, start + sl.stop
+                    scores[lo:hi] = s
+                    if top is not None:
+                        top.push(s, np.arange(lo, hi))
+                    bar.update(hi - lo)
         if top is None:
             return scores, None, N
         idx = top.indices()
