@@ -246,7 +246,8 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram
         # sketch (used only when the exact gram route does not fit in memory); PV has none
         pipe = make_pv_lcmd_pipeline(n_to_select=n_to_select, shortlist_size=M, sigma2=sigma2,
-                                     random_state=seed, progress_bar=progress_bar)
+                                     random_state=seed, progress_bar=progress_bar,
+                                     device=_selection_device(device))
         t = time.perf_counter()
         pipe.fit(G_train)
         timings["fit posterior"] = time.perf_counter() - t
@@ -306,6 +307,13 @@ def run_featurize(model, train, pool, *, cache, kind="joint", parameters=None, n
     timings["features: pool"] = time.perf_counter() - t
     return {"n_pool": feats.n_pool, "n_distinct": len(feats), "computed": feats.stats["computed"],
             "cached": feats.stats["cached"], "timings": timings}
+
+
+def _selection_device(device):
+    """The selection's products run where the features were computed when that is a GPU."""
+    if str(device) == "auto" or str(device).startswith("cuda"):
+        return str(device)
+    return None
 
 
 def _load_model(load, model, device):

@@ -6,6 +6,8 @@
   scikit-learn's ``get_chunk_n_rows`` (at least one row, a warning naming both numbers).
 - :class:`StreamingTopK`: a running top-k over a stream of score chunks (ties: lower index first).
 - :func:`segment_sum`: per-structure sums of per-row values given block ``offsets``.
+- :func:`array_device` and :class:`DeviceProduct`: the selection's matrix products in torch on a
+  device (a GPU) instead of NumPy on the host.
 """
 
 from __future__ import annotations
@@ -27,7 +29,86 @@ __all__ = [
     "gen_structure_chunks",
     "StreamingTopK",
     "segment_sum",
+    "array_device",
+    "DeviceProduct",
 ]
+
+
+def array_device(device):
+    """Where the selection's matrix products run: ``None`` is NumPy on the host.
+
+    Parameters
+    ----------
+    device : None, "auto", str or torch.device
+        ``None``: NumPy; ``"auto"``: the first CUDA device when there is one, else NumPy; any
+        other value: torch on that device (``"cpu"`` runs the torch code on the host, as the
+        tests do).
+
+    Returns
+    -------
+    device : torch.device or None
+    """
+    if device is None:
+        return None
+    import torch
+
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    return torch.device(device)
+
+
+class DeviceProduct:
+    """Products ``rows @ right`` with ``right`` held on ``device`` (NumPy when ``None``).
+
+    The rows travel to the device chunk by chunk and only what the caller needs comes back (the
+    product, or its row-wise argmax): the ``n x k`` product of an assignment never leaves a GPU.
+
+    Parameters
+    ----------
+    right : ndarray of shape (k, m)
+    device : torch.device or None
+        From :func:`array_device`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> right = np.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> DeviceProduct(right, None).argmax(np.array([[3.0, 1.0], [1.0, 1.0]])).tolist()
+    [0, 1]
+    """
+
+    def __init__(self, right, device):
+        self.device = device
+        if device is None:
+            self.right = right
+        else:
+            import torch
+
+            self.right = torch.from_numpy(np.ascontiguousarray(right)).to(device)
+
+    def _rows(self, rows):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(rows)).to(self.device,
+                                                               dtype=self.right.dtype)
+
+    def __call__(self, rows, out=None):
+        """``rows @ right`` as an ndarray (written into ``out`` when given)."""
+        if self.device is None:
+            return np.matmul(rows, self.right, out=out)
+        res = (self._rows(rows) @ self.right).cpu().numpy()
+        if out is None:
+            return res
+        out[...] = res
+        return out
+
+    def argmax(self, rows):
+        """Column of the largest entry of each row of ``rows @ right`` (first on ties)."""
+        if self.device is None:
+            return np.argmax(rows @ self.right, axis=1)
+        import torch
+
+        return torch.argmax(self._rows(rows) @ self.right, dim=1).cpu().numpy()
 
 
 class CholeskyError(np.linalg.LinAlgError):

@@ -470,7 +470,7 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
                           sigma2=1e-3, normalize=True, reduction="trace", criterion="variance",
                           kernel="auto", gram_features="auto", n_sketch_features=1024,
                           random_state=None, working_memory=None, scoring=None,
-                          progress_bar=False):
+                          progress_bar=False, device=None):
     """The paper's selection chain: PV screen → top-M shortlist → LCMD in posterior space.
 
     Reproducible by construction: the same inputs give the same indices in every call and every
@@ -502,6 +502,9 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
         Objective of :meth:`SelectionPipeline.score` (``None``: linearised fine-tuning).
     progress_bar : bool, default=False
         tqdm bars of both selector steps (structures scored by PV, LCMD's picks).
+    device : str or None, default=None
+        Where both steps' matrix products run (``None``: NumPy on the host; ``"cuda"``; ``"auto"``:
+        CUDA when there is one).
 
     Returns
     -------
@@ -525,9 +528,9 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
     steps.append(("pv", ChunkedPosteriorVarianceSelector(
         sigma2, normalize=normalize, reduction=reduction, criterion=criterion,
         shortlist_size=shortlist_size, working_memory=working_memory,
-        progress_bar=progress_bar)))
+        progress_bar=progress_bar, device=device)))
     steps.append(("lcmd", LCMDSelector(
         n_to_select, kernel=kernel, gram_features=gram_features,
         n_sketch_features=n_sketch_features, random_state=seed,
-        working_memory=working_memory, progress_bar=progress_bar)))
+        working_memory=working_memory, progress_bar=progress_bar, device=device)))
     return SelectionPipeline(steps, scoring=scoring)

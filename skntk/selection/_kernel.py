@@ -32,7 +32,8 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import trange
 
 from skntk._sklearn_compat import Interval, StrOptions, validate_params
-from skntk.linalg import chunk_n_rows, gen_structure_chunks, segment_sum
+from skntk.linalg import (DeviceProduct, array_device, chunk_n_rows, gen_structure_chunks,
+                          segment_sum)
 from skntk.selection._base import BaseSelector
 from skntk.selection._posterior import FeaturePosterior
 
@@ -163,7 +164,7 @@ def _row_sq(phi):
     return np.einsum("ij,ij->i", phi, phi, dtype=np.float64)
 
 
-def nearest_centres(phi, centres, *, working_memory=None):
+def nearest_centres(phi, centres, *, working_memory=None, device=None):
     """Squared distance of each row of ``phi`` to its nearest centre, and that centre's index.
 
     The assignment is one matrix product per chunk of rows, in the dtype of ``phi`` (float32
@@ -178,6 +179,9 @@ def nearest_centres(phi, centres, *, working_memory=None):
     phi : ndarray of shape (n, D)
     centres : ndarray of shape (n_centres, D), n_centres >= 1
     working_memory : float or None
+    device : torch.device or None
+        Run the products and the argmax in torch there (:func:`skntk.linalg.array_device`);
+        only the argmax comes back. The float64 distances stay on the host.
 
     Returns
     -------
@@ -198,11 +202,12 @@ def nearest_centres(phi, centres, *, working_memory=None):
                         working_memory=working_memory)
     buf = np.empty((min(step, max(n, 1)), D + 1), dtype=dtype)
     buf[:, D] = 1.0
+    product = DeviceProduct(aug.T, device)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         rows = buf[:hi - lo]
         rows[:, :D] = phi[lo:hi]
-        arg = np.argmax(rows @ aug.T, axis=1)
+        arg = product.argmax(rows)
         closest[lo:hi] = arg
         diff = np.asarray(phi[lo:hi], dtype=np.float64) - c64[arg]
         min_sq[lo:hi] = np.einsum("ij,ij->i", diff, diff)
@@ -210,7 +215,7 @@ def nearest_centres(phi, centres, *, working_memory=None):
 
 
 def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_memory=None,
-                   progress_bar=False):
+                   progress_bar=False, device=None):
     """Grow centres greedily: LCMD (largest cluster, max distance) or MaxDist (farthest point).
 
     Semantics of bmdal_reg: ``centres`` (e.g. the train set) are the initial centres; without
@@ -230,6 +235,8 @@ def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_mem
     working_memory : float or None
     progress_bar : bool, default=False
         A tqdm bar over the picks.
+    device : torch.device or None
+        Where the assignment to ``centres`` runs (:func:`nearest_centres`).
 
     Returns
     -------
@@ -240,7 +247,8 @@ def greedy_centres(phi, n_to_select, *, centres=None, method="lcmd", working_mem
     diag = _row_sq(phi)
     n_added = 0
     if centres is not None and centres.shape[0]:
-        min_sq, closest = nearest_centres(phi, centres, working_memory=working_memory)
+        min_sq, closest = nearest_centres(phi, centres, working_memory=working_memory,
+                                          device=device)
         closest += 1  # cluster 0: candidates with no centre yet
         n_added = centres.shape[0]
     else:
@@ -289,12 +297,13 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         "sel_with_train": ["boolean"],
         "random_state": ["random_state"],
         "progress_bar": ["boolean"],
+        "device": [str, None],
     }
 
     def __init__(self, n_to_select=None, *, kernel="auto", gram_features="auto",
                  n_sketch_features=1024, features="prior", sigma2=1e-3, normalize=True,
                  sel_with_train=True, random_state=None, working_memory=None,
-                 progress_bar=False):
+                 progress_bar=False, device=None):
         self.n_to_select = n_to_select
         self.kernel = kernel
         self.gram_features = gram_features
@@ -306,6 +315,7 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         self.random_state = random_state
         self.working_memory = working_memory
         self.progress_bar = progress_bar
+        self.device = device
 
     def fit(self, X, y=None):
         """Record the train structures as centres (in kernel feature space).
@@ -397,12 +407,14 @@ class _KernelCentresSelector(TransformerMixin, BaseSelector):
         phi = self._phi(self._check_X(X, reset=False))
         if self.centres_.shape[0] == 0:
             return _row_sq(phi)
-        return nearest_centres(phi, self.centres_, working_memory=self.working_memory)[0]
+        return nearest_centres(phi, self.centres_, working_memory=self.working_memory,
+                               device=array_device(getattr(self, "device", None)))[0]
 
     def _select(self, X, candidates, n_to_select):
         phi = self._phi(X)
         picks = greedy_centres(phi, n_to_select, centres=self.centres_, method=self._method,
                                working_memory=self.working_memory,
-                               progress_bar=getattr(self, "progress_bar", False))
+                               progress_bar=getattr(self, "progress_bar", False),
+                               device=array_device(getattr(self, "device", None)))
         return np.asarray(candidates)[picks]
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import linalg as sla
 
 from skntk.blocks import as_blocks
-from skntk.linalg import chunk_n_rows, gen_structure_chunks, robust_cholesky
+from skntk.linalg import DeviceProduct, chunk_n_rows, gen_structure_chunks, robust_cholesky
 
 logger = logging.getLogger(__name__)
 
@@ -222,13 +222,14 @@ class FeaturePosterior:
             out[lo:hi] = self.transform_rows(X.rows[lo:hi])
         return X.with_rows(out)
 
-    def iter_transform(self, X, *, dtype=np.float64):
+    def iter_transform(self, X, *, dtype=np.float64, device=None):
         """Yield ``(structure_slice, Ψ rows, chunk-relative offsets)`` chunk by chunk.
 
         ``dtype=np.float32``: ``Ψ`` is the float32 product of the rows (cast if needed) and the
         float32-rounded whitener (for ranking; the posterior itself stays float64). The yielded
         ``Ψ`` is a view of a buffer reused by the next chunk (no page faults per chunk); copy it
-        to keep it.
+        to keep it. ``device`` (a torch device, :func:`skntk.linalg.array_device`): the products
+        run there (the whitener is sent once), ``Ψ`` comes back to the host.
         """
         X = as_blocks(X)
         dtype = np.dtype(dtype)
@@ -237,7 +238,8 @@ class FeaturePosterior:
                                 max_n_rows=max(X.n_rows, 1), working_memory=self.working_memory)
         chunks = list(gen_structure_chunks(X.offsets, max_rows))
         longest = max((int(X.offsets[c.stop] - X.offsets[c.start]) for c in chunks), default=0)
-        whitener = self.whitener_ if dtype == np.float64 else self.whitener_.astype(dtype)
+        whitener = DeviceProduct(self.whitener_ if dtype == np.float64
+                                 else self.whitener_.astype(dtype), device)
         out = np.empty((longest, self.n_features_), dtype=dtype)
         cast = None if X.rows.dtype == dtype else np.empty((longest, X.n_features), dtype=dtype)
         for sl in chunks:
@@ -253,7 +255,7 @@ class FeaturePosterior:
                 rows = cast[:hi - lo]
             psi = out[:hi - lo]
             with np.errstate(over="ignore", invalid="ignore"):  # refused by the caller, by name
-                np.matmul(rows, whitener, out=psi)
+                whitener(rows, out=psi)
             yield sl, psi, X.offsets[sl.start:sl.stop + 1] - lo
 
     def variance(self, X):

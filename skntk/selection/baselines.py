@@ -144,6 +144,8 @@ class MaxDistSelector(_KernelCentresSelector):
         Seed of the gram sketch (``None``: the fixed seed 0).
     working_memory : float or None, default=None
     progress_bar : bool, default=False
+    device : str or None, default=None
+        As in :class:`~skntk.selection.lcmd.LCMDSelector`.
 
     Attributes
     ----------

@@ -56,6 +56,11 @@ class LCMDSelector(_KernelCentresSelector):
         MiB budget for chunked temporaries; ``None`` uses ``sklearn.get_config()``.
     progress_bar : bool, default=False
         A tqdm bar over the picks.
+    device : str or None, default=None
+        Where the float32/float64 products of the assignment to the train centres run: ``None``
+        NumPy on the host, ``"cuda"`` (or ``"auto"``: CUDA when there is one) torch on that
+        device (:func:`skntk.linalg.array_device`). Picks agree with the host path (tested on
+        the CPU; GPU unmeasured).
 
     Attributes
     ----------
