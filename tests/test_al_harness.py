@@ -94,3 +94,12 @@ def test_harness_resumes_and_reports(harness, tmp_path, capsys):
             assert f"{ratio:.3f}" in row
             assert f"{sum(mine[s] < rand[s] for s in rand)}/2" in row
     assert f"{np.mean(finals):.4f} ± {np.std(finals):.4f}" in harness.report_markdown(out)
+    # compute per method: the loop's stage timings summed over rounds, averaged over seeds
+    cost = harness.cost_summary(records)
+    fine = [sum(h["timings"]["finetune"] for h in r["rounds"]) for r in records
+            if r["method"] == "pv_lcmd"]
+    assert cost["pv_lcmd"]["finetune"] == pytest.approx(np.mean(fine))
+    assert cost["random"]["featurize"] == 0.0
+    row = next(line for line in harness.report_markdown(out).splitlines()
+               if line.startswith("| pv_lcmd |") and "±" not in line)
+    assert f"{np.mean(fine):.0f}" in row

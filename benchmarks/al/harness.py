@@ -306,6 +306,7 @@ def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     lines += subgroup_markdown(records)
+    lines += cost_markdown(records)
     lines += selection_mix_markdown(records)
     return "\n".join(lines)
 
@@ -346,6 +347,31 @@ def selection_mix_markdown(records):
         lines.append(f"| {m} | " + " | ".join(f"{c.get(lab, 0) / total:.0%}"
                                                if lab in map(str, c) else "0%"
                                                for lab in labels) + " |")
+    return lines + [""]
+
+
+STAGES = ("featurize", "select", "finetune", "evaluate")
+
+
+def cost_summary(records):
+    """``{method: {stage: mean seconds per run}}`` summed over rounds (the loop's ``timings``;
+    a committee's K member fine-tunings are part of its ``select``), plus ``"total"``."""
+    out = {}
+    for r in records:
+        tot = {k: sum(h.get("timings", {}).get(k, 0.0) for h in r["rounds"]) for k in STAGES}
+        tot["total"] = r["seconds"]
+        out.setdefault(r["method"], []).append(tot)
+    return {m: {k: float(np.mean([t[k] for t in runs])) for k in (*STAGES, "total")}
+            for m, runs in out.items()}
+
+
+def cost_markdown(records):
+    cost = cost_summary(records)
+    lines = ["**Compute per run** (mean seconds over runs, summed over rounds; the committee's "
+             "K fine-tunings are in its `select`; wall times on a shared machine)", "",
+             "| method | " + " | ".join(STAGES) + " | total |", "|" + "---|" * (len(STAGES) + 2)]
+    for m, c in sorted(cost.items()):
+        lines.append(f"| {m} | " + " | ".join(f"{c[k]:.0f}" for k in (*STAGES, "total")) + " |")
     return lines + [""]
 
 
