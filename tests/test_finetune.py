@@ -12,7 +12,8 @@ from ase.constraints import FixAtoms
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from skntk.finetune import MLIPRegressor, predict_energies_forces, refit_reference_energies
+from skntk.finetune import (MLIPRegressor, predict_energies, predict_energies_forces,
+                             refit_reference_energies)
 from skntk.models.builtin import BuiltinMLIP
 
 CU, PT = 29, 78
@@ -202,6 +203,7 @@ def test_refit_recovers_per_element_offsets():
     model = small_model((PT, CU))
     refs0 = model.reference_energies()
     e0, f0 = predict_energies_forces(model, frames)
+    np.testing.assert_allclose(predict_energies(model, frames), e0, rtol=1e-12)
     m1, m2 = model.copy(), model.copy()
     d1 = refit_reference_energies(m1, frames, energies)
     d2 = refit_reference_energies(m2, frames, shifted, predicted=e0)

@@ -11,7 +11,7 @@ import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from skntk.finetune import MLIPRegressor, predict_energies_forces
+from skntk.finetune import MLIPRegressor, predict_energies, predict_energies_forces
 from skntk.models import load
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -54,6 +54,8 @@ def test_finetune_contract(handle, tmp_path):
     before = {k: v.detach().clone() for k, v in handle.module.state_dict().items()}
     refs = handle.reference_energies()
     e_model = predict_energies_forces(handle, frames)[0]
+    # energies alone (no backward, as the reference refit uses them) are the same energies
+    np.testing.assert_allclose(predict_energies(handle, frames), e_model, rtol=1e-6, atol=1e-6)
     reg = MLIPRegressor(handle, epochs=1, batch_size=2, validation_fraction=0.0,
                         random_state=0).fit(frames)
     # the user's network is untouched
