@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
 EXTRAS ?= test,plot,sevennet,chgnet,oracles,dask
 
-.PHONY: demo test test-core test-mace test-sklearn-latest docs lint bench clean
+.PHONY: demo test test-core test-mace test-sklearn-latest docs lint bench clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +56,11 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .venv-mace demo_out site docs/generated
+
+# Wheels for benchmarks/gpu_check.py on a lent GPU machine (Python 3.12, torch already there, no
+# network): ase, SevenNet and SevenNet's two missing dependencies, about 47 MB (docs/benchmarks.md).
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl ase==3.29.0 sevenn==0.13.0 braceexpand matscipy
