@@ -94,6 +94,18 @@ def test_harness_resumes_and_reports(harness, tmp_path, capsys):
             assert f"{ratio:.3f}" in row
             assert f"{sum(mine[s] < rand[s] for s in rand)}/2" in row
     assert f"{np.mean(finals):.4f} ± {np.std(finals):.4f}" in harness.report_markdown(out)
+    # related experiments (names differing after the last "_") get one table across them
+    import shutil
+
+    fam = tmp_path / "family"
+    for suffix in ("90", "5"):
+        shutil.copytree(out, fam / f"exp_{suffix}", ignore=shutil.ignore_patterns(".*"))
+    groups = harness._families(sorted(fam.iterdir()))
+    assert [d.name for d in groups["exp"]] == ["exp_5", "exp_90"]  # numeric order
+    table = "\n".join(harness.across_markdown(groups["exp"]))
+    n, mean, std, count = summ["heldout"]["pv_lcmd"]["rounds"][-1]
+    row = next(line for line in table.splitlines() if line.startswith("| pv_lcmd |"))
+    assert row.count(f"{mean:.4f} ± {std:.4f} (n=2;") == 2
     # compute per method: the loop's stage timings summed over rounds, averaged over seeds
     cost = harness.cost_summary(records)
     fine = [sum(h["timings"]["finetune"] for h in r["rounds"]) for r in records

@@ -435,12 +435,61 @@ def cmd_report(args):
     return 0
 
 
+def across_markdown(directories, metric="force_mae"):
+    """One table over related experiments (e.g. the acac pool shifts 0 / 50 / 90 %): per method
+    and experiment, the last-round ``metric`` on the first test set they share, mean ± std over
+    seeds, the median ratio to random and the seeds that beat it."""
+    per = {Path(d).name: summarise(load_results(d), metric) for d in directories}
+    tests = set.intersection(*(set(s) for s in per.values()))
+    if not tests:
+        return []
+    test = sorted(tests)[0]
+    names = list(per)
+    methods = sorted({m for s in per.values() for m in s[test]})
+    unit = "eV/Å" if metric.startswith("force") else "eV/atom"
+    lines = [f"**{metric} ({unit}) on `{test}` at the last round, across {', '.join(names)}** "
+             f"(mean ± std over seeds; ratio: median over paired seeds of method ÷ random; "
+             f"wins: seeds that beat random)", "",
+             "| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for m in methods:
+        row = [m]
+        for name in names:
+            cell = per[name][test].get(m)
+            if cell is None:
+                row.append("—")
+                continue
+            n, mean, std, c = cell["rounds"][-1]
+            rand = per[name][test].get("random", {}).get("final", {})
+            paired = [(v, rand[k]) for k, v in cell["final"].items() if k in rand]
+            extra = ""
+            if paired and m != "random":
+                extra = (f"; {np.median([v / r for v, r in paired]):.3f}, "
+                         f"{sum(v < r for v, r in paired)}/{len(paired)}")
+            row.append(f"{mean:.4f} ± {std:.4f} (n={c}{extra})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _families(dirs):
+    """Experiments whose names differ only after the last ``_`` (``acac_shift_0``, ``_50``, ...),
+    ordered by that suffix (numerically where it is a number)."""
+    fam = {}
+    for d in dirs:
+        head, _, tail = d.name.rpartition("_")
+        fam.setdefault(head, []).append((int(tail) if tail.isdigit() else tail, d))
+    return {h: [d for _, d in sorted(v, key=lambda t: (isinstance(t[0], str), t[0]))]
+            for h, v in fam.items() if len(v) > 1}
+
+
 def cmd_docs(args):
     """``docs/evidence.md``: the written findings (``benchmarks/al/FINDINGS.md``) followed by the
     generated report of every experiment folder under ``results/al``."""
     root = Path(args.results)
     parts = [(Path(__file__).parent / "FINDINGS.md").read_text().rstrip(), ""]
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*.json"))):
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*.json")))
+    for head, members in _families(dirs).items():
+        parts += [f"### {head}: across experiments", ""] + across_markdown(members)
+    for d in dirs:
         parts += [report_markdown(d), ""]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out}")
