@@ -127,6 +127,16 @@ class ParameterSketch:
         self._cached_bytes = 0
         self._hashes: dict = {}
 
+    def to(self, device) -> ParameterSketch:
+        """The same sketch (the same ``R``: it is drawn on the CPU from the seed) with its state
+        on ``device``; ``self`` when it is there already."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return ParameterSketch(self.shapes, self.n_features, self.seed, method=self.method,
+                               dtype=self.dtype, device=device, block_rows=self.block_rows,
+                               cache_mib=self.cache_mib)
+
     @property
     def d(self) -> int:
         """Number of output columns."""

@@ -108,10 +108,34 @@ def _resolve_reference(transformer):
     return out
 
 
+def _local_device(transformer):
+    """With ``device="auto"``, the transformer on this process's own device: a worker on a GPU
+    node uses its GPU (one worker per GPU, e.g. dask-cuda's ``CUDA_VISIBLE_DEVICES``), whatever
+    the calling process resolved. The sketch is rebuilt there from its seed (the same ``R``) and
+    ``batching="auto"`` re-resolved (rows do not depend on it)."""
+    import copy
+
+    if getattr(transformer, "device", None) != "auto" or not hasattr(transformer, "device_"):
+        return transformer
+    from skntk.transformers import _resolve_device
+
+    device = _resolve_device("auto")
+    if device == transformer.device_:
+        return transformer
+    out = copy.copy(transformer)
+    out.device_ = device
+    if hasattr(out, "sketch_"):
+        out.sketch_ = out.sketch_.to(device)
+    if getattr(out, "batching", None) == "auto" and hasattr(out, "batching_"):
+        out.batching_ = out._resolve_batching(out.model_)
+    return out
+
+
 def _transform_chunk(transformer, structures):
     """Worker task: the rows of ``structures`` (a list of ase.Atoms) as FeatureBlocks; a model
-    sent by reference (:class:`_ModelRef`) is loaded here, once per process."""
-    transformer = _resolve_reference(transformer)
+    sent by reference (:class:`_ModelRef`) is loaded here, once per process, and
+    ``device="auto"`` means this process's device (:func:`_local_device`)."""
+    transformer = _local_device(_resolve_reference(transformer))
     return _as_blocks(transformer.transform(structures), len(structures))
 
 

@@ -262,3 +262,29 @@ def test_workers_load_a_named_model_themselves_and_check_its_weights(pool, tmp_p
     BuiltinMLIP([1, 6, 8], n_hidden=32, n_blocks=2, random_state=1).save(other)  # changed
     with pytest.raises(RuntimeError, match="other weights"):
         featurize(t2, pool, tmp_path / "changed", shard_size=6, n_jobs=2)
+
+
+def test_device_auto_means_the_workers_own_device(ntk, pool):
+    """device="auto" is re-resolved in each worker (its GPU when it has one): simulated here by a
+    caller whose device was another one; the worker moves the sketch (same seed, same R) to its
+    own device and gives the caller's rows. An explicit device is kept as given."""
+    import copy
+
+    import torch
+
+    import skntk.parallel as par
+
+    assert par._local_device(ntk) is ntk  # same device: nothing to do
+    elsewhere = copy.copy(ntk)
+    elsewhere.device_ = torch.device("meta")  # "the caller's device", unusable here
+    elsewhere.sketch_ = ntk.sketch_.to("meta")
+    local = par._local_device(elsewhere)
+    assert local.device_ == ntk.device_ and local.sketch_.device == ntk.device_
+    assert local.batching_ == ntk.batching_
+    np.testing.assert_array_equal(par._transform_chunk(elsewhere, pool[:5]).rows,
+                                  ntk.transform(pool[:5]).rows)
+    fixed = copy.copy(elsewhere)
+    fixed.device = "meta"
+    assert par._local_device(fixed) is fixed
+    sk = ntk.sketch_
+    assert sk.to(sk.device) is sk and torch.equal(sk.to("meta").to("cpu").dense(), sk.dense())
