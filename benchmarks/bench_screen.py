@@ -120,7 +120,7 @@ def section_selection(args):
     from skntk.selection.lcmd import LCMDSelector
     from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0") or os.cpu_count()))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
     n, n_train, B, M = args.n, 2000, 100, 2000
     P = synthetic_features(n, D, 0)
     T = synthetic_features(n_train, D, 1)
