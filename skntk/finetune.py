@@ -57,23 +57,33 @@ def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16, device=
         Forces in eV/Å (float64).
     """
     energies, forces = [], []
-    for s in range(0, len(atoms), batch_size):
-        chunk = list(atoms[s:s + batch_size])
-        batch = model.collate(chunk) if device is None else model.collate(chunk, device)
+    for s, chunk, batch in _batches(model, atoms, batch_size, device):
         with torch.enable_grad():  # forces by autograd, even when called under no_grad
             e, f = model.energy_and_forces(batch, create_graph=False)
-        e = e.detach().to("cpu", torch.float64).numpy().reshape(-1)
+        energies.append(_finite_energies(e, s, chunk))
         f = f.detach().to("cpu", torch.float64).numpy()
         ptr = batch.ptr.to("cpu").numpy()
-        bad = ~np.isfinite(e)
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise FloatingPointError(
-                f"the model predicted a non-finite energy for structure {s + k} "
-                f"({chunk[k].get_chemical_formula()}).")
-        energies.append(e)
         forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
     return (np.concatenate(energies) if energies else np.zeros(0)), forces
+
+
+def _batches(model: MLIP, atoms, batch_size: int, device):
+    """``(start, structures, collated batch)`` of consecutive chunks of ``atoms``."""
+    for s in range(0, len(atoms), batch_size):
+        chunk = list(atoms[s:s + batch_size])
+        yield s, chunk, (model.collate(chunk) if device is None else model.collate(chunk, device))
+
+
+def _finite_energies(e, start: int, chunk) -> np.ndarray:
+    """``e`` as float64 on the host; a non-finite one is refused, naming its structure."""
+    e = e.detach().to("cpu", torch.float64).numpy().reshape(-1)
+    bad = ~np.isfinite(e)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise FloatingPointError(
+            f"the model predicted a non-finite energy for structure {start + k} "
+            f"({chunk[k].get_chemical_formula()}).")
+    return e
 
 
 def predict_energies(model: MLIP, atoms, *, batch_size: int = 16, device=None) -> np.ndarray:
@@ -88,18 +98,9 @@ def predict_energies(model: MLIP, atoms, *, batch_size: int = 16, device=None) -
         Total energies in eV (float64).
     """
     energies = []
-    for s in range(0, len(atoms), batch_size):
-        chunk = list(atoms[s:s + batch_size])
-        batch = model.collate(chunk) if device is None else model.collate(chunk, device)
+    for s, chunk, batch in _batches(model, atoms, batch_size, device):
         with torch.no_grad():
-            e = model.energy(batch).detach().to("cpu", torch.float64).numpy().reshape(-1)
-        bad = ~np.isfinite(e)
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise FloatingPointError(
-                f"the model predicted a non-finite energy for structure {s + k} "
-                f"({chunk[k].get_chemical_formula()}).")
-        energies.append(e)
+            energies.append(_finite_energies(model.energy(batch), s, chunk))
     return np.concatenate(energies) if energies else np.zeros(0)
 
 

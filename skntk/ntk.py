@@ -30,6 +30,7 @@ the batch, so their cost grows with the batch; functions here accept any batch,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -284,8 +285,6 @@ def _budget_chunk(chunk: int, meter: GraphMeter | None, budget: int | None,
 
 
 def _recording(meter: GraphMeter | None):
-    import contextlib
-
     return meter.record() if meter is not None else contextlib.nullcontext()
 
 
