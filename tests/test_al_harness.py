@@ -115,3 +115,28 @@ def test_harness_resumes_and_reports(harness, tmp_path, capsys):
     row = next(line for line in harness.report_markdown(out).splitlines()
                if line.startswith("| pv_lcmd |") and "±" not in line)
     assert f"{np.mean(fine):.0f}" in row
+
+    # the summary across experiments and the pooled paired statistics, recomputed by hand
+    text = "\n".join(harness.summary_markdown([out]))
+    rand = {r["seed"]: r["rounds"][-1]["metrics"]["heldout"]["force_mae"]
+            for r in records if r["method"] == "random"}
+    mine = {r["seed"]: r["rounds"][-1]["metrics"]["heldout"]["force_mae"]
+            for r in records if r["method"] == "pv_lcmd"}
+    delta = [100 * (mine[s] / rand[s] - 1) for s in rand]
+    wins = sum(d < 0 for d in delta)
+    n, mean, std, _ = summ["heldout"]["pv_lcmd"]["rounds"][-1]
+    row = next(line for line in text.splitlines() if line.startswith("| `pv_lcmd` | ") and "±" in line)
+    assert f"{mean:.4f} ± {std:.4f} ({np.mean(delta):+.1f} %, {wins}/2)" in row
+    half = 12.706205 * np.std(delta, ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
+    pooled = next(line for line in text.splitlines()
+                  if line.startswith("| `pv_lcmd` | 2 |"))
+    assert f"{np.mean(delta):+.2f} [{np.mean(delta) - half:+.2f}, {np.mean(delta) + half:+.2f}]" \
+        in pooled
+    p_sign = {0: 0.5, 1: 1.0, 2: 0.5}[wins]  # two-sided binomial test, n = 2
+    assert pooled.rstrip(" |").endswith(f"{p_sign:.2g}")
+    # `docs` puts the tables where FINDINGS.md marks them
+    page = tmp_path / "evidence.md"
+    assert harness.main(["docs", "--results", str(fam), "--out", str(page)]) == 0
+    body = page.read_text()
+    assert harness.SUMMARY_MARK not in body and "All experiments pooled" in body
+    assert body.index("All experiments pooled") < body.index("### exp: across experiments")

@@ -43,6 +43,8 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "al"
 CONFIGS = Path(__file__).resolve().parent / "configs"
+#: Where ``docs`` puts the generated summary tables inside FINDINGS.md.
+SUMMARY_MARK = "<!-- summary tables: harness.py docs -->"
 
 
 # -- config and data ------------------------------------------------------------------------------
@@ -470,6 +472,95 @@ def across_markdown(directories, metric="force_mae"):
     return lines + [""]
 
 
+def target_tests(config):
+    """The test sets an experiment is judged on: the first of ``data.test`` (the target), or for
+    a ``sid`` split both the held-out frames of the pool systems and the unseen systems."""
+    d = config["data"]
+    if d["split"] == "sid":
+        return ["in_distribution", "unseen_systems"]
+    return list(d.get("test", {}))[:1]
+
+
+def paired(records, test, metric="force_mae"):
+    """``{method: [(value, random's value)]}`` at the last round on ``test``, paired by
+    (split, seed); methods without a random run of the same split and seed get no pairs."""
+    last = {(r["method"], r["split"], r["seed"]): r["rounds"][-1]["metrics"][test][metric]
+            for r in records if test in r["rounds"][-1]["metrics"]}
+    out = {}
+    for (m, split, seed), v in sorted(last.items()):
+        if m != "random" and ("random", split, seed) in last:
+            out.setdefault(m, []).append((v, last[("random", split, seed)]))
+    return out
+
+
+def paired_stats(pairs):
+    """``(n, wins, median ratio, mean Δ %, half-width of its 95 % t-interval, sign-test p)`` of
+    ``[(value, random's value)]``: Δ % = 100 (value / random − 1), negative is better; the sign
+    test is two-sided (scipy.stats.binomtest) on the wins."""
+    from scipy import stats
+
+    ratio = np.array([v / r for v, r in pairs])
+    delta = 100 * (ratio - 1)
+    n, wins = len(pairs), int(np.sum(ratio < 1))
+    half = (float(stats.t.ppf(0.975, n - 1) * delta.std(ddof=1) / np.sqrt(n))
+            if n > 1 else float("nan"))
+    return n, wins, float(np.median(ratio)), float(delta.mean()), half, \
+        float(stats.binomtest(wins, n, 0.5).pvalue)
+
+
+def summary_markdown(directories, metric="force_mae"):
+    """The evidence in two tables: per method and experiment (its :func:`target_tests`), the
+    last-round ``metric`` mean ± std over seeds with the paired Δ % to random and the wins; then
+    every paired run of all experiments pooled (the first target test set of each), with the mean
+    Δ %, its 95 % interval and a sign test."""
+    cols, pooled = [], {}
+    for d in directories:
+        records = load_results(d)
+        if not records:
+            continue
+        tests = target_tests(records[0]["config"])
+        for k, test in enumerate(tests):
+            summ = summarise(records, metric).get(test, {})
+            pairs = paired(records, test, metric)
+            cols.append((f"{Path(d).name} `{test}`", summ, pairs))
+            if k == 0:
+                for m, p in pairs.items():
+                    pooled.setdefault(m, []).extend(p)
+    if not cols:
+        return []
+    methods = sorted({m for _, summ, _ in cols for m in summ},
+                     key=lambda m: (m != "random", m))
+    unit = "eV/Å" if metric.startswith("force") else "eV/atom"
+    lines = [f"**{metric} ({unit}) at the last round, every experiment** — mean ± std over seeds "
+             f"(or splits); in brackets the mean paired difference to random (method ÷ random − 1, "
+             f"over the seeds both ran; negative is better) and the seeds that beat random.", "",
+             "| method | " + " | ".join(c[0] for c in cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for m in methods:
+        row = [f"`{m}`"]
+        for _, summ, pairs in cols:
+            if m not in summ:
+                row.append("—")
+                continue
+            _, mean, std, c = summ[m]["rounds"][-1]
+            cell = f"{mean:.4f} ± {std:.4f}"
+            if m in pairs:
+                n, wins, _, dm, _, _ = paired_stats(pairs[m])
+                cell += f" ({dm:+.1f} %, {wins}/{n})"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"**All experiments pooled** ({metric}, the first target test set of each "
+              f"experiment; every (experiment, split, seed) that ran both the method and random "
+              f"is one pair; the pairs are treated as independent)", "",
+              "| method | pairs | beats random | median ratio | mean Δ % [95 % CI] | sign test p |",
+              "|---|---|---|---|---|---|"]
+    for m in sorted(pooled):
+        n, wins, med, dm, half, pval = paired_stats(pooled[m])
+        lines.append(f"| `{m}` | {n} | {wins} | {med:.3f} | {dm:+.2f} [{dm - half:+.2f}, "
+                     f"{dm + half:+.2f}] | {pval:.2g} |")
+    return lines + [""]
+
+
 def _families(dirs):
     """Experiments whose names differ only after the last ``_`` (``acac_shift_0``, ``_50``, ...),
     ordered by that suffix (numerically where it is a number)."""
@@ -485,8 +576,11 @@ def cmd_docs(args):
     """``docs/evidence.md``: the written findings (``benchmarks/al/FINDINGS.md``) followed by the
     generated report of every experiment folder under ``results/al``."""
     root = Path(args.results)
-    parts = [(Path(__file__).parent / "FINDINGS.md").read_text().rstrip(), ""]
+    findings = (Path(__file__).parent / "FINDINGS.md").read_text().rstrip()
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and any(p.glob("*.json")))
+    summary = "\n".join(summary_markdown(dirs)).rstrip()
+    parts = [findings.replace(SUMMARY_MARK, summary) if SUMMARY_MARK in findings
+             else findings + "\n\n" + summary, ""]
     for head, members in _families(dirs).items():
         parts += [f"### {head}: across experiments", ""] + across_markdown(members)
     for d in dirs:
