@@ -140,3 +140,31 @@ def test_harness_resumes_and_reports(harness, tmp_path, capsys):
     body = page.read_text()
     assert harness.SUMMARY_MARK not in body and "All experiments pooled" in body
     assert body.index("All experiments pooled") < body.index("### exp: across experiments")
+
+
+def test_feature_rank_reads_the_run_cache(harness, tmp_path):
+    spec = importlib.util.spec_from_file_location("feature_rank",
+                                                  ROOT / "benchmarks/al/feature_rank.py")
+    fr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fr)
+    # the spectrum summary against hand-made spectra
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(6, 6)))
+    flat = fr.spectrum_summary(q[:, :4] * 2.0)
+    assert flat["effective_rank"] == pytest.approx(4.0) and flat["n_99pct_energy"] == 4
+    assert flat["top_share"] == pytest.approx(0.25)
+    one = fr.spectrum_summary(np.outer(np.arange(1.0, 5.0), [1.0, 2.0, 0.0]))
+    assert one["effective_rank"] == pytest.approx(1.0) and one["top_share"] == pytest.approx(1.0)
+    # rows of labelled ∪ pool as the loop's featuriser makes them, through the cache
+    cfg = harness.load_config(_config(tmp_path))
+    from skntk.models import load
+
+    model = load(cfg["model"])
+    out = tmp_path / "rank.json"
+    assert fr.main([str(_config(tmp_path)), "--cache", str(tmp_path / "cache"), "--out",
+                    str(out)]) == 0
+    res = json.loads(out.read_text())["tiny"][0]
+    assert res["n_structures"] == 4 + 12 and res["n_features"] == 16
+    assert 1.0 <= res["energy"]["effective_rank"] <= min(16, res["n_structures"])
+    assert any((tmp_path / "cache").iterdir())
+    again = fr.rank_of(cfg, 0, tmp_path / "cache", model)
+    assert again["joint"] == pytest.approx(res["joint"])
