@@ -556,8 +556,8 @@ def summary_markdown(directories, metric="force_mae"):
               "|---|---|---|---|---|---|"]
     for m in sorted(pooled):
         n, wins, med, dm, half, pval = paired_stats(pooled[m])
-        lines.append(f"| `{m}` | {n} | {wins} | {med:.3f} | {dm:+.2f} [{dm - half:+.2f}, "
-                     f"{dm + half:+.2f}] | {pval:.2g} |")
+        ci = f" [{dm - half:+.2f}, {dm + half:+.2f}]" if n > 1 else " (one pair)"
+        lines.append(f"| `{m}` | {n} | {wins} | {med:.3f} | {dm:+.2f}{ci} | {pval:.2g} |")
     return lines + [""]
 
 
