@@ -582,7 +582,9 @@ def cmd_docs(args):
     parts = [findings.replace(SUMMARY_MARK, summary) if SUMMARY_MARK in findings
              else findings + "\n\n" + summary, ""]
     for head, members in _families(dirs).items():
-        parts += [f"### {head}: across experiments", ""] + across_markdown(members)
+        table = across_markdown(members)  # empty when the members share no test set
+        if table:
+            parts += [f"### {head}: across experiments", ""] + table
     for d in dirs:
         parts += [report_markdown(d), ""]
     Path(args.out).write_text("\n".join(parts))
