@@ -25,30 +25,31 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE.parents[0] / "results" / "al" / "feature_rank.json"
 
 
-def _harness():
-    spec = importlib.util.spec_from_file_location("harness", HERE / "harness.py")
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+harness = _load("harness", HERE / "harness.py")
+
+
 def spectrum_summary(rows: np.ndarray) -> dict:
-    """Effective rank and the 99 %-energy count of ``rows`` (n_rows, n_features)."""
+    """``bench_backends``' spectrum summary of ``rows`` (n_rows, n_features) — effective rank and
+    the 99 %-energy count — plus the top direction's share of the squared spectrum."""
     s = np.linalg.svd(np.asarray(rows, dtype=np.float64), compute_uv=False)
-    s = s[s > 0]
-    p = s / s.sum()
-    var = np.cumsum(s**2) / np.sum(s**2)
-    return {"effective_rank": float(np.exp(-(p * np.log(p)).sum())),
-            "n_99pct_energy": int(np.searchsorted(var, 0.99) + 1),
-            "top_share": float(s[0] ** 2 / np.sum(s**2))}
+    out = _load("bench_backends", HERE.parent / "bench_backends.py")._summary(s)
+    spec = np.asarray(out.pop("spectrum"))
+    out["top_share"] = float(1.0 / np.sum(spec**2))
+    return out
 
 
 def rank_of(cfg, seed, cache, model):
     from skntk.al.config import build_selector
     from skntk.cache import transform_cached
 
-    h = _harness()
-    labelled, pool, _, split = h.make_split(cfg, seed)
+    labelled, pool, _, split = harness.make_split(cfg, seed)
     pipe = build_selector("pv_lcmd", model, random_state=seed, **cfg.get("selector", {}))
     feat = pipe.steps[0][1]
     feat.fit(labelled)
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    h = _harness()
-    cfg = h.load_config(args.config)
+    cfg = harness.load_config(args.config)
     from skntk.models import load
 
     model = load(cfg["model"], device=cfg.get("device", "cpu"))

@@ -293,15 +293,13 @@ def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
             head = ["method"] + [f"r{k}" for k in range(n_rounds)] + \
                 ["÷ random", "beats random", "s/run"]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            rand = methods.get("random", {}).get("final", {})
+            pairs = paired(methods)
             for name, cell in sorted(methods.items()):
                 row = [name] + [f"{m:.4f} ± {s:.4f} ({n}, n={c})" for n, m, s, c in cell["rounds"]]
                 row += [""] * (1 + n_rounds - len(row))
-                paired = [(v, rand[k]) for k, v in cell["final"].items() if k in rand]
-                if paired and name != "random":
-                    ratio = float(np.median([v / r for v, r in paired]))
-                    wins = sum(v < r for v, r in paired)
-                    row += [f"{ratio:.3f}", f"{wins}/{len(paired)}"]
+                if name in pairs:
+                    n, wins, ratio, *_ = paired_stats(pairs[name])
+                    row += [f"{ratio:.3f}", f"{wins}/{n}"]
                 else:
                     row += ["—", "—"]
                 row.append(f"{cell['seconds']:.0f}")
@@ -461,12 +459,11 @@ def across_markdown(directories, metric="force_mae"):
                 row.append("—")
                 continue
             n, mean, std, c = cell["rounds"][-1]
-            rand = per[name][test].get("random", {}).get("final", {})
-            paired = [(v, rand[k]) for k, v in cell["final"].items() if k in rand]
+            pairs = paired(per[name][test]).get(m)
             extra = ""
-            if paired and m != "random":
-                extra = (f"; {np.median([v / r for v, r in paired]):.3f}, "
-                         f"{sum(v < r for v, r in paired)}/{len(paired)}")
+            if pairs:
+                k, wins, ratio, *_ = paired_stats(pairs)
+                extra = f"; {ratio:.3f}, {wins}/{k}"
             row.append(f"{mean:.4f} ± {std:.4f} (n={c}{extra})")
         lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
@@ -481,15 +478,16 @@ def target_tests(config):
     return list(d.get("test", {}))[:1]
 
 
-def paired(records, test, metric="force_mae"):
-    """``{method: [(value, random's value)]}`` at the last round on ``test``, paired by
-    (split, seed); methods without a random run of the same split and seed get no pairs."""
-    last = {(r["method"], r["split"], r["seed"]): r["rounds"][-1]["metrics"][test][metric]
-            for r in records if test in r["rounds"][-1]["metrics"]}
+def paired(methods):
+    """``{method: [(value, random's value)]}`` at the last round, paired by (split, seed), from
+    one test set of :func:`summarise`; methods without a random run of the same split and seed get
+    no pairs."""
+    rand = methods.get("random", {}).get("final", {})
     out = {}
-    for (m, split, seed), v in sorted(last.items()):
-        if m != "random" and ("random", split, seed) in last:
-            out.setdefault(m, []).append((v, last[("random", split, seed)]))
+    for m, cell in methods.items():
+        pairs = [(v, rand[k]) for k, v in sorted(cell["final"].items()) if k in rand]
+        if m != "random" and pairs:
+            out[m] = pairs
     return out
 
 
@@ -521,7 +519,7 @@ def summary_markdown(directories, metric="force_mae"):
         tests = target_tests(records[0]["config"])
         for k, test in enumerate(tests):
             summ = summarise(records, metric).get(test, {})
-            pairs = paired(records, test, metric)
+            pairs = paired(summ)
             cols.append((f"{Path(d).name} `{test}`", summ, pairs))
             if k == 0:
                 for m, p in pairs.items():
