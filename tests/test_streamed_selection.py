@@ -119,10 +119,12 @@ def atoms_pool(n, seed=0):
     return [Atoms("H2", positions=rng.normal(size=(2, 3)) * 3) for _ in range(n)]
 
 
-def test_streamed_pipeline_equals_the_in_memory_one(tmp_path):
+@pytest.mark.parametrize("criterion", ["variance", "pool_variance_reduction", "density_weighted"])
+def test_streamed_pipeline_equals_the_in_memory_one(tmp_path, criterion):
     pool = atoms_pool(300)
     train = atoms_pool(20, seed=1)
-    pipe = make_pv_lcmd_pipeline(HashFeatures(), n_to_select=6, shortlist_size=40).fit(train)
+    pipe = make_pv_lcmd_pipeline(HashFeatures(), n_to_select=6, shortlist_size=40,
+                                 criterion=criterion).fit(train)
     in_memory = pipe.select(pool)
     pipe.set_params(feature_cache=tmp_path)
     assert pipe.select(pool).tolist() == in_memory.tolist()

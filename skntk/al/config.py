@@ -46,6 +46,8 @@ METHODS = {
     "greedy_pv": "greedy batch PV on joint NTK features",
     "pool_variance_reduction": "pool-variance reduction on joint NTK features",
     "lcmd": "joint NTK: LCMD over the whole pool (no PV shortlist)",
+    "lcmd_posterior": "joint NTK: LCMD over the whole pool on posterior features",
+    "density_pv_lcmd": "joint NTK: PV weighted by the pool's density, shortlist -> LCMD",
     "committee": "query by committee: force disagreement of fine-tuned models",
 }
 
@@ -127,10 +129,15 @@ def build_selector(method, model, *, regressor=None, n_to_select=None, random_st
     if method == "lcmd":
         return SelectionPipeline([("features", ntk_features("joint")),
                                   ("lcmd", LCMDSelector(n_to_select, random_state=random_state))])
+    if method == "lcmd_posterior":
+        return SelectionPipeline([("features", ntk_features("joint")),
+                                  ("lcmd", LCMDSelector(n_to_select, features="posterior",
+                                                        sigma2=sigma2, random_state=random_state))])
     features = EmbeddingTransformer(model) if method == "embedding_pv_lcmd" \
         else ntk_features("joint")
+    criterion = "density_weighted" if method == "density_pv_lcmd" else "variance"
     return make_pv_lcmd_pipeline(features, n_to_select=n_to_select, shortlist_size=shortlist,
-                                 sigma2=sigma2, random_state=random_state)
+                                 sigma2=sigma2, criterion=criterion, random_state=random_state)
 
 
 def build_oracle(spec):

@@ -42,6 +42,7 @@ __all__ = [
     "gram_features_exact",
     "gram_features_sketch",
     "greedy_centres",
+    "KernelDensity",
     "nearest_centres",
 ]
 
@@ -157,6 +158,90 @@ def gram_features_sketch(X, R1, R2, *, working_memory=None):
         G = np.asarray(X.rows[lo:hi], dtype=np.float64)
         out[sl] = segment_sum((G @ R1) * (G @ R2), X.offsets[sl.start:sl.stop + 1] - lo)
     return out / np.sqrt(D)
+
+
+class KernelDensity:
+    """Gaussian kernel density of structures among reference structures, in structure-kernel space.
+
+    ``ρ(x) = (1/R) Σ_r exp(−d²(x, r) / ℓ²)`` with ``d²`` the squared distance of the structure
+    kernel (linear for single-row blocks, the gram kernel ``‖G_A G_Bᵀ‖_F²`` otherwise) and ``ℓ²``
+    the median of ``d²`` over distinct pairs of reference structures (the median heuristic), so
+    ``ρ`` is in (0, 1] and does not depend on the scale of the features. Rotation- and
+    permutation-invariant like the kernel; cost ``O(n · R · D)``.
+
+    Parameters
+    ----------
+    n_sketch_features : int, default=1024
+        Dimension of the gram tensor sketch (seed 0) when the exact route is not affordable
+        (:func:`exact_gram_affordable`).
+    working_memory : float or None, default=None
+
+    Attributes
+    ----------
+    reference_ : ndarray of shape (R, D)
+        Kernel features of the reference structures.
+    bandwidth_ : float
+        ``ℓ²`` (1 when the reference distances are all 0).
+    """
+
+    def __init__(self, n_sketch_features=1024, *, working_memory=None):
+        self.n_sketch_features = n_sketch_features
+        self.working_memory = working_memory
+
+    def fit(self, reference):
+        """Kernel features and bandwidth of ``reference`` (FeatureBlocks, >= 1 structure)."""
+        single = bool(np.all(reference.n_rows_per_structure == 1))
+        d = reference.n_features
+        self.route_ = "linear" if single else (
+            "exact" if exact_gram_affordable(d, len(reference), self.n_sketch_features,
+                                             working_memory=self.working_memory) else "sketch")
+        if self.route_ == "sketch":
+            rng = np.random.default_rng(0)
+            D = self.n_sketch_features
+            self.sketch_ = (rng.standard_normal((d, D)), rng.standard_normal((d, D)))
+        self.reference_ = self._phi(reference)
+        sq = _row_sq(self.reference_)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (self.reference_ @ self.reference_.T), 0)
+        pairs = d2[np.triu_indices(len(sq), 1)]
+        med = float(np.median(pairs)) if pairs.size else 0.0
+        self.bandwidth_ = med if med > 0 else 1.0
+        self._ref_sq = sq
+        return self
+
+    def _phi(self, X):
+        if self.route_ == "linear":
+            return np.asarray(X.rows[X.offsets[:-1]], dtype=np.float64)
+        if self.route_ == "exact":
+            return gram_features_exact(X, working_memory=self.working_memory)
+        return gram_features_sketch(X, *self.sketch_, working_memory=self.working_memory)
+
+    def __call__(self, X, self_index=None):
+        """``ρ`` of every structure of ``X`` (FeatureBlocks), shape (n_structures,).
+
+        ``self_index`` (int array of shape (n_structures,)): the reference position of each
+        structure that is itself a reference structure, −1 for the others; a structure's own
+        term is left out of its mean (leave-one-out), so an isolated structure gets a density
+        near 0 rather than ``1/R``. With a single reference structure, that structure gets 1.
+        """
+        phi = self._phi(X)
+        ref = self.reference_
+        R = ref.shape[0]
+        step = chunk_n_rows(8 * (R + ref.shape[1]), max_n_rows=max(len(X), 1),
+                            working_memory=self.working_memory)
+        out = np.empty(len(X))
+        for lo in range(0, len(X), step):
+            p = phi[lo:lo + step]
+            d2 = _row_sq(p)[:, None] + self._ref_sq[None, :] - 2.0 * (p @ ref.T)
+            w = np.exp(-np.maximum(d2, 0) / self.bandwidth_)
+            count = np.full(len(p), float(R))
+            if self_index is not None:
+                own = np.asarray(self_index[lo:lo + step])
+                rows = np.flatnonzero(own >= 0)
+                w[rows, own[rows]] = 0.0
+                count[rows] -= 1
+            total = w.sum(axis=1)
+            out[lo:lo + step] = np.where(count > 0, total / np.maximum(count, 1), 1.0)
+        return out
 
 
 def _row_sq(phi):

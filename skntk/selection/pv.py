@@ -3,7 +3,8 @@
 Acquisition rules are plain functions of a chunk of posterior features (like scikit-learn's
 ``score_func``): :func:`pv_trace`, :func:`pv_mean`, :func:`pv_max_atom`, :func:`pv_logdet`, each
 with signature ``reduction(psi, offsets, *, kind, sigma2) -> ndarray of shape (n_structures,)``.
-:func:`pool_variance_reduction` is the distribution-aware acquisition.
+:func:`pool_variance_reduction` and PV weighted by the pool's density
+(``criterion="density_weighted"``) are the distribution-aware acquisitions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from skntk._sklearn_compat import Interval, StrOptions, validate_params
 from skntk.blocks import FeatureBlocks
 from skntk.linalg import StreamingTopK, array_device, segment_sum
 from skntk.selection._base import BaseSelector
+from skntk.selection._kernel import KernelDensity
 from skntk.selection._posterior import FeaturePosterior, condition_posterior_features
 
 logger = logging.getLogger(__name__)
@@ -182,6 +184,11 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
     ``criterion="pool_variance_reduction"`` scores a candidate by how much observing it lowers the
     mean posterior variance of the whole pool ``X`` (:func:`pool_variance_reduction`), which does
     not chase outliers the way plain PV does; its scores depend on the pool passed in.
+    ``criterion="density_weighted"`` multiplies the reduced PV by ``ρ(x)^density_power``, the
+    Gaussian kernel density of ``x`` among the pool's structures in structure-kernel space
+    (:class:`~skntk.selection._kernel.KernelDensity`: median-heuristic bandwidth, a structure's
+    own term left out; information density, Settles & Craven 2008), so isolated candidates lose
+    weight; it too depends on the pool passed in.
 
     ``greedy=True`` selects a batch one structure at a time, conditioning the posterior on each pick
     (rank-``m`` update of the candidates' posterior features; kriging believer / max-det).
@@ -194,8 +201,15 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         Scale features so that the mean squared train row norm (kernel diagonal) is 1.
     reduction : {"trace", "mean", "max_atom", "logdet"} or callable, default="trace"
         How ``Σ(x)`` becomes one score per structure (``criterion="variance"``).
-    criterion : {"variance", "pool_variance_reduction"}, default="variance"
+    criterion : {"variance", "pool_variance_reduction", "density_weighted"}, default="variance"
         Acquisition.
+    density_power : float, default=1.0
+        Exponent ``β >= 0`` of the density weight (``criterion="density_weighted"``; 0 is plain
+        PV).
+    n_density_reference : int, default=1000
+        Pool structures the density is estimated against (``criterion="density_weighted"``):
+        all of them when the pool is no larger, else an evenly spaced subsample of the pool in
+        its given order. Cost ``O(n_pool · n_density_reference · D)``.
     greedy : bool, default=False
         Batch selection by sequential posterior conditioning instead of top-scores.
     shortlist_size : int or None, default=None
@@ -252,7 +266,9 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         "sigma2": [Interval(Real, 0, None, closed="neither")],
         "normalize": ["boolean"],
         "reduction": [StrOptions(set(REDUCTIONS)), callable],
-        "criterion": [StrOptions({"variance", "pool_variance_reduction"})],
+        "criterion": [StrOptions({"variance", "pool_variance_reduction", "density_weighted"})],
+        "density_power": [Interval(Real, 0, None, closed="left")],
+        "n_density_reference": [Interval(Integral, 1, None, closed="left")],
         "greedy": ["boolean"],
         "shortlist_size": [Interval(Integral, 1, None, closed="left"), None],
         "progress_bar": ["boolean"],
@@ -260,12 +276,14 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
     }
 
     def __init__(self, sigma2=1e-3, *, normalize=True, reduction="trace", criterion="variance",
-                 greedy=False, shortlist_size=None, n_to_select=None, working_memory=None,
-                 progress_bar=False, device=None):
+                 density_power=1.0, n_density_reference=1000, greedy=False, shortlist_size=None,
+                 n_to_select=None, working_memory=None, progress_bar=False, device=None):
         self.sigma2 = sigma2
         self.normalize = normalize
         self.reduction = reduction
         self.criterion = criterion
+        self.density_power = density_power
+        self.n_density_reference = n_density_reference
         self.greedy = greedy
         self.shortlist_size = shortlist_size
         self.n_to_select = n_to_select
@@ -295,11 +313,16 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         return self
 
     # -- scoring -------------------------------------------------------------------------------
-    def _reduce(self, psi, offsets, kind, N):
+    def _reduce(self, psi, offsets, kind, pool, index):
+        """Scores of the structures of ``psi``; ``index`` (slice or indices into the pool) picks
+        their entries of the pool statistic ``pool`` (:meth:`_pool_statistic`)."""
         if self.criterion == "pool_variance_reduction":
-            return pool_variance_reduction(psi, offsets, N, sigma2=self.sigma2)
+            return pool_variance_reduction(psi, offsets, pool, sigma2=self.sigma2)
         func = REDUCTIONS[self.reduction] if isinstance(self.reduction, str) else self.reduction
-        return np.asarray(func(psi, offsets, kind=kind, sigma2=self.sigma2), dtype=np.float64)
+        s = np.asarray(func(psi, offsets, kind=kind, sigma2=self.sigma2), dtype=np.float64)
+        if self.criterion == "density_weighted":
+            s = s * pool[index] ** self.density_power
+        return s
 
     def _chunks(self, X):
         """``(start, FeatureBlocks)`` pieces of ``X`` in order: validated blocks whole, a lazy
@@ -312,27 +335,44 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
                              f"expecting {self.n_features_in_} features as input.")
         yield from X.iter_chunks()
 
-    def _second_moment(self, X):
-        if self.criterion != "pool_variance_reduction":
-            return None
-        N = np.zeros((self.n_features_in_, self.n_features_in_))
-        for _, blocks in self._chunks(X):
-            N += self.posterior_.whitened_second_moment(blocks) * len(blocks)
-        return N / max(len(X), 1)
+    def _pool_statistic(self, X):
+        """What the criterion needs of the whole pool, in one pass over ``X``: the whitened
+        second moment ``N`` (pool variance reduction), the density ``ρ`` of every structure
+        (density-weighted), or None."""
+        if self.criterion == "pool_variance_reduction":
+            N = np.zeros((self.n_features_in_, self.n_features_in_))
+            for _, blocks in self._chunks(X):
+                N += self.posterior_.whitened_second_moment(blocks) * len(blocks)
+            return N / max(len(X), 1)
+        if self.criterion == "density_weighted":
+            n = len(X)
+            if n == 0:
+                return np.zeros(0)
+            ref = np.unique(np.linspace(0, n - 1, min(self.n_density_reference, n))
+                            .round().astype(np.int64))
+            density = KernelDensity(working_memory=self.working_memory).fit(_take(X, ref))
+            position = np.full(n, -1, dtype=np.int64)
+            position[ref] = np.arange(ref.size)
+            rho = np.empty(n)
+            for start, blocks in self._chunks(X):
+                stop = start + len(blocks)
+                rho[start:stop] = density(blocks, position[start:stop])
+            return rho
+        return None
 
     def _stream(self, X, *, top_k=None, fast=False):
         """One pass over ``X``: scores (n_structures,), top-``top_k`` indices (best first, ties by
-        index) and the pool moment ``N`` (pool variance reduction only).
+        index) and the pool statistic (:meth:`_pool_statistic`).
 
-        ``fast`` (float32 rows, plain variance): Ψ and the scores of the pass in float32; the
-        ``top_k + margin`` best are then rescored in float64 and ranked on those, so the
+        ``fast`` (float32 rows, not pool variance reduction): Ψ and the scores of the pass in
+        float32; the ``top_k + margin`` best are then rescored in float64 and ranked on those, so the
         top-``top_k`` equal the float64 ones unless float32 rounding (relative ~1e-6) moves a
         structure across more than ``margin`` ranks.
         """
         post = self.posterior_
-        N = self._second_moment(X)
-        dtype = (np.float32 if fast and X.dtype == np.float32 and self.criterion == "variance"
-                 else np.float64)
+        N = self._pool_statistic(X)
+        dtype = (np.float32 if fast and X.dtype == np.float32
+                 and self.criterion != "pool_variance_reduction" else np.float64)
         keep = top_k
         if top_k is not None and dtype == np.float32:
             keep = min(len(X), top_k + max(_F32_MARGIN, top_k // 8))
@@ -343,9 +383,9 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
             device = array_device(getattr(self, "device", None))
             for start, blocks in self._chunks(X):
                 for sl, psi, offsets in post.iter_transform(blocks, dtype=dtype, device=device):
-                    s = self._reduce(psi, offsets, blocks.kind, N)
-                    _check_scores(s, blocks, sl.start, post, base=start, dtype=dtype)
                     lo, hi = start + sl.start, start + sl.stop
+                    s = self._reduce(psi, offsets, blocks.kind, N, slice(lo, hi))
+                    _check_scores(s, blocks, sl.start, post, base=start, dtype=dtype)
                     scores[lo:hi] = s
                     if top is not None:
                         top.push(s, np.arange(lo, hi))
@@ -355,8 +395,8 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         idx = top.indices()
         if dtype == np.float32:  # the ranking that counts: float64 scores of the finalists
             sub = _take(X, idx)
-            exact = np.concatenate([self._reduce(psi, off, sub.kind, N)
-                                    for _, psi, off in post.iter_transform(sub)])
+            exact = np.concatenate([self._reduce(psi, off, sub.kind, N, idx[sl])
+                                    for sl, psi, off in post.iter_transform(sub)])
             _check_scores(exact, sub, 0, post, index=idx)
             scores[idx] = exact
             idx = idx[np.lexsort((idx, -exact))][:top_k]
@@ -481,7 +521,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
             self.shortlist_idx_ = shortlist
             candidates = shortlist
         else:
-            N = self._second_moment(X)
+            N = self._pool_statistic(X)
         return self._greedy(X, np.asarray(candidates), n_to_select, N)
 
     def _greedy(self, X, candidates, n_to_select, N):
@@ -492,7 +532,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         chosen = np.zeros(len(candidates), dtype=bool)
         picks = []
         for it in range(n_to_select):
-            s = self._reduce(psi, offsets, sub.kind, N)
+            s = self._reduce(psi, offsets, sub.kind, N, candidates)
             if it == 0:
                 _check_scores(s, sub, 0, self.posterior_, index=candidates)
             s[chosen] = -np.inf
@@ -502,7 +542,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
             psi_x = psi[offsets[j]:offsets[j + 1]]
             if psi_x.shape[0]:
                 psi, Q = condition_posterior_features(psi, psi_x.copy(), self.sigma2)
-                if N is not None:
+                if self.criterion == "pool_variance_reduction":
                     N = Q @ N @ Q
         return candidates[np.asarray(picks, dtype=np.int64)]
 

@@ -15,6 +15,7 @@ from ase.calculators.calculator import all_changes
 from ase.calculators.emt import EMT
 
 from skntk.al import ActiveLearningLoop, CalculatorOracle, CommitteeSelector
+from skntk.al.config import METHODS, build_selector
 from skntk.finetune import MLIPRegressor
 from skntk.metrics import evaluate
 from skntk.pipeline import make_pv_lcmd_pipeline
@@ -456,3 +457,19 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert oracle.calls == []
     assert json.loads((ckpt / "config.json").read_text())["batch_size"] == 3
     assert Path(ckpt / "state.json").exists()
+
+
+# -- the named methods ----------------------------------------------------------------------------
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"committee"}))
+def test_every_named_method_builds_and_picks_distinct_structures(cu_slabs, tiny_model, method):
+    train, pool = cu_slabs(4, 1), cu_slabs(12, 2, label=False)
+    sel = build_selector(method, tiny_model, n_to_select=3, shortlist_size=6, n_features=32,
+                         force_rows="probes", n_probes=2)
+    idx = sel.fit(train).select(pool)
+    assert len(set(idx.tolist())) == 3 and all(0 <= i < 12 for i in idx)
+    steps = dict(getattr(sel, "steps", []))
+    if method == "density_pv_lcmd":
+        assert steps["pv"].criterion == "density_weighted"
+        assert set(idx.tolist()) <= set(steps["pv"].shortlist_idx_.tolist())
+    if method == "lcmd_posterior":
+        assert steps["lcmd"].features == "posterior"

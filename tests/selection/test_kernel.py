@@ -1,4 +1,5 @@
-"""Tests of skntk.selection._kernel: nearest centres, gram features, greedy centre loop."""
+"""Tests of skntk.selection._kernel: nearest centres, gram features, greedy centre loop, kernel
+density."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from hypothesis import strategies as st
 
 from skntk.blocks import FeatureBlocks
 from skntk.selection._kernel import (
+    KernelDensity,
     gram_features_exact,
     gram_features_sketch,
     greedy_centres,
@@ -52,3 +54,56 @@ def test_greedy_centres_never_repeats_and_covers_everything():
     for method in ("lcmd", "maxdist"):
         picks = greedy_centres(phi, 4, method=method)
         assert sorted(picks.tolist()) == [0, 1, 2, 3]
+
+
+# -- kernel density ----------------------------------------------------------------------------
+def density_bruteforce(X, R):
+    """ρ(x) = mean_r exp(-d²(x, r) / median d²) from the gram kernel ‖G_A G_Bᵀ‖_F², by loops."""
+    def k(A, B):
+        return float(np.sum((A @ B.T) ** 2))
+
+    def d2(A, B):
+        return k(A, A) + k(B, B) - 2 * k(A, B)
+
+    ref = [R.block(j) for j in range(len(R))]
+    med = np.median([d2(ref[a], ref[b]) for a in range(len(ref)) for b in range(a + 1, len(ref))])
+    return np.array([np.mean([np.exp(-d2(X.block(i), r) / med) for r in ref])
+                     for i in range(len(X))])
+
+
+@pytest.mark.parametrize("n_sketch", [1024, 8])  # 8: d(d+1)/2 = 10 > 8 forces the sketch
+def test_kernel_density_equals_bruteforce_gram_kernel(n_sketch):
+    rng = np.random.default_rng(30)
+    sizes = [2, 3, 1, 4, 2, 3]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    X = FeatureBlocks(rng.normal(size=(offsets[-1], 4)), offsets)
+    R = X[np.array([0, 2, 3, 5])]
+    kde = KernelDensity(n_sketch, working_memory=1e9 if n_sketch == 1024 else 1e-9).fit(R)
+    got = kde(X)
+    if n_sketch == 1024:
+        assert kde.route_ == "exact"
+        np.testing.assert_allclose(got, density_bruteforce(X, R), rtol=1e-10)
+    else:  # an unbiased sketch of the kernel: the same density up to sketch noise, in (0, 1]
+        assert kde.route_ == "sketch"
+        assert np.all((got > 0) & (got <= 1))
+        assert np.corrcoef(got, density_bruteforce(X, R))[0, 1] > 0.5
+
+
+def test_kernel_density_single_rows_is_linear_kernel_and_scale_free():
+    rng = np.random.default_rng(31)
+    X = FeatureBlocks(rng.normal(size=(9, 3)), np.arange(10))
+    d2 = np.sum((X.rows[:, None] - X.rows[None]) ** 2, axis=-1)
+    ref = np.exp(-d2 / np.median(d2[np.triu_indices(9, 1)])).mean(axis=1)
+    kde = KernelDensity().fit(X)
+    assert kde.route_ == "linear"
+    np.testing.assert_allclose(kde(X), ref, rtol=1e-10)
+    scaled = X.with_rows(7.0 * X.rows)
+    np.testing.assert_allclose(KernelDensity().fit(scaled)(scaled), ref, rtol=1e-10)
+
+
+def test_kernel_density_is_lower_for_an_isolated_structure():
+    rng = np.random.default_rng(32)
+    rows = np.vstack([rng.normal(size=(30, 3)), [[40.0, 0.0, 0.0]]])
+    X = FeatureBlocks(rows, np.arange(32))
+    rho = KernelDensity().fit(X)(X)
+    assert np.argmin(rho) == 30 and rho[30] < 0.1 * np.median(rho)

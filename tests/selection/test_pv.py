@@ -70,7 +70,7 @@ def test_normalised_pv_equals_gp_of_scaled_kernel():
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.integers(0, 5), min_size=1, max_size=10),
        n_rows_budget=st.integers(1, 12), seed=st.integers(0, 2**16),
-       criterion=st.sampled_from(["variance", "pool_variance_reduction"]))
+       criterion=st.sampled_from(["variance", "pool_variance_reduction", "density_weighted"]))
 def test_chunked_equals_unchunked(sizes, n_rows_budget, seed, criterion):
     rng = np.random.default_rng(seed)
     T = rng.normal(size=(8, 4))
@@ -130,7 +130,7 @@ def test_pv_invariant_under_atom_permutation_within_structures(reduction):
     np.testing.assert_allclose(sel.score_samples(Xp), sel.score_samples(X), rtol=1e-10)
 
 
-@pytest.mark.parametrize("criterion", ["variance", "pool_variance_reduction"])
+@pytest.mark.parametrize("criterion", ["variance", "pool_variance_reduction", "density_weighted"])
 @pytest.mark.parametrize("greedy", [False, True])
 def test_pool_permutation_permutes_scores_and_selection(criterion, greedy):
     rng = np.random.default_rng(5)
@@ -218,6 +218,63 @@ def test_pool_variance_reduction_avoids_isolated_outlier():
     X = np.vstack([outlier, cluster])
     assert PV().fit(T).select(X, 1).tolist() == [0]
     assert PV(criterion="pool_variance_reduction").fit(T).select(X, 1)[0] != 0
+
+
+def density_bruteforce(X):
+    """Leave-one-out Gaussian density of each row of X among the other rows, median-heuristic
+    bandwidth (loops)."""
+    d2 = np.array([[np.sum((a - b) ** 2) for b in X] for a in X])
+    med = np.median(d2[np.triu_indices(len(X), 1)])
+    return np.array([np.mean([np.exp(-d2[i, j] / med) for j in range(len(X)) if j != i])
+                     for i in range(len(X))])
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.5])
+def test_density_weighted_is_pv_times_pool_density(power):
+    rng = np.random.default_rng(12)
+    T, X = rng.normal(size=(8, 4)), rng.normal(size=(25, 4))
+    pv = np.diag(gp_posterior_cov(T, X, 0.1))
+    got = PV(criterion="density_weighted", density_power=power).fit(T).score_samples(X)
+    np.testing.assert_allclose(got, pv * density_bruteforce(X) ** power, rtol=1e-9)
+
+
+def test_density_weighted_subsamples_the_pool_evenly():
+    rng = np.random.default_rng(13)
+    T, X = rng.normal(size=(8, 3)), rng.normal(size=(21, 3))
+    ref_idx = np.linspace(0, 20, 5).round().astype(int)  # 0, 5, 10, 15, 20
+    ref = X[ref_idx]
+    d2 = np.sum((X[:, None] - ref[None]) ** 2, axis=-1)
+    d2_ref = np.sum((ref[:, None] - ref[None]) ** 2, axis=-1)
+    w = np.exp(-d2 / np.median(d2_ref[np.triu_indices(5, 1)]))
+    w[ref_idx, np.arange(5)] = np.nan  # a reference structure's own term is left out
+    rho = np.nanmean(w, axis=1)
+    sel = PV(criterion="density_weighted", n_density_reference=5).fit(T)
+    np.testing.assert_allclose(sel.score_samples(X), np.diag(gp_posterior_cov(T, X, 0.1)) * rho,
+                               rtol=1e-9)
+
+
+def test_density_weighted_blocks_invariant_under_feature_rotation():
+    rng = np.random.default_rng(14)
+    T = random_blocks(rng, [3, 6], 5, kind="force")
+    X = random_blocks(rng, [3, 6, 9, 3, 6], 5, kind="force")
+    R = ortho_group.rvs(5, random_state=15)
+    rot = lambda b: b.with_rows(b.rows @ R)  # noqa: E731
+    sel = ChunkedPosteriorVarianceSelector(0.1, criterion="density_weighted")
+    np.testing.assert_allclose(sel.fit(T).score_samples(X),
+                               clone(sel).fit(rot(T)).score_samples(rot(X)), rtol=1e-9)
+
+
+def test_density_weighted_avoids_isolated_outlier_and_float32_agrees():
+    rng = np.random.default_rng(10)
+    T = rng.normal(size=(5, 3))
+    cluster = rng.normal(size=(60, 3)) + np.array([4.0, 0, 0])
+    X = np.vstack([[[0.0, 0.0, 40.0]], cluster])
+    sel = PV(criterion="density_weighted", greedy=False).fit(T)
+    picks = sel.select(X, 3)
+    assert 0 not in picks.tolist()
+    assert sel.select(X.astype(np.float32), 3).tolist() == picks.tolist()
+    greedy = PV(criterion="density_weighted", greedy=True).fit(T).select(X, 3)
+    assert 0 not in greedy.tolist()
 
 
 def test_shortlist_is_running_topk_and_respected():
