@@ -168,3 +168,18 @@ def test_feature_rank_reads_the_run_cache(harness, tmp_path):
     assert any((tmp_path / "cache").iterdir())
     again = fr.rank_of(cfg, 0, tmp_path / "cache", model)
     assert again["joint"] == pytest.approx(res["joint"])
+
+
+def test_subgroup_table_pairs_each_method_with_random_on_its_own_runs(harness):
+    def rec(method, split, seed, value):
+        metrics = {"heldout": {"force_mae": value, "groups": {"hot": {"force_mae": value}}}}
+        return {"method": method, "split": split, "seed": seed, "rounds": [{"metrics": metrics}]}
+
+    # random on three splits; "a" only on the first two: its Δ must use those two alone
+    records = [rec("random", "s0", 0, 1.0), rec("random", "s1", 1, 2.0), rec("random", "s2", 2, 9.0),
+               rec("a", "s0", 0, 0.9), rec("a", "s1", 1, 2.2)]
+    table = "\n".join(harness.subgroup_markdown(records))
+    row = next(line for line in table.splitlines() if line.startswith("| heldout / hot |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{np.mean([0.9, 2.2]):.4f} ({np.mean([-10.0, 10.0]):+.1f} %, 1/2)"
+    assert cells[2] == f"{np.mean([1.0, 2.0, 9.0]):.4f}"  # random: no pairs with itself

@@ -376,22 +376,36 @@ def cost_markdown(records):
 
 
 def subgroup_markdown(records, metric="force_mae"):
-    """Last-round ``metric`` per test subgroup (``data.groups``), mean over seeds per method."""
+    """Last-round ``metric`` per test subgroup (``data.groups``): mean over runs per method, with
+    the paired mean Δ % to random over the same (split, seed) runs and the wins, so methods run on
+    different splits stay comparable."""
     cells = {}
     for r in records:
         for test, m in r["rounds"][-1]["metrics"].items():
             for g, gm in m.get("groups", {}).items():
-                cells.setdefault((test, g), {}).setdefault(r["method"], []).append(gm[metric])
+                cells.setdefault((test, g), {}).setdefault(r["method"], {"final": {}})[
+                    "final"][(r["split"], r["seed"])] = gm[metric]
     if not cells:
         return []
     methods = sorted({meth for c in cells.values() for meth in c})
     unit = "eV/Å" if metric.startswith("force") else "eV/atom"
-    lines = [f"**{metric} ({unit}) per subgroup at the last round** (mean over seeds; "
-             f"subgroups from `data.groups`)", "",
+    lines = [f"**{metric} ({unit}) per subgroup at the last round** (mean over runs; in brackets "
+             f"the paired mean Δ to random over the same split and seed, negative is better, and "
+             f"the runs that beat random; subgroups from `data.groups`)", "",
              "| test set / subgroup | " + " | ".join(methods) + " |",
              "|" + "---|" * (len(methods) + 1)]
     for (test, g), c in sorted(cells.items()):
-        vals = [f"{np.mean(c[m]):.4f}" if m in c else "—" for m in methods]
+        pairs = paired(c)
+        vals = []
+        for m in methods:
+            if m not in c:
+                vals.append("—")
+                continue
+            cell = f"{np.mean(list(c[m]['final'].values())):.4f}"
+            if m in pairs:
+                n, wins, _, delta, *_ = paired_stats(pairs[m])
+                cell += f" ({delta:+.1f} %, {wins}/{n})"
+            vals.append(cell)
         lines.append(f"| {test} / {g} | " + " | ".join(vals) + " |")
     return lines + [""]
 
