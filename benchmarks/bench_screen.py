@@ -98,12 +98,14 @@ def synthetic_features(n, d, seed, dtype=np.float32):
 
 # -- selection: skntk vs bmdal_reg on identical features ----------------------------------------
 def _bmdal():
-    np.Inf = np.inf  # bmdal_reg 3.0.2 uses the alias numpy 2 removed
+    np.inf = np.inf  # bmdal_reg 3.0.2 uses the alias numpy 2 removed
     from bmdal_reg.bmdal.feature_data import TensorFeatureData
     from bmdal_reg.bmdal.feature_maps import IdentityFeatureMap
     from bmdal_reg.bmdal.features import Features
-    from bmdal_reg.bmdal.selection import (LargestClusterMaxDistSelectionMethod,
-                                           MaxDiagSelectionMethod)
+    from bmdal_reg.bmdal.selection import (
+        LargestClusterMaxDistSelectionMethod,
+        MaxDiagSelectionMethod,
+    )
 
     def feats(x):
         import torch
@@ -130,7 +132,7 @@ def section_selection(args):
     pv = ChunkedPosteriorVarianceSelector(SIGMA2, working_memory=256).fit(T)
     out["skntk_pv_top100_s"], top32 = _best_of(lambda: pv.select(P, B))
     P64 = P.astype(np.float64)
-    out["skntk_pv_top100_float64_input_s"], top64 = _best_of(lambda: pv.select(P64, B), 1)
+    out["skntk_pv_top100_float64_input_s"], top64 = _best_of(lambda: pv.select(P64, B), 1)  # noqa: F821
     out["pv_top100_float32_equals_float64"] = top32.tolist() == top64.tolist()
     pvM = ChunkedPosteriorVarianceSelector(SIGMA2, shortlist_size=M, working_memory=256).fit(T)
     s32, s64 = pvM.shortlist(P).copy(), pvM.shortlist(P64).copy()
@@ -161,7 +163,8 @@ def section_selection(args):
             tr, po = feats(T), feats(P)
             scale = tr.scale_tfm()  # mean train kernel diagonal 1, as skntk's normalize=True
             tr, po = scale(tr), scale(po)
-            post = tr.posterior_tfm(sigma=float(np.sqrt(SIGMA2)), allow_kernel_space_posterior=False)
+            post = tr.posterior_tfm(sigma=float(np.sqrt(SIGMA2)),
+                                    allow_kernel_space_posterior=False)
             return MaxDiag(post(po)).select(B).numpy()
 
         out["bmdal_maxdiag_posterior_s"], bm_top = _best_of(bmdal_pv)

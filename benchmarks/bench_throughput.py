@@ -116,7 +116,7 @@ def main(argv=None):
                     est.transform(X[:1])  # warm-up: sketch state, allocator
                     # the baseline right before each measurement: the machine's load drifts
                     t_ef = baseline(model, X, repeats)
-                    t = min(timed(lambda est=est: est.transform(X)) for _ in range(repeats))
+                    t = min(timed(lambda est=est, X=X: est.transform(X)) for _ in range(repeats))
                     G = est.transform(X[:2])
                     rows_per = G.rows.shape[0] / 2
                     row = {"backend": backend, "dataset": dname, "config": cname,

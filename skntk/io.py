@@ -2,8 +2,9 @@
 
 Only this module and :mod:`skntk.atoms` touch ``ase.Atoms``. A *source* is an ``ase.Atoms``, an
 iterable of them, a path to a file ASE can read (extended XYZ, ASE trajectory, ...) or a path to an
-ASE database (``.db``), or a glob pattern of such files. Labels are read from the attached calculator (``SinglePointCalculator``
-from an extxyz file) or from ``info``/``arrays`` under a key such as ``REF_energy``/``REF_forces``.
+ASE database (``.db``), or a glob pattern of such files. Labels are read from the attached
+calculator (``SinglePointCalculator`` from an extxyz file) or from ``info``/``arrays`` under a
+key such as ``REF_energy``/``REF_forces``.
 """
 
 from __future__ import annotations

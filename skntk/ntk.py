@@ -69,13 +69,15 @@ class ParameterSketch:
     and for any batch:
 
     - ``"countsketch"`` (Charikar, Chen & Farach-Colton 2002; Clarkson & Woodruff 2013): each row
-      ``i`` of ``R`` has one non-zero, a random sign ``σ_i`` in a random column ``h(i)``. Applying it
-      is an index-add of the signed gradient entries into ``d`` buckets, O(k P) for k rows, and its
-      state is ``h`` and ``σ`` (12 bytes per parameter). Its inner-product estimates have variance
-      ``(‖g‖²‖g'‖² + ⟨g, g'⟩² - 2 Σ_i g_i² g'_i²) / d``, never more than the Gaussian sketch's.
-    - ``"gaussian"``: entries ``N(0, 1/d)``, generated in chunks of ``block_rows`` rows from the seed
-      ``(seed, k, chunk)``, cached while the cache stays below ``cache_mib`` MiB and regenerated
-      otherwise; applying it is a (k x P) @ (P x d) product. The reference method (skntk < 0.2).
+      ``i`` of ``R`` has one non-zero, a random sign ``σ_i`` in a random column ``h(i)``. Applying
+      it is an index-add of the signed gradient entries into ``d`` buckets, O(k P) for k rows, and
+      its state is ``h`` and ``σ`` (12 bytes per parameter). Its inner-product estimates have
+      variance ``(‖g‖²‖g'‖² + ⟨g, g'⟩² - 2 Σ_i g_i² g'_i²) / d``, never more than the Gaussian
+      sketch's.
+    - ``"gaussian"``: entries ``N(0, 1/d)``, generated in chunks of ``block_rows`` rows from the
+      seed ``(seed, k, chunk)``, cached while the cache stays below ``cache_mib`` MiB and
+      regenerated otherwise; applying it is a (k x P) @ (P x d) product. The reference method
+      (skntk < 0.2).
 
     Parameters
     ----------

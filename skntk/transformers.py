@@ -313,7 +313,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
     def __init__(self, model=None, *, kind="energy", parameters="default", n_features=512,
                  sketch="countsketch", force_rows="auto", n_probes=8, energy_weight=1.0,
                  force_weight=1.0, normalize="atoms", device="auto", batching="auto",
-                 batch_size=32, working_memory=None, dtype=None, random_state=None, progress_bar=False):
+                 batch_size=32, working_memory=None, dtype=None, random_state=None,
+                 progress_bar=False):
         self.model = model
         self.kind = kind
         self.parameters = parameters

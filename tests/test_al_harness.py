@@ -125,7 +125,8 @@ def test_harness_resumes_and_reports(harness, tmp_path, capsys):
     delta = [100 * (mine[s] / rand[s] - 1) for s in rand]
     wins = sum(d < 0 for d in delta)
     n, mean, std, _ = summ["heldout"]["pv_lcmd"]["rounds"][-1]
-    row = next(line for line in text.splitlines() if line.startswith("| `pv_lcmd` | ") and "±" in line)
+    row = next(line for line in text.splitlines()
+               if line.startswith("| `pv_lcmd` | ") and "±" in line)
     assert f"{mean:.4f} ± {std:.4f} ({np.mean(delta):+.1f} %, {wins}/2)" in row
     half = 12.706205 * np.std(delta, ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
     pooled = next(line for line in text.splitlines()
@@ -176,8 +177,8 @@ def test_subgroup_table_pairs_each_method_with_random_on_its_own_runs(harness):
         return {"method": method, "split": split, "seed": seed, "rounds": [{"metrics": metrics}]}
 
     # random on three splits; "a" only on the first two: its Δ must use those two alone
-    records = [rec("random", "s0", 0, 1.0), rec("random", "s1", 1, 2.0), rec("random", "s2", 2, 9.0),
-               rec("a", "s0", 0, 0.9), rec("a", "s1", 1, 2.2)]
+    records = [rec("random", "s0", 0, 1.0), rec("random", "s1", 1, 2.0),
+               rec("random", "s2", 2, 9.0), rec("a", "s0", 0, 0.9), rec("a", "s1", 1, 2.2)]
     table = "\n".join(harness.subgroup_markdown(records))
     row = next(line for line in table.splitlines() if line.startswith("| heldout / hot |"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -12,8 +12,12 @@ from ase.constraints import FixAtoms
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from skntk.finetune import (MLIPRegressor, predict_energies, predict_energies_forces,
-                             refit_reference_energies)
+from skntk.finetune import (
+    MLIPRegressor,
+    predict_energies,
+    predict_energies_forces,
+    refit_reference_energies,
+)
 from skntk.models.builtin import BuiltinMLIP
 
 CU, PT = 29, 78

@@ -294,6 +294,6 @@ def test_shortlist_message_says_what_x_holds():
     T, X = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
     pipe = SelectionPipeline([("pv", ChunkedPosteriorVarianceSelector(shortlist_size=5)),
                               ("lcmd", LCMDSelector(n_to_select=6))]).fit(T)
-    with pytest.raises(ValueError, match=r"n_to_select=6 exceeds the 5 candidates left by step 'pv' "
-                                         r"\(the pool holds 20 structures\)"):
+    with pytest.raises(ValueError, match=r"n_to_select=6 exceeds the 5 candidates left by "
+                                         r"step 'pv' \(the pool holds 20 structures\)"):
         pipe.select(X)  # LCMD sees the 5 shortlisted structures only

@@ -32,8 +32,13 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import trange
 
 from skntk._sklearn_compat import Interval, StrOptions, validate_params
-from skntk.linalg import (DeviceProduct, array_device, chunk_n_rows, gen_structure_chunks,
-                          segment_sum)
+from skntk.linalg import (
+    DeviceProduct,
+    array_device,
+    chunk_n_rows,
+    gen_structure_chunks,
+    segment_sum,
+)
 from skntk.selection._base import BaseSelector
 from skntk.selection._posterior import FeaturePosterior
 

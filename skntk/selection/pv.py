@@ -365,8 +365,8 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         index) and the pool statistic (:meth:`_pool_statistic`).
 
         ``fast`` (float32 rows, not pool variance reduction): Ψ and the scores of the pass in
-        float32; the ``top_k + margin`` best are then rescored in float64 and ranked on those, so the
-        top-``top_k`` equal the float64 ones unless float32 rounding (relative ~1e-6) moves a
+        float32; the ``top_k + margin`` best are then rescored in float64 and ranked on those, so
+        the top-``top_k`` equal the float64 ones unless float32 rounding (relative ~1e-6) moves a
         structure across more than ``margin`` ranks.
         """
         post = self.posterior_

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skntk.blocks import FeatureBlocks
 from skntk.selection.baselines import MaxDistSelector, RandomSelector
 
 
