@@ -184,9 +184,9 @@ def transformer_key(transformer) -> str:
     transformer : fitted transformer
         Its class, ``get_params()`` (less ``device``, ``batch_size``, ``batching``,
         ``working_memory``, ``progress_bar``, ``n_jobs``, ``verbose``), the fitted ``force_rows_``,
-        ``seed_``, ``n_features_out_``,
-        ``parameter_names_``, ``n_params_`` where present, and the digest of ``model_`` (class,
-        cutoff, species, every tensor of ``model_.module.state_dict()``) where present.
+        ``seed_``, ``n_features_out_``, ``parameter_names_``, ``n_params_`` where present, and
+        the digest of ``model_`` (class, cutoff, species, every tensor of
+        ``model_.module.state_dict()``) where present.
 
     Returns
     -------
