@@ -184,3 +184,28 @@ def test_subgroup_table_pairs_each_method_with_random_on_its_own_runs(harness):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == f"{np.mean([0.9, 2.2]):.4f} ({np.mean([-10.0, 10.0]):+.1f} %, 1/2)"
     assert cells[2] == f"{np.mean([1.0, 2.0, 9.0]):.4f}"  # random: no pairs with itself
+
+
+def test_summary_never_pools_experiments_of_different_models(harness, tmp_path):
+    def write(exp, model, method, seed, value):
+        rounds = [{"round": 0, "n_labelled": 8, "metrics": {"t": {"force_mae": value}}}]
+        rec = {"experiment": exp, "split": "s0", "method": method, "seed": seed,
+               "seconds": 1.0, "rounds": rounds,
+               "config": {"model": model, "data": {"split": "files", "test": {"t": {}}}}}
+        d = tmp_path / exp
+        d.mkdir(exist_ok=True)
+        (d / f"s0-{method}-{seed}.json").write_text(json.dumps(rec))
+        return d
+
+    for seed in (0, 1):
+        a = write("exp_a", "m1", "random", seed, 1.0)
+        write("exp_a", "m1", "pv", seed, 0.5)  # -50 % under m1
+        b = write("exp_b", "m2", "random", seed, 1.0)
+        write("exp_b", "m2", "pv", seed, 1.5)  # +50 % under m2
+    text = "\n".join(harness.summary_markdown([a, b]))
+    assert text.count("#### Model `") == 2
+    m1, m2 = text.split("#### Model `m2`")
+    assert "| `pv` | 2 | 2 | 0.500 | -50.00" in m1 and "exp_b" not in m1
+    assert "| `pv` | 2 | 0 | 1.500 | +50.00" in m2 and "exp_a" not in m2
+    # one model: no model headings, as before
+    assert "#### Model" not in "\n".join(harness.summary_markdown([a]))

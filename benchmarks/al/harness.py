@@ -521,15 +521,27 @@ def paired_stats(pairs):
 
 
 def summary_markdown(directories, metric="force_mae"):
-    """The evidence in two tables: per method and experiment (its :func:`target_tests`), the
+    """The evidence in two tables per model (the config's ``model``; experiments of different
+    models are never pooled): per method and experiment (its :func:`target_tests`), the
     last-round ``metric`` mean ± std over seeds with the paired Δ % to random and the wins; then
-    every paired run of all experiments pooled (the first target test set of each), with the mean
-    Δ %, its 95 % interval and a sign test."""
-    cols, pooled = [], {}
+    every paired run of that model's experiments pooled (the first target test set of each), with
+    the mean Δ %, its 95 % interval and a sign test."""
+    by_model = {}
     for d in directories:
         records = load_results(d)
-        if not records:
-            continue
+        if records:
+            by_model.setdefault(records[0]["config"]["model"], []).append((d, records))
+    if len(by_model) == 1:
+        return _summary_one(next(iter(by_model.values())), metric)
+    lines = []
+    for model, runs in by_model.items():
+        lines += [f"#### Model `{model}`", ""] + _summary_one(runs, metric)
+    return lines
+
+
+def _summary_one(runs, metric):
+    cols, pooled = [], {}
+    for d, records in runs:
         tests = target_tests(records[0]["config"])
         for k, test in enumerate(tests):
             summ = summarise(records, metric).get(test, {})
