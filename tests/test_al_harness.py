@@ -209,3 +209,30 @@ def test_summary_never_pools_experiments_of_different_models(harness, tmp_path):
     assert "| `pv` | 2 | 0 | 1.500 | +50.00" in m2 and "exp_a" not in m2
     # one model: no model headings, as before
     assert "#### Model" not in "\n".join(harness.summary_markdown([a]))
+
+
+def test_variants_of_an_experiment_are_summarised_on_their_own(harness, tmp_path):
+    def write(exp, method, seed, value):
+        rounds = [{"round": 0, "n_labelled": 8, "metrics": {"t": {"force_mae": value}}}]
+        rec = {"experiment": exp, "split": "s0", "method": method, "seed": seed,
+               "seconds": 1.0, "rounds": rounds,
+               "config": {"model": "m", "data": {"split": "files", "test": {"t": {}}}}}
+        d = tmp_path / exp
+        d.mkdir(exist_ok=True)
+        (d / f"s0-{method}-{seed}.json").write_text(json.dumps(rec))
+        return d
+
+    dirs = []
+    for exp, value in (("eth", 0.5), ("eth_big", 1.5), ("eth_probes", 2.0)):
+        for seed in (0, 1):
+            write(exp, "random", seed, 1.0)
+            d = write(exp, "pv", seed, value)
+        dirs.append(d)
+    assert harness.variant_of("eth_big", {"eth", "eth_big"}) == "eth"
+    assert harness.variant_of("eth", {"eth", "eth_big"}) is None
+    text = "\n".join(harness.summary_markdown(dirs))
+    base, rest = text.split("#### Model `m`: variant `eth_big` of `eth`")
+    big, probes = rest.split("#### Model `m`: variant `eth_probes` of `eth`")
+    assert "| `pv` | 2 | 2 | 0.500 | -50.00" in base and "eth_big" not in base
+    assert "| `pv` | 2 | 0 | 1.500 | +50.00" in big
+    assert "| `pv` | 2 | 0 | 2.000 | +100.00" in probes

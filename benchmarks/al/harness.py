@@ -521,22 +521,43 @@ def paired_stats(pairs):
 
 
 def summary_markdown(directories, metric="force_mae"):
-    """The evidence in two tables per model (the config's ``model``; experiments of different
-    models are never pooled): per method and experiment (its :func:`target_tests`), the
-    last-round ``metric`` mean ± std over seeds with the paired Δ % to random and the wins; then
-    every paired run of that model's experiments pooled (the first target test set of each), with
-    the mean Δ %, its 95 % interval and a sign test."""
-    by_model = {}
-    for d in directories:
-        records = load_results(d)
-        if records:
-            by_model.setdefault(records[0]["config"]["model"], []).append((d, records))
-    if len(by_model) == 1:
-        return _summary_one(next(iter(by_model.values())), metric)
+    """The evidence in two tables per model (the config's ``model``) and per variant of an
+    experiment of the same model (see :func:`variant_of`), which are never pooled with each other:
+    per method and experiment (its :func:`target_tests`), the last-round ``metric`` mean ± std
+    over seeds with the paired Δ % to random and the wins; then every paired run of the group
+    pooled (the first target test set of each experiment), with the mean Δ %, its 95 % interval
+    and a sign test."""
+    runs = [(d, r) for d in directories if (r := load_results(d))]
+    models = {Path(d).name: r[0]["config"]["model"] for d, r in runs}
+    groups = {}
+    for d, records in runs:
+        model = models[Path(d).name]
+        same = {n for n, m in models.items() if m == model}
+        base = variant_of(Path(d).name, same)
+        key = (model, None) if base is None else (model, (base, Path(d).name))
+        groups.setdefault(key, []).append((d, records))
+    if len(groups) == 1:
+        return _summary_one(next(iter(groups.values())), metric)
     lines = []
-    for model, runs in by_model.items():
-        lines += [f"#### Model `{model}`", ""] + _summary_one(runs, metric)
+    for (model, base), runs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None,
+                                                                        kv[0])):
+        head = f"#### Model `{model}`"
+        if base is not None:
+            head += f": variant `{base[1]}` of `{base[0]}`"
+        lines += [head, ""] + _summary_one(runs, metric)
     return lines
+
+
+def variant_of(name, names):
+    """The experiment ``name`` varies (``molecules_ethanol`` for ``molecules_ethanol_budget``
+    when both are in ``names``: the same data, another recipe), or None. A variant is
+    summarised and pooled on its own."""
+    head = name
+    while "_" in head:
+        head = head.rpartition("_")[0]
+        if head in names:
+            return head
+    return None
 
 
 def _summary_one(runs, metric):
@@ -605,7 +626,10 @@ def cmd_docs(args):
     summary = "\n".join(summary_markdown(dirs)).rstrip()
     parts = [findings.replace(SUMMARY_MARK, summary) if SUMMARY_MARK in findings
              else findings + "\n\n" + summary, ""]
+    models = {d: load_results(d)[0]["config"]["model"] for d in dirs}
     for head, members in _families(dirs).items():
+        if len({models[d] for d in members}) > 1:
+            continue  # never one table across backends
         table = across_markdown(members)  # empty when the members share no test set
         if table:
             parts += [f"### {head}: across experiments", ""] + table
