@@ -186,16 +186,21 @@ def test_subgroup_table_pairs_each_method_with_random_on_its_own_runs(harness):
     assert cells[2] == f"{np.mean([1.0, 2.0, 9.0]):.4f}"  # random: no pairs with itself
 
 
+def _write_result(root, exp, model, method, seed, value):
+    """One minimal result JSON (one round, test set ``t``) under ``root/exp``; its folder."""
+    rounds = [{"round": 0, "n_labelled": 8, "metrics": {"t": {"force_mae": value}}}]
+    rec = {"experiment": exp, "split": "s0", "method": method, "seed": seed, "seconds": 1.0,
+           "rounds": rounds,
+           "config": {"model": model, "data": {"split": "files", "test": {"t": {}}}}}
+    d = root / exp
+    d.mkdir(exist_ok=True)
+    (d / f"s0-{method}-{seed}.json").write_text(json.dumps(rec))
+    return d
+
+
 def test_summary_never_pools_experiments_of_different_models(harness, tmp_path):
     def write(exp, model, method, seed, value):
-        rounds = [{"round": 0, "n_labelled": 8, "metrics": {"t": {"force_mae": value}}}]
-        rec = {"experiment": exp, "split": "s0", "method": method, "seed": seed,
-               "seconds": 1.0, "rounds": rounds,
-               "config": {"model": model, "data": {"split": "files", "test": {"t": {}}}}}
-        d = tmp_path / exp
-        d.mkdir(exist_ok=True)
-        (d / f"s0-{method}-{seed}.json").write_text(json.dumps(rec))
-        return d
+        return _write_result(tmp_path, exp, model, method, seed, value)
 
     for seed in (0, 1):
         a = write("exp_a", "m1", "random", seed, 1.0)
@@ -213,14 +218,7 @@ def test_summary_never_pools_experiments_of_different_models(harness, tmp_path):
 
 def test_variants_of_an_experiment_are_summarised_on_their_own(harness, tmp_path):
     def write(exp, method, seed, value):
-        rounds = [{"round": 0, "n_labelled": 8, "metrics": {"t": {"force_mae": value}}}]
-        rec = {"experiment": exp, "split": "s0", "method": method, "seed": seed,
-               "seconds": 1.0, "rounds": rounds,
-               "config": {"model": "m", "data": {"split": "files", "test": {"t": {}}}}}
-        d = tmp_path / exp
-        d.mkdir(exist_ok=True)
-        (d / f"s0-{method}-{seed}.json").write_text(json.dumps(rec))
-        return d
+        return _write_result(tmp_path, exp, "m", method, seed, value)
 
     dirs = []
     for exp, value in (("eth", 0.5), ("eth_big", 1.5), ("eth_probes", 2.0)):
