@@ -61,6 +61,9 @@ def as_atoms_list(X, *, name: str = "X") -> list[Atoms]:
         :func:`skntk.io.read_structures`, e.g. extended XYZ).
     name : str, default="X"
         Name of the argument in error messages.
+    model_name : str or None, default=None
+        Name of the model in the message about elements outside ``species`` (``None``: "the
+        model").
 
     Returns
     -------
@@ -101,7 +104,8 @@ def _label(atoms: Atoms, i: int, name: str) -> str:
     return f"{name}[{i}] ({formula})"
 
 
-def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[Atoms]:
+def validate_structures(atoms_list, *, species=None, name: str = "X",
+                        model_name: str | None = None) -> list[Atoms]:
     """Check every structure and return the list.
 
     Parameters
@@ -157,12 +161,10 @@ def validate_structures(atoms_list, *, species=None, name: str = "X") -> list[At
             if unknown:
                 from ase.data import chemical_symbols
 
-                syms = [chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z)
-                        for z in unknown]
+                names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in unknown)
                 raise ValueError(
-                    f"{_label(a, i, name)} contains elements {syms} (Z={unknown}) the model "
-                    f"does not "
-                    f"know; it supports Z={sorted(allowed)}."
+                    f"{_label(a, i, name)} contains {names}, which {model_name or 'the model'} "
+                    f"does not cover; it covers Z={sorted(allowed)}."
                 )
         pbc = np.asarray(a.pbc, dtype=bool)
         if pbc.any():

@@ -24,7 +24,6 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from skntk._sklearn_compat import Interval, _fit_context
-from skntk.atoms import as_atoms_list, validate_structures
 from skntk.io import free_atoms, get_labels
 from skntk.models.base import MLIP
 
@@ -300,7 +299,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
 
         t_start = time.perf_counter()
         base = _resolve_model(self.model, type(self).__name__)
-        X = validate_structures(as_atoms_list(X), species=base.species)
+        X = base.validate(X)
         energies, forces, free = _labels(X)
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
@@ -428,7 +427,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
     # -- prediction ----------------------------------------------------------------------------
     def _checked(self, X):
         check_is_fitted(self, "model_")
-        X = validate_structures(as_atoms_list(X), species=self.model_.species)
+        X = self.model_.validate(X)
         if self.refit_shifts:
             unseen = sorted({int(z) for a in X for z in a.numbers} - set(self.elements_))
             if unseen:

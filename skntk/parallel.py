@@ -225,13 +225,15 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
     if hasattr(transformer, "get_params"):
         check_is_fitted(transformer)
     label = _source_label(source)
-    species = getattr(getattr(transformer, "model_", None), "species", None)
+    model = getattr(transformer, "model_", None)
+    validate_chunk = getattr(model, "validate", None) or (
+        lambda chunk: validate_structures(chunk, name="X"))
 
     def check(chunk, start):
         if not validate:
             return chunk
         try:
-            chunk = validate_structures(chunk, species=species, name="X")
+            chunk = validate_chunk(chunk)
             if hasattr(transformer, "check_memory"):
                 transformer.check_memory(chunk, validate=False)
         except ValueError as err:

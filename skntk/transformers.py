@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from skntk import ntk
 from skntk._sklearn_compat import Interval, StrOptions, _fit_context
-from skntk.atoms import as_atoms_list, neighbor_pairs, validate_structures
+from skntk.atoms import as_atoms_list, neighbor_pairs
 from skntk.blocks import FeatureBlocks
 from skntk.models.base import MLIP, module_state
 
@@ -359,7 +359,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         self.seed_ = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         n_atoms_max = None
         if X is not None:
-            X = validate_structures(as_atoms_list(X), species=model.species)
+            X = model.validate(X)
             n_atoms_max = max(len(a) for a in X)
         d = self.n_params_ if self.n_features is None else int(self.n_features)
         route = self.force_rows
@@ -412,7 +412,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         """
         check_is_fitted(self, "sketch_")
         model = self.model_
-        X = validate_structures(as_atoms_list(X), species=model.species)
+        X = model.validate(X)
         named = model.parameters(self.parameters)
         names = [n for n, _ in named]
         if names != self.parameter_names_:
@@ -455,8 +455,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         n_bytes : ndarray of shape (n_structures,)
         """
         check_is_fitted(self, "sketch_")
-        X = (validate_structures(as_atoms_list(X), species=self.model_.species) if validate
-             else as_atoms_list(X))
+        X = self.model_.validate(X) if validate else as_atoms_list(X)
         if self.kind == "energy":
             return np.zeros(len(X))
         per_edge = FORCE_ROW_BYTES_PER_EDGE.get(type(self.model_).__name__,
@@ -487,8 +486,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         available = _available_memory(self.device_)
         if available is None:
             return
-        X = (validate_structures(as_atoms_list(X), species=self.model_.species) if validate
-             else as_atoms_list(X))
+        X = self.model_.validate(X) if validate else as_atoms_list(X)
         need = self.estimate_memory(X, validate=False)
         if not len(need) or need.max() <= available:
             return
@@ -655,7 +653,7 @@ class EmbeddingTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimat
             raise ValueError(f"{type(model).__name__} does not implement embeddings "
                              f"(implemented_properties={model.implemented_properties}).")
         if X is not None:
-            validate_structures(as_atoms_list(X), species=model.species)
+            model.validate(X)
         self.device_ = _resolve_device(self.device)
         self.model_ = model
         n_out = getattr(model, "n_embedding", None)
@@ -673,7 +671,7 @@ class EmbeddingTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimat
         X_emb : ndarray of shape (n_structures, n_embedding), float64
         """
         check_is_fitted(self, "model_")
-        X = validate_structures(as_atoms_list(X), species=self.model_.species)
+        X = self.model_.validate(X)
         return self._embed(X)
 
     def _embed(self, X) -> np.ndarray:

@@ -97,7 +97,8 @@ def test_accepts_single_iterator_and_path(tmp_path):
     ([Atoms("H2", positions=[[0, 0, 0], [np.nan, 0, 0]])],
      r"X\[0\] \(H2\) has non-finite .* atom 1"),
     ([molecule("H2O"), molecule("CH3CH2OH"), Atoms("Au")],
-     r"X\[2\] \(Au\) contains elements \['Au'\] \(Z=\[79\]\) the model does not know"),
+     r"X\[2\] \(Au\) contains Au \(Z=79\), which the model does not cover; it covers "
+     r"Z=\[1, 6, 8, 29\]"),
     ([Atoms("Cu", pbc=True)], r"X\[0\] \(Cu\) has pbc=\[True, True, True\] but a singular cell"),
     ([Atoms("Cu2", positions=[[0, 0, 0], [1, 1, 1]], cell=[[2, 0, 0], [4, 0, 0], [0, 0, 2]],
             pbc=True)], r"X\[0\] \(Cu2\) .* singular cell"),

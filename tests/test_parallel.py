@@ -174,8 +174,7 @@ def test_bad_structures_name_file_and_frame(ntk, pool, tmp_path):
     bad[7].numbers[0] = 29  # Cu: not an element of the model
     ase.io.write(path, bad)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: frame 7 \(H4Cu\) contains "
-                                         r"elements \['Cu'\] \(Z=\[29\]\) the model does not "
-                                         r"know"):
+                                         r"Cu \(Z=29\), which BuiltinMLIP does not cover"):
         featurize(ntk, path, tmp_path / "cache", shard_size=4)
 
 

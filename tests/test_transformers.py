@@ -214,7 +214,7 @@ def test_bad_inputs(model, X, tmp_path):
         ForceNTKTransformer(model, parameters="nope").fit()
     t = ForceNTKTransformer(model, n_features=4).fit()
     from ase import Atoms
-    with pytest.raises(ValueError, match=r"X\[1\] \(Au\) contains elements"):
+    with pytest.raises(ValueError, match=r"X\[1\] \(Au\) contains Au \(Z=79\), which"):
         t.transform([X[0], Atoms("Au")])
     with pytest.raises(TypeError, match="numeric array"):
         t.transform(np.zeros((3, 4)))

@@ -30,8 +30,6 @@ import zipfile
 import torch
 
 # re-exported for callers of the old private names; the backends import them from _util
-from skntk.models._util import check_atoms as _check_atoms  # noqa: F401
-from skntk.models._util import check_species as _check_species  # noqa: F401
 from skntk.models._util import require as _require  # noqa: F401
 from skntk.models._util import resolve_device as _resolve_device
 from skntk.models.base import MLIP, BackendBatch

@@ -1,4 +1,4 @@
-"""Helpers every backend shares: optional imports, devices, structure checks, atom offsets, and
+"""Helpers every backend shares: optional imports, devices, atom offsets, and
 the record of where a borrowed network was before a handle moved it.
 
 This module sits below :mod:`skntk.models.base` and the backends and imports neither (the backends
@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["require", "resolve_device", "check_atoms", "check_species", "atom_ptr",
-           "Placement"]
+__all__ = ["require", "resolve_device", "atom_ptr", "Placement"]
 
 
 def require(module: str, extra: str):
@@ -48,48 +47,6 @@ def resolve_device(device) -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def check_atoms(atoms) -> list:
-    """A non-empty list of non-empty ``ase.Atoms`` (a single ``Atoms`` becomes a list of one).
-
-    Raises
-    ------
-    TypeError
-        When an item is not an ``ase.Atoms`` (the message names its index).
-    ValueError
-        When the list or a structure is empty.
-    """
-    from ase import Atoms
-
-    if isinstance(atoms, Atoms):
-        atoms = [atoms]
-    atoms = list(atoms)
-    if not atoms:
-        raise ValueError("Expected at least one structure; got an empty list.")
-    for i, at in enumerate(atoms):
-        if not isinstance(at, Atoms):
-            raise TypeError(f"X[{i}] is a {type(at).__name__}, not an ase.Atoms.")
-        if len(at) == 0:
-            raise ValueError(f"X[{i}] has no atoms.")
-    return atoms
-
-
-def check_species(atoms: Sequence, species, model_name: str) -> None:
-    """Raise a ValueError naming the first structure with an element ``species`` lacks
-    (``species=None``: any element)."""
-    if species is None:
-        return
-    from ase.data import chemical_symbols
-
-    for i, at in enumerate(atoms):
-        missing = sorted(set(int(z) for z in at.numbers) - set(species))
-        if missing:
-            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
-            raise ValueError(
-                f"X[{i}] ({at.get_chemical_formula()}) contains {names}, which {model_name} "
-                f"does not cover; it covers {len(species)} elements."
-            )
 
 
 def atom_ptr(atoms: Sequence, device=None) -> torch.Tensor:

@@ -45,11 +45,10 @@ from dataclasses import dataclass
 
 import torch
 
+from skntk.atoms import as_atoms_list, validate_structures
 from skntk.models._util import (
     Placement,
     atom_ptr,
-    check_atoms,
-    check_species,
     resolve_device,
 )
 
@@ -269,8 +268,9 @@ class MLIP(ABC):
     def collate(self, atoms: Sequence, device: torch.device | str | None = None):
         """Batch of ``atoms`` on ``device`` (default: the handle's device); exposes ``ptr``.
 
-        The steps every backend shares: :meth:`_check` the structures once (a non-empty list of
-        non-empty ``ase.Atoms`` whose elements the model covers), resolve ``device``
+        The steps every backend shares: :meth:`validate` the structures once
+        (:func:`skntk.atoms.validate_structures`: a non-empty list of well-formed ``ase.Atoms``
+        whose elements the model covers), resolve ``device``
         (``"auto"``: CUDA when present), build the backend's input with the :meth:`_graphs`
         hook and the atom offsets ``ptr``.
 
@@ -287,19 +287,19 @@ class MLIP(ABC):
         """
         from skntk.atoms import AtomsBatch
 
-        atoms = self._check(atoms)
+        atoms = self.validate(atoms)
         device = self._default_device() if device is None else resolve_device(device)
         data = self._graphs(atoms, device)
         if isinstance(data, AtomsBatch):
             return data
         return BackendBatch(data=data, ptr=atom_ptr(atoms, device))
 
-    def _check(self, atoms) -> list:
-        """Hook with a default: the validated ``list[ase.Atoms]`` (:func:`check_atoms` and
-        :func:`check_species` against :attr:`species`, errors naming ``X[i]``)."""
-        atoms = check_atoms(atoms)
-        check_species(atoms, self.species, getattr(self, "name", None) or type(self).__name__)
-        return atoms
+    def validate(self, atoms) -> list:
+        """The validated ``list[ase.Atoms]``: :func:`skntk.atoms.validate_structures` against
+        :attr:`species`, errors naming ``X[i]`` and the model (a path or a single ``Atoms`` also
+        works). A backend may override it (a hook with a default)."""
+        return validate_structures(as_atoms_list(atoms), species=self.species,
+                                   model_name=getattr(self, "name", None) or type(self).__name__)
 
     def _graphs(self, atoms: list, device: torch.device):
         """Hook: the network's input for validated ``atoms`` on ``device`` (a graph batch, a list

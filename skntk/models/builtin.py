@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skntk.atoms import AtomsBatch, as_atoms_list, collate, validate_structures
+from skntk.atoms import AtomsBatch, collate
 from skntk.models.base import MLIP
 
 logger = logging.getLogger(__name__)
@@ -212,11 +212,6 @@ class BuiltinMLIP(MLIP):
     def device(self) -> torch.device:
         return self.module.embedding.weight.device
 
-    def _check(self, atoms) -> list:
-        """:func:`skntk.atoms.validate_structures` with this model's species (a path or a single
-        ``Atoms`` also works)."""
-        return validate_structures(as_atoms_list(atoms), species=self.species)
-
     def _graphs(self, atoms, device) -> AtomsBatch:
         """:func:`skntk.atoms.collate` with this model's cutoff and parameter dtype (the
         structures are already validated)."""
@@ -296,7 +291,7 @@ class BuiltinMLIP(MLIP):
         from skntk.finetune import MLIPRegressor
         from skntk.io import get_labels
 
-        X = validate_structures(as_atoms_list(X), species=self.species)
+        X = self.validate(X)
         if energies is None or forces is None:
             e_lab, f_lab = get_labels(X, require_forces=forces is None)
             energies = e_lab if energies is None else energies

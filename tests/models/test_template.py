@@ -113,7 +113,7 @@ def test_dimer_minimum_and_graph_for_parameter_derivatives(model):
 
 
 def test_template_validates_once_with_named_errors(model):
-    with pytest.raises(ValueError, match="at least one structure"):
+    with pytest.raises(ValueError, match="X contains no structures"):
         model.collate([])
     with pytest.raises(TypeError, match=r"X\[1\] is a str, not an ase.Atoms"):
         model.collate([_cluster(2, 0), "Ar2"])
