@@ -273,7 +273,10 @@ class GraphMeter:
                     self.bytes += storage.nbytes()
             except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
                 self.bytes += t.numel() * t.element_size()
-            return t
+            # detached: a saved output kept with its grad_fn would form a cycle through the C++
+            # graph that gc cannot break (pytorch#115255), leaking every graph built with
+            # create_graph; autograd restores the grad_fn on unpack
+            return t.detach()
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
