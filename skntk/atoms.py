@@ -61,9 +61,6 @@ def as_atoms_list(X, *, name: str = "X") -> list[Atoms]:
         :func:`skntk.io.read_structures`, e.g. extended XYZ).
     name : str, default="X"
         Name of the argument in error messages.
-    model_name : str or None, default=None
-        Name of the model in the message about elements outside ``species`` (``None``: "the
-        model").
 
     Returns
     -------
@@ -115,6 +112,9 @@ def validate_structures(atoms_list, *, species=None, name: str = "X",
         Atomic numbers a model supports; ``None`` accepts any element.
     name : str, default="X"
         Name of the argument in error messages.
+    model_name : str or None, default=None
+        Name of the model in the message about elements outside ``species`` (``None``: "the
+        model").
 
     Returns
     -------
