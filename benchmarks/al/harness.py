@@ -220,6 +220,10 @@ def run_one(cfg, method, seed, out_dir, model):
 def cmd_run(args):
     from skntk.models import load
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     out_dir = Path(args.out) if args.out else RESULTS / cfg["experiment"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -650,6 +654,9 @@ def main(argv=None) -> int:
     r.add_argument("--max-hours", type=float, default=None,
                    help="start no new run after this many hours (rerun to continue)")
     r.add_argument("--out", default=None, help="result folder (default results/al/<experiment>)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core); give each of "
+                        "several parallel runs its share, e.g. 1 each for two runs on 2 cores")
     p = sub.add_parser("report", help="table + plots from a result folder")
     p.add_argument("directory")
     d = sub.add_parser("docs", help="docs/evidence.md from FINDINGS.md and every experiment")
