@@ -62,8 +62,12 @@ def error_metrics(atoms, energies, forces, pred_energies, pred_forces, *, system
     metrics : dict
         ``energy_mae``, ``energy_rmse`` (eV/atom), ``energy_mae_centered``,
         ``energy_rmse_centered`` (eV/atom, after subtracting each system's mean per-atom error),
-        ``force_mae``, ``force_rmse`` (eV/Å, components of free atoms), ``n_structures``,
-        ``n_force_atoms``.
+        ``force_mae``, ``force_rmse`` (eV/Å, components of free atoms), the tails of the
+        per-atom force error norm |ΔF_i| over free atoms: ``force_q95``, ``force_q99`` (95th /
+        99th percentile), ``force_max`` (largest), ``force_max_atom_mean`` (mean over structures
+        of each structure's largest |ΔF_i|), ``force_mae_q90`` (90th percentile of the
+        per-structure force MAE), ``n_structures``, ``n_force_atoms``. Every force key is NaN
+        when no structure has force labels (an energy-only test set).
     """
     n_atoms = np.array([len(a) for a in atoms], dtype=float)
     err = (np.asarray(pred_energies, float) - np.asarray(energies, float)) / n_atoms
@@ -73,9 +77,12 @@ def error_metrics(atoms, energies, forces, pred_energies, pred_forces, *, system
     centred = err.copy()
     for idx in groups.values():
         centred[idx] -= err[idx].mean()
-    dF = [(np.asarray(pf) - np.asarray(f))[free_atoms(a)]
-          for a, f, pf in zip(atoms, forces, pred_forces, strict=True) if f is not None]
-    dF = np.concatenate(dF).ravel() if dF else np.empty(0)
+    # per structure: the force errors of its free atoms, shape (n_free_i, 3)
+    per = [(np.asarray(pf) - np.asarray(f))[free_atoms(a)]
+           for a, f, pf in zip(atoms, forces, pred_forces, strict=True) if f is not None]
+    per = [d for d in per if d.size]
+    dF = np.concatenate(per).ravel() if per else np.empty(0)
+    norms = np.concatenate([np.linalg.norm(d, axis=1) for d in per]) if per else np.empty(0)
     nan = float("nan")
     return {
         "energy_mae": float(np.mean(np.abs(err))),
@@ -84,6 +91,13 @@ def error_metrics(atoms, energies, forces, pred_energies, pred_forces, *, system
         "energy_rmse_centered": float(np.sqrt(np.mean(centred ** 2))),
         "force_mae": float(np.mean(np.abs(dF))) if dF.size else nan,
         "force_rmse": float(np.sqrt(np.mean(dF ** 2))) if dF.size else nan,
+        "force_q95": float(np.quantile(norms, 0.95)) if norms.size else nan,
+        "force_q99": float(np.quantile(norms, 0.99)) if norms.size else nan,
+        "force_max": float(norms.max()) if norms.size else nan,
+        "force_max_atom_mean": (float(np.mean([np.linalg.norm(d, axis=1).max() for d in per]))
+                                if per else nan),
+        "force_mae_q90": (float(np.quantile([np.mean(np.abs(d)) for d in per], 0.9))
+                          if per else nan),
         "n_structures": len(atoms),
         "n_force_atoms": int(dF.size // 3),
     }
@@ -110,7 +124,9 @@ def evaluate(model, atoms, *, groups=None, system_key="sid") -> dict:
         ``energy_mae``, ``energy_rmse`` (eV/atom: per-structure ``|E_pred - E_ref| / N``),
         ``energy_mae_centered``, ``energy_rmse_centered`` (eV/atom, after removing each system's
         mean per-atom offset), ``force_mae``, ``force_rmse`` (eV/Å, over the force components of
-        free atoms: OC20's ``fixed`` and ASE ``FixAtoms`` exclude atoms), ``n_structures``,
+        free atoms: OC20's ``fixed`` and ASE ``FixAtoms`` exclude atoms), the tail errors
+        ``force_q95``, ``force_q99``, ``force_max``, ``force_max_atom_mean`` and
+        ``force_mae_q90`` (eV/Å; see :func:`error_metrics`), ``n_structures``,
         ``n_force_atoms``; with ``groups``, also ``"groups": {label: metrics}``.
 
     Examples

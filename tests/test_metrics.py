@@ -80,6 +80,17 @@ def labels_of(a):
     return a.info["REF_energy"], a.arrays.get("REF_forces")
 
 
+def quantile(values, p):
+    """The p-quantile by linear interpolation between order statistics (position (n - 1) p)."""
+    if not values:
+        return np.nan
+    v = sorted(values)
+    pos = (len(v) - 1) * p
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
 def reference_metrics(frames, pred_e, pred_f, system_key="sid"):
     """The documented errors, with plain loops."""
     per_atom, systems = [], []
@@ -93,15 +104,21 @@ def reference_metrics(frames, pred_e, pred_f, system_key="sid"):
     for i, s in enumerate(systems):
         same = [per_atom[j] for j in range(len(frames)) if systems[j] == s]
         centred.append(per_atom[i] - sum(same) / len(same))
-    comps = []
+    comps, norms, struct_max, struct_mae = [], [], [], []
     for a, pf in zip(frames, pred_f, strict=True):
         _, f = labels_of(a)
         if f is None:
             continue
         free = free_mask(a)
+        mine = []
         for i in range(len(a)):
             if free[i]:
                 comps.extend(pf[i] - f[i])
+                mine.append(list(pf[i] - f[i]))
+                norms.append(sum(c * c for c in pf[i] - f[i]) ** 0.5)
+        if mine:
+            struct_max.append(max(sum(c * c for c in row) ** 0.5 for row in mine))
+            struct_mae.append(sum(abs(c) for row in mine for c in row) / (3 * len(mine)))
     comps = np.array(comps)
     return {
         "energy_mae": np.mean(np.abs(per_atom)),
@@ -110,6 +127,11 @@ def reference_metrics(frames, pred_e, pred_f, system_key="sid"):
         "energy_rmse_centered": np.sqrt(np.mean(np.square(centred))),
         "force_mae": np.mean(np.abs(comps)) if comps.size else np.nan,
         "force_rmse": np.sqrt(np.mean(comps ** 2)) if comps.size else np.nan,
+        "force_q95": quantile(norms, 0.95),
+        "force_q99": quantile(norms, 0.99),
+        "force_max": max(norms) if norms else np.nan,
+        "force_max_atom_mean": sum(struct_max) / len(struct_max) if struct_max else np.nan,
+        "force_mae_q90": quantile(struct_mae, 0.9),
         "n_structures": len(frames),
         "n_force_atoms": comps.size // 3,
     }
@@ -166,6 +188,8 @@ def test_evaluate_exact_model_is_zero_and_energy_only_labels():
     assert m["energy_mae"] == pytest.approx(0.5, rel=1e-12)
     assert m["energy_mae_centered"] == pytest.approx(0.0, abs=1e-12)
     assert np.isnan(m["force_mae"]) and np.isnan(m["force_rmse"]) and m["n_force_atoms"] == 0
+    for key in ("force_q95", "force_q99", "force_max", "force_max_atom_mean", "force_mae_q90"):
+        assert np.isnan(m[key]), key  # always present, NaN without force labels
     with pytest.raises(ValueError, match="no energy label"):
         evaluate(EMT(), frames)  # unlabelled
     with pytest.raises(ValueError, match="at least one"):
@@ -230,3 +254,17 @@ def test_groups_by_info_key_and_by_list():
         evaluate(EMT(), frames, groups="temperature")
     with pytest.raises(ValueError, match="groups has 3 labels; there are 7"):
         evaluate(EMT(), frames, groups=["a", "b", "c"])
+
+
+def test_tail_force_errors_by_hand():
+    """Two structures, one error vector each atom, numbers small enough to check by hand."""
+    frames = [bulk("Cu", "fcc", a=3.61).repeat((2, 1, 1)), bulk("Cu", "fcc", a=3.61)]
+    forces = [np.zeros((2, 3)), np.zeros((1, 3))]
+    pred_f = [np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]]), np.array([[0.0, 2.0, 0.0]])]
+    m = error_metrics(frames, np.zeros(2), forces, np.zeros(2), pred_f)
+    # per-atom norms 5, 1, 2; per-structure max 5, 2; per-structure MAE 8/6, 2/3
+    assert m["force_max"] == 5.0
+    assert m["force_max_atom_mean"] == pytest.approx(3.5)
+    assert m["force_q95"] == pytest.approx(2 + 0.9 * 3)  # position 1.9 between 2 and 5
+    assert m["force_q99"] == pytest.approx(2 + 0.98 * 3)
+    assert m["force_mae_q90"] == pytest.approx(2 / 3 + 0.9 * (8 / 6 - 2 / 3))

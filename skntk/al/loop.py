@@ -51,6 +51,8 @@ class ActiveLearningResult:
         One entry per round (round 0: the initial labelled set): ``round``, ``n_labelled``,
         ``metrics`` (``{test_set: evaluate(...) dict}``), ``timings`` (seconds per stage:
         featurize, select, label, finetune, evaluate; ``committee_finetune`` for a committee),
+        ``finetune`` (``best_epoch``: the epoch whose weights were kept, 0 = the pretrained
+        ones; ``epochs_run``: the epochs trained before early stopping; ``max_epochs``: the cap),
         ``selected`` (pool indices labelled in that round), ``failed`` (pool index → reason).
     selected : list of int
         Pool indices in labelling order (successful labels only).
@@ -347,6 +349,9 @@ class ActiveLearningLoop(BaseEstimator):
                        for name, atoms in tests.items()}
             timings["evaluate"] = time.perf_counter() - t0
             entry = {"round": rnd, "n_labelled": len(train), "metrics": metrics,
+                     "finetune": {"best_epoch": int(reg.best_epoch_),
+                                  "epochs_run": int(reg.history_[-1]["epoch"]),
+                                  "max_epochs": int(reg.epochs)},
                      "timings": timings, "selected": new,
                      "failed": {str(k): v for k, v in new_failed.items()}}
             history.append(entry)

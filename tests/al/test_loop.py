@@ -153,6 +153,15 @@ def test_history_metrics_equal_evaluate_and_timings(cu_slabs, tiny_model):
             assert t["label"] > 0 and t["select"] > 0
     df = res.to_frame()
     assert len(df) == 3 * 2 and {"time_finetune", "force_mae", "test_set"} <= set(df.columns)
+    # each round records its fine-tuning; round 0 is the same fit as a regressor of the round's seed
+    for h in res.history:
+        ft = h["finetune"]
+        assert ft["max_epochs"] == 2 and 0 <= ft["best_epoch"] <= ft["epochs_run"] <= 2
+    seed0 = int(np.random.SeedSequence(0).generate_state(3)[0])
+    ref = regressor(tiny_model, epochs=2).set_params(random_state=seed0).fit(cu_slabs(3, 0))
+    assert res.history[0]["finetune"] == {"best_epoch": ref.best_epoch_,
+                                          "epochs_run": ref.history_[-1]["epoch"],
+                                          "max_epochs": 2}
 
 
 def test_growing_n_rounds_repeats_the_shorter_run(cu_slabs, tiny_model, tmp_path):
