@@ -234,3 +234,78 @@ def test_variants_of_an_experiment_are_summarised_on_their_own(harness, tmp_path
     assert "| `pv` | 2 | 2 | 0.500 | -50.00" in base and "eth_big" not in base
     assert "| `pv` | 2 | 0 | 1.500 | +50.00" in big
     assert "| `pv` | 2 | 0 | 2.000 | +100.00" in probes
+
+
+def test_labels_needed_by_hand(harness):
+    n, curve = harness.monotone_curve([(10, 0.30), (30, 0.22), (20, 0.25), (40, 0.23)])
+    assert n.tolist() == [10, 20, 30, 40] and curve.tolist() == [0.30, 0.25, 0.22, 0.22]
+    assert harness.labels_needed(n, curve, 0.31) == 10  # the first budget already reaches it
+    assert harness.labels_needed(n, curve, 0.25) == 20
+    assert harness.labels_needed(n, curve, 0.235) == pytest.approx(25.0)  # halfway 20 -> 30
+    assert harness.labels_needed(n, curve, 0.2) == float("inf")  # never: "> 40", no extrapolation
+
+
+def test_random_extended_grows_random_and_gives_labels_to_target(harness, tmp_path):
+    cfg = _config(tmp_path)
+    text = cfg.read_text().replace('methods = ["random", "pv_lcmd", "maxdist_embedding"]',
+                                   'methods = ["random", "random_extended", "maxdist_embedding"]')
+    text = text.replace("n_rounds = 2", "n_rounds = 2\nextended_rounds = 4")
+    text = text.replace("seeds = [0, 1]", "seeds = [0]")
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    assert harness.main(["run", str(cfg), "--out", str(out)]) == 0
+    rec = {p.name.split("-")[1]: json.loads(p.read_text()) for p in out.glob("*.json")}
+    ext, rand = rec["random_extended"], rec["random"]
+    assert ext["grown_from"] == "random"
+    assert [h["n_labelled"] for h in ext["rounds"]] == [4, 6, 8, 10, 12]
+    assert ext["rounds"][:3] == rand["rounds"]  # random's rounds, repeated exactly
+    assert all(h["finetune"]["max_epochs"] == 1 for h in ext["rounds"])
+    records = list(rec.values())
+    ltt = harness.labels_to_target(records, "heldout")
+    curve = [h["metrics"]["heldout"]["force_mae"] for h in ext["rounds"]]
+    best = np.minimum.accumulate(curve)
+    for m in ("random", "maxdist_embedding"):
+        final = rec[m]["rounds"][-1]["metrics"]["heldout"]["force_mae"]
+        k = next((i for i, c in enumerate(best) if c <= final), None)
+        if k is None:
+            want = float("inf")
+        elif k == 0:
+            want = 4.0
+        else:
+            want = 4 + 2 * (k - 1) + 2 * (best[k - 1] - final) / (best[k - 1] - best[k])
+        assert ltt[m]["needed"] == pytest.approx(want) and ltt[m]["n"] == 8
+    assert random_extended_excluded(harness, records)
+    report = harness.report_markdown(out)
+    assert "**Labels to target**" in report and "Fine-tuning against its epoch cap" in report
+    assert "force_q95" in report  # the tail metrics are reported where the JSONs have them
+
+
+def random_extended_excluded(harness, records):
+    """random_extended ends at more labels: never paired with random nor in the summary."""
+    summ = harness.summarise(records, "force_mae")["heldout"]
+    return "random_extended" not in harness.paired(summ)
+
+
+def test_formula_filters_of_a_files_split(harness, tmp_path):
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for k in range(12):
+        a = molecule("CH3CH2OH" if k % 3 else "CH3OH")
+        a.rattle(0.01, seed=k)
+        a.calc = SinglePointCalculator(a, energy=-float(k), forces=np.zeros((len(a), 3)))
+        frames.append(a)
+    src = tmp_path / "mixed.extxyz"
+    write(src, frames)
+    cfg = {"_dir": str(tmp_path), "data": {
+        "split": "files", "source": str(src), "n_labelled": 3, "labelled_formula": "C2H6O",
+        "formula_groups": True,
+        "test": {"methanol": {"file": str(src), "n": 10, "formula": "CH4O"}}}}
+    labelled, pool, tests, _ = harness.make_split(cfg, 0)
+    assert len(labelled) == 3 and {a.get_chemical_formula() for a in labelled} == {"C2H6O"}
+    assert len(pool) == 9  # every other frame, methanol included
+    assert {a.info["group"] for a in pool} == {"C2H6O", "CH4O"}
+    assert len(tests["methanol"]) == 4
+    assert {a.get_chemical_formula() for a in tests["methanol"]} == {"CH4O"}

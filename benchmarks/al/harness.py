@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "al"
 CONFIGS = Path(__file__).resolve().parent / "configs"
+#: Random selection run to ``loop.extended_rounds`` rounds: the curve labels-to-target reads.
+EXTENDED = "random_extended"
 #: Where ``docs`` puts the generated summary tables inside FINDINGS.md.
 SUMMARY_MARK = "<!-- summary tables: harness.py docs -->"
 
@@ -85,10 +88,19 @@ def make_split(cfg, seed):
     tests = {}
     if rule == "files":
         src = _read(cfg, d["source"])
-        labelled, rest = _draw(rng, src, d["n_labelled"])
-        pool, rest = _draw(rng, rest, d["n_pool"])
+        if d.get("formula_groups"):
+            for a in src:
+                a.info["group"] = a.get_chemical_formula()
+        if d.get("labelled_formula"):  # labelled only from frames of one molecule
+            own = [a for a in src if a.get_chemical_formula() == d["labelled_formula"]]
+            labelled, _ = _draw(rng, own, d["n_labelled"])
+            chosen = {id(a) for a in labelled}
+            rest = [a for a in src if id(a) not in chosen]
+        else:
+            labelled, rest = _draw(rng, src, d["n_labelled"])
+        pool, rest = _draw(rng, rest, d.get("n_pool", len(rest)))
         for name, t in d.get("test", {}).items():
-            frames = _read(cfg, t["file"]) if "file" in t else rest
+            frames = _formula(_read(cfg, t["file"]) if "file" in t else rest, t)
             tests[name], rest2 = _draw(rng, frames, t["n"], tag=name)
             if "file" not in t:
                 rest = rest2
@@ -97,18 +109,29 @@ def make_split(cfg, seed):
         lab_src = _read(cfg, d["labelled_file"])
         labelled, lab_rest = _draw(rng, lab_src, d["n_labelled"])
         pool = []
-        for f, frac in zip(d["pool_files"], d["pool_fractions"], strict=True):
+        fractions = d.get("pool_fractions", [None] * len(d["pool_files"]))
+        for f, frac in zip(d["pool_files"], fractions, strict=True):
             frames = lab_rest if f == d["labelled_file"] else _read(cfg, f)
             for a in frames:
                 a.info["group"] = Path(f).stem
-            pool += _draw(rng, frames, int(round(frac * d["n_pool"])))[0]
+            # without pool_fractions every frame of each file (less the labelled ones) is in
+            n = len(frames) if frac is None else int(round(frac * d["n_pool"]))
+            pool += _draw(rng, frames, n)[0]
         pool = [pool[i] for i in rng.permutation(len(pool))]
         for name, t in d.get("test", {}).items():
-            tests[name] = _draw(rng, _read(cfg, t["file"]), t["n"], tag=name)[0]
+            frames = _formula(_read(cfg, t["file"]), t)
+            tests[name] = _draw(rng, frames, min(t["n"], len(frames)), tag=name)[0]
         return labelled, pool, tests, f"s{seed}"
     if rule == "sid":
         return _sid_split(cfg, d, seed, rng)
     raise ValueError(f"unknown split rule {rule!r}: expected files, shift or sid.")
+
+
+def _formula(frames, spec):
+    """The frames of ``spec["formula"]`` (a chemical formula such as ``"CH4O"``), or all."""
+    if "formula" not in spec:
+        return frames
+    return [a for a in frames if a.get_chemical_formula() == spec["formula"]]
 
 
 def eligible_unseen(by_sid):
@@ -192,14 +215,24 @@ def run_one(cfg, method, seed, out_dir, model):
     if path.exists():
         return path, False
     reg = MLIPRegressor(model, **cfg.get("finetune", {}))
-    sel = build_selector(method, model, regressor=reg, random_state=seed,
-                         **cfg.get("selector", {}))
+    loop_kw = {k: v for k, v in cfg["loop"].items() if k != "extended_rounds"}
+    ckpt = out_dir / ".ckpt" / path.stem
+    grown_from = None
+    if method == EXTENDED:
+        # random at more budgets: the loop's rounds are prefix-stable for a seed, so this run
+        # repeats random's rounds and goes on; it starts from random's checkpoint when there is one
+        loop_kw["n_rounds"] = cfg["loop"]["extended_rounds"]
+        src = out_dir / ".ckpt" / f"{split}-random-{seed}"
+        if not ckpt.exists() and (src / "state.json").exists():
+            shutil.copytree(src, ckpt)
+            grown_from = "random"
+    sel = build_selector("random" if method == EXTENDED else method, model, regressor=reg,
+                         random_state=seed, **cfg.get("selector", {}))
     t0 = time.perf_counter()
     loop = ActiveLearningLoop(sel, reg, PoolOracle(), test_sets=tests,
                               groups=cfg["data"].get("groups"), random_state=seed,
-                              checkpoint_dir=out_dir / ".ckpt" / path.stem,
-                              feature_cache=out_dir / ".features",
-                              progress_bar=False, **cfg["loop"])
+                              checkpoint_dir=ckpt, feature_cache=out_dir / ".features",
+                              progress_bar=False, **loop_kw)
     res = loop.run(labelled, pool)
     record = {
         "experiment": cfg["experiment"], "split": split, "method": method, "seed": seed,
@@ -211,6 +244,8 @@ def run_one(cfg, method, seed, out_dir, model):
         "n_labelled0": len(labelled), "n_pool": len(pool),
         "n_test": {k: len(v) for k, v in tests.items()},
     }
+    if grown_from:
+        record["grown_from"] = grown_from  # ``seconds`` then counts the extra rounds only
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
@@ -255,6 +290,8 @@ def summarise(records, metric="force_mae"):
     for r in records:
         for h in r["rounds"]:
             for test, m in h["metrics"].items():
+                if metric not in m:  # a metric added after the run
+                    continue
                 cell = out.setdefault(test, {}).setdefault(r["method"], {"by_round": {},
                                                                          "final": {},
                                                                          "seconds": []})
@@ -262,7 +299,7 @@ def summarise(records, metric="force_mae"):
         for test in out:
             if r["method"] in out[test]:
                 last = r["rounds"][-1]
-                if test in last["metrics"]:
+                if metric in last["metrics"].get(test, {}):
                     out[test][r["method"]]["final"][(r["split"], r["seed"])] = \
                         last["metrics"][test][metric]
                     out[test][r["method"]]["seconds"].append(r["seconds"])
@@ -276,10 +313,18 @@ def summarise(records, metric="force_mae"):
     return out
 
 
+#: The tail and offset-free metrics of the second round, reported where the JSONs carry them.
+TAIL_METRICS = ("force_q95", "force_q99", "force_max_atom_mean", "force_mae_q90",
+                "energy_mae_centered")
+
+
 def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
     records = load_results(directory)
     if not records:
         return f"No results in {directory}.\n"
+    first = next(iter(records[0]["rounds"][0]["metrics"].values()), {})
+    metrics = tuple(metrics) + tuple(m for m in TAIL_METRICS
+                                     if m in first and m not in metrics)
     exp = records[0]["experiment"]
     lines = [f"### {exp}", "",
              f"{len(records)} runs; machine: {records[0]['machine']}; "
@@ -290,6 +335,8 @@ def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
         unit = "eV/Å" if metric.startswith("force") else "eV/atom"
         summ = summarise(records, metric)
         for test, methods in sorted(summ.items()):
+            if all(np.isnan(r[1]) for c in methods.values() for r in c["rounds"]):
+                continue  # e.g. force errors on an energy-only test set
             lines += [f"**{metric} ({unit}) on `{test}`** — mean ± std over seeds per round "
                       f"(labelled structures in brackets); last columns: median ratio to random "
                       f"at the last round and seeds where the method beats random (paired).", ""]
@@ -309,6 +356,8 @@ def report_markdown(directory, metrics=("force_mae", "energy_mae")) -> str:
                 row.append(f"{cell['seconds']:.0f}")
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
+    lines += labels_to_target_markdown(records)
+    lines += finetune_markdown(records)
     lines += subgroup_markdown(records)
     lines += cost_markdown(records)
     lines += selection_mix_markdown(records)
@@ -351,6 +400,113 @@ def selection_mix_markdown(records):
         lines.append(f"| {m} | " + " | ".join(f"{c.get(lab, 0) / total:.0%}"
                                                if lab in map(str, c) else "0%"
                                                for lab in labels) + " |")
+    return lines + [""]
+
+
+def monotone_curve(points):
+    """``[(n_labelled, value)]`` sorted by n, each value replaced by the best so far (running
+    minimum): the error random reaches with *at most* n labels."""
+    pts = sorted(points)
+    n = np.array([p[0] for p in pts], dtype=float)
+    return n, np.minimum.accumulate(np.array([p[1] for p in pts], dtype=float))
+
+
+def labels_needed(n, curve, value):
+    """Labels a random batch needs to reach ``value`` on the monotone ``curve`` over ``n``
+    (linear interpolation between budgets); ``n[0]`` when the first budget already reaches it,
+    ``inf`` when no budget does (never extrapolated)."""
+    hit = np.nonzero(curve <= value)[0]
+    if not hit.size:
+        return float("inf")
+    k = int(hit[0])
+    if k == 0:
+        return float(n[0])
+    return float(n[k - 1] + (curve[k - 1] - value) / (curve[k - 1] - curve[k])
+                 * (n[k] - n[k - 1]))
+
+
+def labels_to_target(records, test, metric="force_mae"):
+    """``{method: {"n": final labels, "needed": labels random needs for the method's seed-mean
+    final error, "per_seed": [labels needed for each seed's final error], "n_max": random's
+    largest budget}}`` on ``test``; random's curve is the seed-mean learning curve of
+    ``random_extended`` made monotone, or None without one."""
+    summ = summarise(records, metric).get(test, {})
+    if EXTENDED not in summ:
+        return None
+    n, curve = monotone_curve([(r[0], r[1]) for r in summ[EXTENDED]["rounds"]])
+    out = {}
+    for m, cell in summ.items():
+        if m == EXTENDED or not cell["final"]:
+            continue
+        finals = list(cell["final"].values())
+        out[m] = {"n": cell["rounds"][-1][0], "n_max": int(n[-1]),
+                  "needed": labels_needed(n, curve, float(np.mean(finals))),
+                  "per_seed": [labels_needed(n, curve, v) for v in finals]}
+    return out
+
+
+def _labels_cell(x, n_max):
+    return f"> {n_max}" if np.isinf(x) else f"{x:.0f}"
+
+
+def labels_to_target_markdown(records, metrics=("force_mae", "force_q95")):
+    """Per test set and metric: the labels random needs to reach each method's final error."""
+    lines = []
+    tests = sorted({t for r in records for t in r["rounds"][-1]["metrics"]})
+    for metric in metrics:
+        for test in tests:
+            ltt = labels_to_target(records, test, metric)
+            if not ltt or all(np.isnan(summarise(records, metric)[test][m]["rounds"][-1][1])
+                              for m in ltt):
+                continue
+            if not lines:
+                lines = ["**Labels to target** — the labels a random batch needs to reach each "
+                         "method's final error (interpolated on `random_extended`'s seed-mean "
+                         "curve made monotone; \"> N\" where random never reaches it within its "
+                         "N labels); fewer labels % = 1 − the method's labels ÷ random's; "
+                         "per seed: median [min, max] of the same for each seed's final error.", ""]
+            lines += [f"*{metric} on `{test}`*", "",
+                      "| method | labels | random needs | fewer labels | per seed |",
+                      "|---|---|---|---|---|"]
+            for m, c in sorted(ltt.items()):
+                per = np.array(c["per_seed"])
+                fewer = ("—" if np.isinf(c["needed"])
+                         else f"{100 * (1 - c['n'] / c['needed']):+.0f} %")
+                spread = (f"{_labels_cell(np.median(per), c['n_max'])} "
+                          f"[{_labels_cell(per.min(), c['n_max'])}, "
+                          f"{_labels_cell(per.max(), c['n_max'])}]")
+                lines.append(f"| {m} | {c['n']} | {_labels_cell(c['needed'], c['n_max'])} | "
+                             f"{fewer} | {spread} |")
+            lines.append("")
+    return lines
+
+
+def finetune_summary(records):
+    """``{method: (rounds, rounds whose best epoch is the cap, rounds that ran to the cap)}``
+    from each round's ``finetune`` record (runs before it was recorded are left out)."""
+    out = {}
+    for r in records:
+        for h in r["rounds"]:
+            ft = h.get("finetune")
+            if ft is None:
+                continue
+            c = out.setdefault(r["method"], [0, 0, 0])
+            c[0] += 1
+            c[1] += ft["best_epoch"] == ft["max_epochs"]
+            c[2] += ft["epochs_run"] == ft["max_epochs"]
+    return {m: tuple(c) for m, c in out.items()}
+
+
+def finetune_markdown(records):
+    ft = finetune_summary(records)
+    if not ft:
+        return []
+    lines = ["**Fine-tuning against its epoch cap** (rounds of all runs: how often the kept "
+             "weights were those of the last allowed epoch, i.e. training might have gone on "
+             "improving, and how often training ran to the cap without early stopping)", "",
+             "| method | rounds | best epoch = cap | ran to cap |", "|---|---|---|---|"]
+    for m, (n, best, ran) in sorted(ft.items()):
+        lines.append(f"| {m} | {n} | {best} ({best / n:.0%}) | {ran} ({ran / n:.0%}) |")
     return lines + [""]
 
 
@@ -491,6 +647,8 @@ def target_tests(config):
     """The test sets an experiment is judged on: the first of ``data.test`` (the target), or for
     a ``sid`` split both the held-out frames of the pool systems and the unseen systems."""
     d = config["data"]
+    if d.get("targets"):
+        return list(d["targets"])
     if d["split"] == "sid":
         return ["in_distribution", "unseen_systems"]
     return list(d.get("test", {}))[:1]
@@ -504,7 +662,7 @@ def paired(methods):
     out = {}
     for m, cell in methods.items():
         pairs = [(v, rand[k]) for k, v in sorted(cell["final"].items()) if k in rand]
-        if m != "random" and pairs:
+        if m not in ("random", EXTENDED) and pairs:  # random_extended ends at more labels
             out[m] = pairs
     return out
 
@@ -577,7 +735,7 @@ def _summary_one(runs, metric):
                     pooled.setdefault(m, []).extend(p)
     if not cols:
         return []
-    methods = sorted({m for _, summ, _ in cols for m in summ},
+    methods = sorted({m for _, summ, _ in cols for m in summ if m != EXTENDED},
                      key=lambda m: (m != "random", m))
     unit = "eV/Å" if metric.startswith("force") else "eV/atom"
     lines = [f"**{metric} ({unit}) at the last round, every experiment** — mean ± std over seeds "
