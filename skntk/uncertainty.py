@@ -363,12 +363,18 @@ class ForceUncertainty(BaseEstimator):
     def _calibrate(self, inputs, cal):
         """Fit the maps (structure, atom, energy) and the conformal scores on labelled ``cal``,
         whose map inputs (:meth:`_inputs`) are ``inputs``."""
-        energies, forces = get_labels(cal)
-        missing = [i for i, f in enumerate(forces) if f is None]
-        if missing:
-            i = missing[0]
-            raise ValueError(f"calibration_atoms[{i}] ({cal[i].get_chemical_formula()}) has no "
-                             f"force label; calibration needs DFT forces.")
+        energies, forces = np.zeros(len(cal)), []
+        for i, a in enumerate(cal):
+            try:
+                e, f = get_labels([a])
+            except ValueError:
+                e, f = None, [None]
+            if e is None or f[0] is None:
+                what = "energy" if e is None else "force"
+                raise ValueError(f"calibration_atoms[{i}] ({a.get_chemical_formula()}) has no "
+                                 f"{what} label; calibration needs DFT energies and forces.")
+            energies[i] = e[0]
+            forces.append(f[0])
         errors, atom_errors = [], []
         for f_ref, f_hat, free in zip(forces, inputs["forces"], inputs["free"], strict=True):
             err = np.abs(f_hat - f_ref)[free]  # [n_free, 3]
