@@ -17,6 +17,7 @@ from skntk.selection.baselines import MaxDistSelector, RandomSelector
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
+from skntk.uncertainty import ForceUncertainty
 
 __version__ = "0.1.0.dev0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "EmbeddingTransformer",
     "FeatureBlocks",
     "ForceNTKTransformer",
+    "ForceUncertainty",
     "LCMDSelector",
     "MLIP",
     "MaxDistSelector",

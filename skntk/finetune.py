@@ -208,6 +208,12 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         Change of each element's reference energy (eV/atom); empty without ``refit_shifts``.
     elements_ : frozenset of int
         Elements of the training structures.
+    train_indices_ : ndarray of int of shape (n_train,)
+        Indices into ``X`` of the structures trained on (sorted).
+    validation_indices_ : ndarray of int of shape (n_validation,)
+        Indices into ``X`` of the structures held out for early stopping (sorted; empty when
+        there is no validation split). :meth:`skntk.ForceUncertainty.from_regressor` calibrates
+        on them.
     best_epoch_ : int
         Epoch whose weights were kept (0: the pretrained weights, after the refit).
     fit_time_ : float
@@ -336,6 +342,8 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
             for n, p in params.items():
                 p.requires_grad_(flags[n])
         self.model_ = model
+        self.train_indices_ = tr_idx
+        self.validation_indices_ = val_idx
         self.history_ = history
         self.best_epoch_ = best_epoch
         self.fit_time_ = time.perf_counter() - t_start

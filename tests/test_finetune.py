@@ -194,6 +194,19 @@ def test_determinism_and_seed_dependence(cu_data):
     assert strip[2][0] != strip[0][0]
 
 
+def test_train_and_validation_indices_partition_the_structures(cu_data):
+    """The split fit makes is stored (ForceUncertainty.from_regressor calibrates on it)."""
+    train, _ = cu_data
+    reg = MLIPRegressor(small_model(), epochs=0, validation_fraction=0.2,
+                        random_state=0).fit(train)
+    tr, val = reg.train_indices_, reg.validation_indices_
+    assert len(val) == 3 and len(tr) == 12
+    assert sorted(tr.tolist() + val.tolist()) == list(range(15))
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(val) > 0)
+    one = MLIPRegressor(small_model(), epochs=0, random_state=0).fit(train[:1])
+    assert one.train_indices_.tolist() == [0] and one.validation_indices_.size == 0
+
+
 # -- reference-energy refit -----------------------------------------------------------------------
 def test_refit_recovers_per_element_offsets():
     frames = cupt_slabs(10, 2)

@@ -1,0 +1,160 @@
+"""Quick measurement behind the defaults of :class:`skntk.ForceUncertainty` (issue 24).
+
+One fine-tuning of SevenNet-0 on ``n_train`` acetylacetone frames (300 K MD, the recipe of
+``benchmarks/al/configs/acac_shift_0.toml``: 3 epochs, patience 2), a calibration set of
+``n_calibration`` other 300 K frames, and held-out test frames from the 300 K and 600 K MD test
+files (half each). For each featuriser (energy NTK rows; joint rows with probes; optionally
+exact joint rows) and each input of the calibration map (posterior variance alone, the model's
+own mean |F̂| alone, both, and a random score as the floor), on the 300 K, 600 K and all test
+frames:
+
+- Spearman ρ between predicted and true per-structure force MAE;
+- ROC-AUC of finding the worst 10 % of structures (true MAE at or above the 90th percentile);
+- observed coverage of the 90 % split-conformal upper bound (guaranteed only for frames
+  exchangeable with the calibration set: the 300 K ones);
+- cost: featurisation and map per test structure, relative to one batched E+F evaluation.
+
+One seed, one dataset: a reason to pick a default, not a result. Writes
+``benchmarks/results/uncertainty/<name>.json``.
+
+Usage::
+
+    python benchmarks/bench_uncertainty.py --threads 1            # ~10-20 min on 1 core
+    python benchmarks/bench_uncertainty.py --threads 1 --fast     # ~2 min smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent.parent / "shared" / "data" / "molecules"
+if not DATA.exists():  # a worktree next to /work/shared
+    DATA = Path("/work/shared/data/molecules")
+RESULTS = ROOT / "results" / "uncertainty"
+
+FULL = {"n_train": 24, "n_calibration": 30, "n_test": 150, "epochs": 3}
+FAST = {"n_train": 8, "n_calibration": 10, "n_test": 20, "epochs": 1}
+
+
+def featurizers(model, exact):
+    from skntk.transformers import ForceNTKTransformer
+
+    out = {
+        "energy": ForceNTKTransformer(model, kind="energy", n_features=256, random_state=0),
+        "joint_probes4": ForceNTKTransformer(model, kind="joint", force_rows="probes",
+                                             n_probes=4, n_features=256, random_state=0),
+    }
+    if exact:
+        out["joint_exact"] = ForceNTKTransformer(model, kind="joint", force_rows="exact",
+                                                 n_features=256, random_state=0)
+    return out
+
+
+def metrics(pred, true, upper):
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    worst = true >= np.quantile(true, 0.9)
+    auc = float(roc_auc_score(worst, pred)) if 0 < worst.sum() < len(true) else None
+    return {"spearman": float(spearmanr(pred, true).statistic), "auc_worst10": auc,
+            "coverage90": None if upper is None else float(np.mean(true <= upper)),
+            "mean_pred": float(np.mean(pred)), "mean_true": float(np.mean(true))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fast", action="store_true", help="a small smoke run")
+    p.add_argument("--exact", action="store_true", help="also exact joint rows (slow)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path")
+    args = p.parse_args(argv)
+
+    import torch
+    from ase.io import read
+
+    from skntk.finetune import MLIPRegressor, predict_energies_forces
+    from skntk.io import get_labels
+    from skntk.models import load
+    from skntk.uncertainty import ForceUncertainty, conformal_quantile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = FAST if args.fast else FULL
+    rng = np.random.default_rng(args.seed)
+    train_file = read(DATA / "acac_train_300K.xyz", ":")
+    idx = rng.permutation(len(train_file))
+    train = [train_file[i] for i in idx[:size["n_train"]]]
+    cal = [train_file[i] for i in idx[size["n_train"]:size["n_train"] + size["n_calibration"]]]
+    tests = {}
+    for temp in ("300K", "600K"):
+        frames = read(DATA / f"acac_test_MD_{temp}.xyz", ":")
+        pick = rng.choice(len(frames), size["n_test"] // 2, replace=False)
+        tests[temp] = [frames[i] for i in np.sort(pick)]
+    test = tests["300K"] + tests["600K"]
+    part = {"300K": slice(0, len(tests["300K"])), "600K": slice(len(tests["300K"]), len(test)),
+            "all": slice(0, len(test))}
+
+    model = load("sevennet-0", device="cpu")
+    t0 = time.perf_counter()
+    reg = MLIPRegressor(model, epochs=size["epochs"], patience=2, device="cpu",
+                        random_state=args.seed).fit(train)
+    t_finetune = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _, test_forces_hat = predict_energies_forces(reg.model_, test)
+    t_ef = (time.perf_counter() - t0) / len(test)
+    _, f_true = get_labels(test)
+    true = np.array([np.abs(fh - ft).mean() for fh, ft in zip(test_forces_hat, f_true,
+                                                              strict=True)])
+    record = {"dataset": "acac: train/calibration 300 K MD, test 300 K + 600 K MD",
+              "model": "sevennet-0", "seed": args.seed, "fast": args.fast, "sizes": size,
+              "n_train_posterior": len(reg.train_indices_),
+              "finetune_seconds": t_finetune, "best_epoch": reg.best_epoch_,
+              "ef_seconds_per_structure": t_ef, "machine": platform.node(),
+              "threads": torch.get_num_threads(), "featurizers": {}}
+    rand = np.random.default_rng(args.seed + 1).random(len(test))
+    record["random"] = {k: metrics(rand[s], true[s], None) for k, s in part.items()}
+    for name, feat in featurizers(reg.model_, args.exact).items():
+        t0 = time.perf_counter()
+        est = ForceUncertainty.from_regressor(reg, cal, atoms=train, featurizer=feat)
+        t_fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inputs = est._inputs(est.model_.validate(test))
+        t_pred = (time.perf_counter() - t0) / len(test)
+        cal_inputs = est._inputs(est.model_.validate(cal))
+        rec = {"fit_seconds": t_fit, "predict_seconds_per_structure": t_pred,
+               "predict_cost_vs_ef": t_pred / t_ef, "per_atom": bool(est.per_atom_),
+               "maps": {}}
+        for inp in ("pv", "force", "pv+force"):
+            e = copy.copy(est)
+            e.inputs = inp
+            e._calibrate(cal_inputs, est.model_.validate(cal))
+            pred = e._predict_from(inputs)
+            q = conformal_quantile(e.calibration_scores_, 0.9)
+            upper = q * pred
+            rec["maps"][inp] = {"coef": e.coef_.tolist(), "residual_var": e.residual_var_,
+                                "q90": q,
+                                **{k: metrics(pred[s], true[s], upper[s])
+                                   for k, s in part.items()}}
+        record["featurizers"][name] = rec
+        print(name, json.dumps({k: {p: v[p]["spearman"] for p in part}
+                                for k, v in rec["maps"].items()}), flush=True)
+    out = Path(args.out) if args.out else RESULTS / (
+        f"acac_sevennet_seed{args.seed}{'_fast' if args.fast else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
