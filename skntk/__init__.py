@@ -6,7 +6,13 @@ Around it, :mod:`skntk.al` runs the active-learning loop: select, label (:mod:`s
 fine-tune (:class:`MLIPRegressor`), evaluate (:func:`evaluate`).
 """
 
-from skntk.al import ActiveLearningLoop, CalculatorOracle, CommitteeSelector, PoolOracle
+from skntk.al import (
+    ActiveLearningLoop,
+    CalculatorOracle,
+    CommitteeSelector,
+    OnTheFlyLearner,
+    PoolOracle,
+)
 from skntk.blocks import FeatureBlocks, as_blocks
 from skntk.finetune import MLIPRegressor
 from skntk.metrics import evaluate
@@ -26,6 +32,7 @@ __all__ = [
     "CalculatorOracle",
     "CommitteeSelector",
     "MLIPRegressor",
+    "OnTheFlyLearner",
     "PoolOracle",
     "evaluate",
     "BuiltinMLIP",

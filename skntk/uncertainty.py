@@ -337,17 +337,40 @@ class ForceUncertainty(BaseEstimator):
                 f"{name}.fit needs calibration_atoms: at least {self.min_calibration} labelled "
                 f"structures the model did not train on (ForceUncertainty.from_regressor uses "
                 f"the regressor's validation split).")
-        model, featurizer = self._resolve()
-        X = model.validate(atoms)
+        model, _ = self._resolve()
         cal = model.validate(calibration_atoms)
         if len(cal) < self.min_calibration:
             raise ValueError(
                 f"calibration_atoms has {len(cal)} structures; {name} needs at least "
                 f"min_calibration={self.min_calibration} to calibrate its error bars.")
+        self.fit_posterior(atoms)
+        self._check_elements(cal, "calibration_atoms")
+        self._calibrate(self._inputs(cal), cal)
+        return self
+
+    def fit_posterior(self, atoms):
+        """The first half of :meth:`fit`: the posterior of the training structures, no map.
+
+        For callers that calibrate from errors they recorded themselves
+        (:meth:`calibrate_pairs`, as :class:`~skntk.al.OnTheFlyLearner` does); until then the
+        estimator predicts nothing.
+
+        Parameters
+        ----------
+        atoms : list of ase.Atoms of length n_train, or a structure file path
+            The structures the model was trained on (labels not needed).
+
+        Returns
+        -------
+        self : ForceUncertainty
+        """
+        for attr in ("coef_", "calibration_scores_"):
+            self.__dict__.pop(attr, None)
+        model, featurizer = self._resolve()
+        X = model.validate(atoms)
         self.model_ = model
         self.elements_ = frozenset(int(z) for a in X for z in a.numbers)
         self.n_train_ = len(X)
-        self._check_elements(cal, "calibration_atoms")
         if self.inputs == "force":
             self.featurizer_, self.posterior_ = None, None
             self.per_atom_ = False
@@ -357,7 +380,49 @@ class ForceUncertainty(BaseEstimator):
             self.posterior_ = FeaturePosterior(self.sigma2,
                                                working_memory=self.working_memory).fit(train)
             self.per_atom_ = train.kind in ("force", "joint")
-        self._calibrate(self._inputs(cal), cal)
+        return self
+
+    def calibrate_pairs(self, log_pv, log_f, errors, *, atoms=None):
+        """The second half of :meth:`fit` from recorded pairs: map inputs and true errors.
+
+        Each pair is a structure the judged model (or an earlier model of the same run) had not
+        trained on: ``log PV`` and ``log |F̂|`` as :meth:`fit` computes them, and the true force
+        MAE there. The per-structure map and the conformal scores are fitted as in :meth:`fit`;
+        the energy map is not (``energy_coef_`` is None).
+
+        Parameters
+        ----------
+        log_pv : ndarray of shape (n_pairs,) or None
+            Log posterior variance per structure (``None`` for ``inputs="force"``).
+        log_f : ndarray of shape (n_pairs,)
+            Log mean predicted force norm over free atoms (eV/Å).
+        errors : ndarray of shape (n_pairs,)
+            True force MAE over free atoms (eV/Å).
+        atoms : tuple of three ndarrays of shape (n_atom_pairs,) or None, default=None
+            The same per atom (per-atom rows only): ``(log_pv, log_f, errors)``.
+
+        Returns
+        -------
+        self : ForceUncertainty
+        """
+        check_is_fitted(self, "model_")
+        errors = np.asarray(errors, dtype=np.float64)
+        if errors.shape[0] < self.min_calibration:
+            raise ValueError(f"{errors.shape[0]} calibration pairs; {type(self).__name__} needs "
+                             f"at least min_calibration={self.min_calibration}.")
+        D = _design(log_pv, np.asarray(log_f, dtype=np.float64), self.inputs)
+        self.coef_, self.residual_var_ = _fit_log_map(D, errors)
+        pred = _apply_log_map(D, self.coef_, self.residual_var_)
+        self.n_calibration_ = errors.shape[0]
+        self.calibration_errors_ = errors
+        self.calibration_predictions_ = pred
+        self.calibration_scores_ = np.sort(errors / pred)
+        self.energy_coef_, self.energy_residual_var_ = None, None
+        self.atom_coef_, self.atom_residual_var_ = None, None
+        if self.per_atom_ and atoms is not None:
+            a_pv, a_f, a_err = (np.asarray(v, dtype=np.float64) for v in atoms)
+            self.atom_coef_, self.atom_residual_var_ = _fit_log_map(
+                _design(a_pv, a_f, self.inputs), a_err)
         return self
 
     def _calibrate(self, inputs, cal):
@@ -542,6 +607,9 @@ class ForceUncertainty(BaseEstimator):
         error : ndarray of shape (n_structures,)
         """
         X = self._checked(atoms)
+        if self.energy_coef_ is None:
+            raise ValueError("no energy error map: this estimator was calibrated without energy "
+                             "labels (calibrate_pairs fits the force map only).")
         inputs = self._inputs(X)
         D = _design(inputs["log_pv"], inputs["log_f"], self.inputs)
         return _apply_log_map(D, self.energy_coef_, self.energy_residual_var_)
