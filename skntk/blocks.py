@@ -1,7 +1,8 @@
 """Ragged container for per-structure observation rows.
 
-A structure ``x`` contributes a block ``G_x`` of ``m_x`` rows of ``n_features`` columns (DESIGN §1):
-one energy row, ``3 N`` force rows, ``1 + 3 N`` joint rows, or one row of any plain feature array.
+A structure ``x`` contributes a block ``G_x`` of ``m_x`` rows of ``n_features`` columns
+(docs/design.md, "Observation rows"): one energy row, ``3 N`` force rows, ``1 + 3 N`` joint rows,
+or one row of any plain feature array.
 :class:`FeatureBlocks` stores all rows of all structures in one 2-D array and the block boundaries
 in ``offsets`` (the layout of MACE's ``ptr``): rows of structure ``i`` are
 ``rows[offsets[i]:offsets[i + 1]]``.

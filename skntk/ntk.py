@@ -1,4 +1,7 @@
-"""Energy, force and joint NTK observation rows of any MLIP handle (DESIGN §1).
+"""Energy, force and joint NTK observation rows of any MLIP handle.
+
+Design: docs/design.md, sections "Observation rows", "Sketching the parameter space" and
+"Force-row routes and their costs".
 
 For a structure ``x`` with ``N`` atoms, energy ``E(x; θ)`` and forces ``F = -∂E/∂R`` (3N values),
 and a parameter subset ``θ_S`` of size ``P``:

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "build_selector", "build_oracle", "load_config", "run_config"]
 
-#: Selection methods by name (DESIGN §1 baselines and the paper's chain).
+#: Selection methods by name (docs/design.md, "The paper's pipeline and the baselines").
 METHODS = {
     "random": "uniformly random",
     "maxdist_embedding": "MaxDist (farthest point) on pretrained embeddings",

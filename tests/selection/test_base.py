@@ -127,7 +127,8 @@ def test_selection_score_with_joint_blocks_and_per_row_targets():
 
 
 def test_selection_layer_imports_no_model_code():
-    """DESIGN §5: selection/ sees features only; it must not import torch.nn or skntk.models."""
+    """docs/design.md, "Layers and data flow": selection/ sees features only; it must not import
+    torch.nn or skntk.models."""
     import ast
     from pathlib import Path
 
