@@ -610,6 +610,16 @@ def _learn(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(cfg["output"])
+    if "onthefly" in cfg:
+        for h in result.history:
+            errs = ", ".join(f"{k}: F {v:.4f} eV/Å (predicted {h['predicted'][k]:.4f})"
+                             for k, v in h.get("true", {}).items())
+            print(f"refit {h['generation']}: {h['n_labels']} labels after {h['md_steps']} MD "
+                  f"steps" + (f"; {errs}" if errs else ""))
+        print(f"{len(result.labelled)} frames labelled ({len(result.failed)} failed); stopped: "
+              f"{result.stop_reason}; outputs in {out}/ (history.json, checks.json, "
+              f"labelled.extxyz, model, onthefly.png)")
+        return 0
     for h in result.history:
         errs = ", ".join(f"{name}: E {m['energy_mae']:.4f} eV/atom, F {m['force_mae']:.4f} eV/Å"
                          for name, m in h["metrics"].items())

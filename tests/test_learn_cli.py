@@ -119,3 +119,59 @@ def test_learn_other_arguments_refused(workdir):
     (workdir / "changed.toml").write_text(text)
     r = _skntk("learn", "--config", "changed.toml", cwd=workdir)
     assert r.returncode == 2 and "epochs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_learn_onthefly_section_end_to_end(workdir):
+    ase.io.write(workdir / "start.extxyz", fcc111("Cu", (2, 2, 1), vacuum=4.0))
+    (workdir / "otf.toml").write_text("""
+output = "otf_out"
+[model]
+name = "cu.pt"
+[data]
+start = "start.extxyz"
+test = {heldout = "test.extxyz"}
+[finetune]
+parameters = "all"
+epochs = 2
+[oracle]
+type = "emt"
+[onthefly]
+threshold = 0.05
+every = 4
+budget = 6
+refit_every = 2
+temperature_K = 600
+timestep_fs = 2.0
+random_state = 0
+n_steps = 200
+""")
+    r = _skntk("learn", "--config", "otf.toml", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    assert "6 frames labelled (0 failed); stopped: budget" in r.stdout
+    assert r.stdout.count("refit ") == 3 and "heldout: F" in r.stdout
+    out = workdir / "otf_out"
+    history = json.loads((out / "history.json").read_text())
+    assert [h["n_labels"] for h in history] == [2, 4, 6]
+    checks = json.loads((out / "checks.json").read_text())
+    assert sum(c["labelled"] for c in checks) == 6
+    assert len(ase.io.read(out / "labelled.extxyz", ":")) == 6
+    assert (out / "onthefly.png").stat().st_size > 0
+    # a rerun resumes the finished run: nothing is labelled again
+    again = _skntk("learn", "--config", "otf.toml", cwd=workdir)
+    assert again.returncode == 0 and again.stdout == r.stdout
+
+
+def test_learn_onthefly_bad_key_one_line(workdir):
+    (workdir / "otf_bad.toml").write_text("""
+[model]
+name = "cu.pt"
+[data]
+start = "train.extxyz"
+[oracle]
+type = "emt"
+[onthefly]
+treshold = 0.05
+""")
+    r = _skntk("learn", "--config", "otf_bad.toml", cwd=workdir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "unknown key(s) ['treshold'] in [onthefly]" in r.stderr

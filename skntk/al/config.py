@@ -51,7 +51,12 @@ METHODS = {
     "committee": "query by committee: force disagreement of fine-tuned models",
 }
 
-_SECTIONS = {"output", "model", "data", "selector", "finetune", "oracle", "loop"}
+_SECTIONS = {"output", "model", "data", "selector", "finetune", "oracle", "loop", "onthefly",
+             "uncertainty"}
+#: Keys of the ``[onthefly]`` table: OnTheFlyLearner parameters and ``n_steps``.
+_ONTHEFLY_KEYS = {"threshold", "every", "budget", "refit_every", "temperature_K", "timestep_fs",
+                  "friction", "reduction", "target_fraction", "window", "n_initial",
+                  "min_calibration", "restart", "max_failures", "random_state", "n_steps"}
 _NTK_KEYS = {"parameters", "n_features", "sketch", "force_rows", "n_probes", "energy_weight",
              "force_weight", "batch_size", "working_memory", "device", "dtype"}
 
@@ -186,9 +191,16 @@ def load_config(path) -> dict:
         raise ValueError(f"config {str(path)!r} has unknown section(s) {unknown}; expected "
                          f"{sorted(_SECTIONS)}.")
     data = cfg.get("data", {})
-    for key in ("labelled", "pool"):
+    onthefly = "onthefly" in cfg
+    for key in ("start",) if onthefly else ("labelled", "pool"):
         if key not in data:
-            raise ValueError(f"config {str(path)!r} needs data.{key} (a structure file).")
+            what = "the MD's starting structure" if key == "start" else "a structure file"
+            raise ValueError(f"config {str(path)!r} needs data.{key} ({what}).")
+    if onthefly:
+        bad = sorted(set(cfg["onthefly"]) - _ONTHEFLY_KEYS)
+        if bad:
+            raise ValueError(f"config {str(path)!r}: unknown key(s) {bad} in [onthefly]; valid "
+                             f"keys are {sorted(_ONTHEFLY_KEYS)}.")
     base = path.parent
 
     def resolve(p):
@@ -199,7 +211,9 @@ def load_config(path) -> dict:
         return q
 
     data = dict(data)
-    data["labelled"], data["pool"] = resolve(data["labelled"]), resolve(data["pool"])
+    for key in ("labelled", "pool", "start"):
+        if key in data:
+            data[key] = resolve(data[key])
     test = data.get("test", {})
     data["test"] = {"test": resolve(test)} if isinstance(test, str) else \
         {k: resolve(v) for k, v in test.items()}
@@ -208,6 +222,75 @@ def load_config(path) -> dict:
     cfg["output"] = out if out.is_absolute() else base / out
     cfg.setdefault("model", {}).setdefault("name", "sevennet-0")
     return cfg
+
+
+def run_onthefly_config(cfg, *, progress_bar=False):
+    """Run (or resume) on-the-fly learning (an ``[onthefly]`` config) and write its outputs.
+
+    Writes to ``cfg["output"]``: ``checkpoint/`` (resumable state: labels, models, calibration
+    pairs, the trajectory at the checks, the log), ``history.json``, ``checks.json``,
+    ``labelled.extxyz``, the last model (``model.<ext>``) and ``onthefly.png`` (with
+    matplotlib): the predicted error along the trajectory, the threshold and the labels.
+
+    Returns
+    -------
+    result : OnTheFlyResult
+    """
+    import ase.io
+
+    from skntk.al.onthefly import OnTheFlyLearner
+    from skntk.finetune import MLIPRegressor
+    from skntk.io import read_structures
+    from skntk.models import load
+    from skntk.uncertainty import ForceUncertainty
+
+    out = Path(cfg["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    mcfg = dict(cfg["model"])
+    model = load(mcfg.pop("name"), **mcfg)
+    ft = dict(cfg.get("finetune", {}))
+    ft.setdefault("progress_bar", False)
+    try:
+        regressor = MLIPRegressor(model, **ft)
+        uncertainty = ForceUncertainty(**cfg.get("uncertainty", {}))
+    except TypeError as err:
+        raise ValueError(f"[finetune] / [uncertainty]: {err}") from None
+    oracle_spec = dict(cfg.get("oracle") or {})
+    if oracle_spec.get("type", "pool") == "pool":
+        raise ValueError("on-the-fly learning needs a calculator oracle: [oracle] type = "
+                         "'emt' or 'tblite'.")
+    oracle = build_oracle(oracle_spec)
+    otf = dict(cfg["onthefly"])
+    n_steps = int(otf.pop("n_steps", 1000))
+    data = cfg["data"]
+    start = read_structures(data["start"])[0]
+    tests = {k: read_structures(v) for k, v in data.get("test", {}).items()}
+    learner = OnTheFlyLearner(model, oracle, regressor=regressor, uncertainty=uncertainty,
+                              test_sets=tests, checkpoint_dir=out / "checkpoint",
+                              progress_bar=progress_bar, **otf)
+    result = learner.run(start, n_steps)
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
+    (out / "checks.json").write_text(json.dumps(result.checks, indent=1))
+    if result.labelled:
+        ase.io.write(out / "labelled.extxyz", result.labelled, format="extxyz")
+    try:
+        result.model.save(out / _model_filename(result.model))
+    except (NotImplementedError, ValueError) as err:
+        logger.warning("the model could not be saved in its own format (%s); its weights are in "
+                       "checkpoint/", err)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ax = result.plot()
+        ax.figure.tight_layout()
+        ax.figure.savefig(out / "onthefly.png", dpi=120)
+        plt.close(ax.figure)
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
+    return result
 
 
 def run_config(cfg, *, progress_bar=False):
@@ -223,6 +306,8 @@ def run_config(cfg, *, progress_bar=False):
     """
     import ase.io
 
+    if "onthefly" in cfg:
+        return run_onthefly_config(cfg, progress_bar=progress_bar)
     from skntk.al.loop import ActiveLearningLoop
     from skntk.finetune import MLIPRegressor
     from skntk.io import read_structures
