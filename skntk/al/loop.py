@@ -200,6 +200,13 @@ class ActiveLearningLoop(BaseEstimator):
     random_state : int or None, default=None
         Seeds the whole run: every unset ``random_state`` of the selector, and each round's
         fine-tuning (``SeedSequence(random_state)`` spawns one seed per round).
+    uncertainty : ForceUncertainty or None, default=None
+        With ``test_sets``: each round builds this error bar for the round's model
+        (:meth:`~skntk.uncertainty.ForceUncertainty.from_regressor`: the posterior of its
+        training structures, calibrated on the regressor's validation split) and records, per
+        test set, the mean predicted and true force MAE and their Spearman correlation over the
+        structures (``history[k]["uncertainty"]``), or why it could not (a validation split below
+        ``min_calibration``).
     progress_bar : bool, default=True
 
     Examples
@@ -209,7 +216,7 @@ class ActiveLearningLoop(BaseEstimator):
 
     def __init__(self, selector, regressor, oracle, *, n_rounds=3, batch_size=10,
                  test_sets=None, refeaturize="pretrained", groups=None, checkpoint_dir=None,
-                 feature_cache=None, random_state=None, progress_bar=True):
+                 feature_cache=None, random_state=None, uncertainty=None, progress_bar=True):
         self.selector = selector
         self.regressor = regressor
         self.oracle = oracle
@@ -221,6 +228,7 @@ class ActiveLearningLoop(BaseEstimator):
         self.checkpoint_dir = checkpoint_dir
         self.feature_cache = feature_cache
         self.random_state = random_state
+        self.uncertainty = uncertainty
         self.progress_bar = progress_bar
 
     # -- set-up --------------------------------------------------------------------------------
@@ -248,7 +256,8 @@ class ActiveLearningLoop(BaseEstimator):
         return labelled, pool, tests
 
     def _config(self, labelled, pool, tests):
-        return {
+        extra = {} if self.uncertainty is None else {"uncertainty": _describe(self.uncertainty)}
+        return extra | {
             "selector": _describe(self.selector),
             "regressor": _describe(self.regressor),
             "oracle": _describe(self.oracle),
@@ -354,6 +363,10 @@ class ActiveLearningLoop(BaseEstimator):
                                   "max_epochs": int(reg.epochs)},
                      "timings": timings, "selected": new,
                      "failed": {str(k): v for k, v in new_failed.items()}}
+            if self.uncertainty is not None and tests:
+                t0 = time.perf_counter()
+                entry["uncertainty"] = _error_bars(self.uncertainty, reg, train, tests)
+                timings["uncertainty"] = time.perf_counter() - t0
             history.append(entry)
             if ckpt is not None:
                 self._commit(ckpt, history, selected, failed, model)
@@ -484,6 +497,36 @@ class ActiveLearningLoop(BaseEstimator):
         state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
         model.module.load_state_dict(state)
         return model
+
+
+def _error_bars(template, reg, train, tests):
+    """``{test_set: {"predicted", "true", "spearman"}}`` of the round's error bar (mean predicted
+    and true per-structure force MAE, eV/Å, and their rank correlation), or ``{"skipped": why}``
+    when the regressor's validation split is too small to calibrate it."""
+    from scipy.stats import spearmanr
+
+    from skntk.finetune import predict_energies_forces
+    from skntk.io import free_atoms, get_labels
+    from skntk.uncertainty import ForceUncertainty
+
+    params = {k: v for k, v in clone(template).get_params(deep=False).items() if k != "model"}
+    try:
+        est = ForceUncertainty.from_regressor(reg, atoms=train, **params)
+    except ValueError as err:
+        return {"skipped": str(err)}
+    out = {}
+    for name, atoms in tests.items():
+        _, forces = get_labels(atoms)
+        _, pred_f = predict_energies_forces(reg.model_, atoms)
+        keep = [i for i, f in enumerate(forces) if f is not None]
+        if len(keep) < 2:
+            continue
+        true = np.array([np.abs(pred_f[i] - forces[i])[free_atoms(atoms[i])].mean()
+                         for i in keep])
+        pred = est.predict([atoms[i] for i in keep])
+        out[name] = {"predicted": float(pred.mean()), "true": float(true.mean()),
+                     "spearman": float(spearmanr(pred, true).statistic)}
+    return out
 
 
 def _atomic_text(path: Path, text: str) -> None:

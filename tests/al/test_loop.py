@@ -482,3 +482,27 @@ def test_every_named_method_builds_and_picks_distinct_structures(cu_slabs, tiny_
         assert set(idx.tolist()) <= set(steps["pv"].shortlist_idx_.tolist())
     if method == "lcmd_posterior":
         assert steps["lcmd"].features == "posterior"
+
+
+def test_history_records_the_error_bars_of_each_round(cu_slabs, tiny_model, one_torch_thread):
+    from skntk import ForceUncertainty
+
+    tests = {"near": cu_slabs(4, 5)}
+    reg = regressor(tiny_model, epochs=1).set_params(validation_fraction=0.5)
+    loop = ActiveLearningLoop(RandomSelector(), reg, CountingOracle(EMT()), n_rounds=1,
+                              batch_size=2, test_sets=tests, random_state=0, progress_bar=False,
+                              uncertainty=ForceUncertainty(min_calibration=4))
+    res = loop.run(cu_slabs(8, 0), cu_slabs(6, 1, label=False))
+    for h in res.history:
+        u = h["uncertainty"]["near"]
+        assert u["predicted"] > 0 and -1 <= u["spearman"] <= 1
+    # equal atom counts, all free: the mean per-structure MAE is evaluate's force MAE
+    assert res.history[-1]["uncertainty"]["near"]["true"] == pytest.approx(
+        evaluate(res.model, tests["near"])["force_mae"], rel=1e-10)
+    # a validation split below min_calibration: recorded as skipped, the run goes on
+    small = ActiveLearningLoop(RandomSelector(), regressor(tiny_model, epochs=1),
+                               CountingOracle(EMT()), n_rounds=1, batch_size=2, test_sets=tests,
+                               random_state=0, progress_bar=False,
+                               uncertainty=ForceUncertainty(min_calibration=4))
+    out = small.run(cu_slabs(4, 0), cu_slabs(6, 1, label=False))
+    assert "min_calibration=4" in out.history[0]["uncertainty"]["skipped"]
