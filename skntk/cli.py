@@ -1,6 +1,7 @@
-"""Command line: ``skntk select`` (a selection run) and ``skntk demo`` (one on bundled data).
+"""Command line: ``skntk select`` (a selection run), ``skntk demo`` (one on bundled data),
+``featurize``, ``learn`` and ``uncertainty`` (error bars of a fine-tuned model).
 
-Only this module writes to stdout.
+Only this module (with its part :mod:`skntk._cli_uncertainty`) writes to stdout.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def _build_parser() -> argparse.ArgumentParser:
     selection_args(sub.add_parser("select", help="select a batch from a pool"), demo=False)
     selection_args(sub.add_parser("demo", help="run a selection on the bundled OC20 frames"),
                    demo=True)
+    from skntk import _cli_uncertainty
+
+    _cli_uncertainty.add_parser(sub)
     return parser
 
 
@@ -443,6 +447,10 @@ def main(argv=None) -> int:
     if args.command == "learn":
         return _learn(args)
     try:
+        if args.command == "uncertainty":
+            from skntk import _cli_uncertainty
+
+            return _cli_uncertainty.run(args, _read, _check_output_file)
         return _featurize(args) if args.command == "featurize" else _select(args)
     except _INPUT_ERRORS as err:
         if args.verbose:

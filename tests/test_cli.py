@@ -129,3 +129,51 @@ def test_featurize_needs_a_cache_and_names_bad_frames(tmp_path, model_file, caps
     err = capsys.readouterr().err
     assert err.startswith("error: --pool: ") and "pool.extxyz: frame 1: XYZError" in err
     assert err.count("\n") == 1
+
+
+def test_uncertainty_command_scores_frames(tmp_path):
+    """``skntk uncertainty``: fit on --train/--calibration, score, write, plot; --save and
+    --estimator give the same numbers; bad combinations answered in one line."""
+    import ase.io
+    from ase.build import fcc111
+    from ase.calculators.emt import EMT
+
+    from skntk.cli import main
+    from skntk.models.builtin import BuiltinMLIP
+
+    def frames(n, seed, amp):
+        out = []
+        for k in range(n):
+            a = fcc111("Cu", (2, 2, 1), vacuum=4.0)
+            a.rattle(amp, seed=seed + k)
+            a.calc = EMT()
+            a.get_forces()
+            out.append(a)
+        return out
+
+    BuiltinMLIP([29], n_hidden=8, n_blocks=1, random_state=0).save(tmp_path / "cu.pt")
+    ase.io.write(tmp_path / "train.extxyz", frames(4, 0, 0.05))
+    ase.io.write(tmp_path / "cal.extxyz", frames(10, 100, 0.1))
+    ase.io.write(tmp_path / "new.extxyz", frames(5, 200, 0.15))
+    out = tmp_path / "scored.extxyz"
+    args = ["uncertainty", "--model", str(tmp_path / "cu.pt"), "--train",
+            str(tmp_path / "train.extxyz"), "--calibration", str(tmp_path / "cal.extxyz"),
+            "--structures", str(tmp_path / "new.extxyz"), "-o", str(out),
+            "--save", str(tmp_path / "est.joblib")]
+    assert main(args) == 0
+    scored = ase.io.read(out, ":")
+    assert len(scored) == 5
+    for a in scored:
+        assert a.info["force_uncertainty"] > 0
+        assert a.info["force_uncertainty_upper_90"] >= a.info["force_uncertainty"]
+        assert a.info["force_error"] > 0  # the frames carry EMT labels
+    assert out.with_suffix(".png").stat().st_size > 0
+    again = tmp_path / "again.extxyz"
+    assert main(["uncertainty", "--estimator", str(tmp_path / "est.joblib"), "--structures",
+                 str(tmp_path / "new.extxyz"), "-o", str(again)]) == 0
+    assert [a.info["force_uncertainty"] for a in ase.io.read(again, ":")] == \
+        [a.info["force_uncertainty"] for a in scored]
+    assert main(["uncertainty", "--model", str(tmp_path / "cu.pt"), "--structures",
+                 str(tmp_path / "new.extxyz"), "-o", str(again)]) == 2
+    assert main(["uncertainty", "--estimator", str(tmp_path / "cu.pt"), "--structures",
+                 str(tmp_path / "new.extxyz"), "-o", str(again)]) == 2
