@@ -59,7 +59,8 @@ class OnTheFlyResult:
     history : list of dict
         One entry per fine-tuning (``generation`` 1, 2, ...): ``n_labels``, ``md_steps``,
         ``threshold`` (eV/Å), ``n_calibration`` (pairs), ``predicted`` / ``true``
-        (``{test_set: mean predicted / true force MAE}`` with ``test_sets``, eV/Å),
+        (``{test_set: mean predicted / true force MAE}`` with ``test_sets``, eV/Å), ``metrics``
+        (``{test_set: evaluate(...) dict}``),
         ``seconds`` (``md``, ``uncertainty``, ``oracle``, ``refit`` so far).
     checks : list of dict
         Every check: ``step``, ``predicted`` (eV/Å; NaN during the cold start), ``threshold``,
@@ -580,8 +581,8 @@ class _Run:
             from skntk.metrics import evaluate
 
             calibrated = hasattr(self.unc, "coef_")
-            entry["true"] = {k: evaluate(self.model, v)["force_mae"]
-                             for k, v in self.tests.items()}
+            entry["metrics"] = {k: evaluate(self.model, v) for k, v in self.tests.items()}
+            entry["true"] = {k: m["force_mae"] for k, m in entry["metrics"].items()}
             entry["predicted"] = {k: (float(np.mean(self.unc.predict(v))) if calibrated
                                       else float("nan")) for k, v in self.tests.items()}
         self.history.append(entry)
