@@ -42,6 +42,8 @@ RESULTS = ROOT / "results" / "uncertainty"
 
 FULL = {"n_train": 24, "n_calibration": 30, "n_test": 150, "epochs": 3}
 FAST = {"n_train": 8, "n_calibration": 10, "n_test": 20, "epochs": 1}
+#: Noise variances of the posterior compared (relative to the normalised kernel).
+SIGMA2S = [1e-4, 1e-3, 1e-2, 1e-1]
 
 
 def featurizers(model, exact):
@@ -84,6 +86,7 @@ def main(argv=None):
     from skntk.finetune import MLIPRegressor, predict_energies_forces
     from skntk.io import get_labels
     from skntk.models import load
+    from skntk.selection._posterior import FeaturePosterior
     from skntk.uncertainty import ForceUncertainty, conformal_quantile
 
     if args.threads:
@@ -109,45 +112,58 @@ def main(argv=None):
                         random_state=args.seed).fit(train)
     t_finetune = time.perf_counter() - t0
 
+    test_v, cal_v = reg.model_.validate(test), reg.model_.validate(cal)
     t0 = time.perf_counter()
-    _, test_forces_hat = predict_energies_forces(reg.model_, test)
+    test_e_hat, test_f_hat = predict_energies_forces(reg.model_, test_v)
     t_ef = (time.perf_counter() - t0) / len(test)
+    cal_e_hat, cal_f_hat = predict_energies_forces(reg.model_, cal_v)
     _, f_true = get_labels(test)
-    true = np.array([np.abs(fh - ft).mean() for fh, ft in zip(test_forces_hat, f_true,
-                                                              strict=True)])
+    true = np.array([np.abs(fh - ft).mean() for fh, ft in zip(test_f_hat, f_true, strict=True)])
     record = {"dataset": "acac: train/calibration 300 K MD, test 300 K + 600 K MD",
               "model": "sevennet-0", "seed": args.seed, "fast": args.fast, "sizes": size,
               "n_train_posterior": len(reg.train_indices_),
               "finetune_seconds": t_finetune, "best_epoch": reg.best_epoch_,
               "ef_seconds_per_structure": t_ef, "machine": platform.node(),
-              "threads": torch.get_num_threads(), "featurizers": {}}
+              "threads": torch.get_num_threads(), "sigma2": SIGMA2S, "featurizers": {}}
     rand = np.random.default_rng(args.seed + 1).random(len(test))
     record["random"] = {k: metrics(rand[s], true[s], None) for k, s in part.items()}
+    train_post = [train[i] for i in reg.train_indices_]
     for name, feat in featurizers(reg.model_, args.exact).items():
         t0 = time.perf_counter()
         est = ForceUncertainty.from_regressor(reg, cal, atoms=train, featurizer=feat)
         t_fit = time.perf_counter() - t0
         t0 = time.perf_counter()
-        inputs = est._inputs(est.model_.validate(test))
-        t_pred = (time.perf_counter() - t0) / len(test)
-        cal_inputs = est._inputs(est.model_.validate(cal))
-        rec = {"fit_seconds": t_fit, "predict_seconds_per_structure": t_pred,
-               "predict_cost_vs_ef": t_pred / t_ef, "per_atom": bool(est.per_atom_),
-               "maps": {}}
-        for inp in ("pv", "force", "pv+force"):
-            e = copy.copy(est)
-            e.inputs = inp
-            e._calibrate(cal_inputs, est.model_.validate(cal))
-            pred = e._predict_from(inputs)
-            q = conformal_quantile(e.calibration_scores_, 0.9)
-            upper = q * pred
-            rec["maps"][inp] = {"coef": e.coef_.tolist(), "residual_var": e.residual_var_,
-                                "q90": q,
-                                **{k: metrics(pred[s], true[s], upper[s])
-                                   for k, s in part.items()}}
+        test_blocks = est.featurizer_.transform(test_v)
+        t_feat = (time.perf_counter() - t0) / len(test)
+        cal_blocks = est.featurizer_.transform(cal_v)
+        train_blocks = est.featurizer_.transform(train_post)
+        rec = {"fit_seconds": t_fit, "featurize_seconds_per_structure": t_feat,
+               "featurize_cost_vs_ef": t_feat / t_ef, "predict_cost_vs_ef": 1 + t_feat / t_ef,
+               "per_atom": bool(est.per_atom_), "rows_per_structure":
+               float(np.mean(np.diff(test_blocks.offsets))), "by_sigma2": {}}
+        for sigma2 in SIGMA2S:
+            base = copy.copy(est)
+            base.sigma2 = sigma2
+            base.posterior_ = FeaturePosterior(sigma2).fit(train_blocks)
+            cal_inputs = base._inputs(cal_v, forces=cal_f_hat, energies=cal_e_hat,
+                                      blocks=cal_blocks)
+            inputs = base._inputs(test_v, forces=test_f_hat, energies=test_e_hat,
+                                  blocks=test_blocks)
+            maps = {}
+            for inp in ("pv", "force", "pv+force"):
+                e = copy.copy(base)
+                e.inputs = inp
+                e._calibrate(cal_inputs, cal_v)
+                pred = e._predict_from(inputs)
+                q = conformal_quantile(e.calibration_scores_, 0.9)
+                upper = q * pred
+                maps[inp] = {"coef": e.coef_.tolist(), "residual_var": e.residual_var_,
+                             "q90": q, **{k: metrics(pred[s], true[s], upper[s])
+                                          for k, s in part.items()}}
+            rec["by_sigma2"][str(sigma2)] = maps
+            print(name, sigma2, json.dumps({k: [round(v[p]["spearman"], 3) for p in part]
+                                            for k, v in maps.items()}), flush=True)
         record["featurizers"][name] = rec
-        print(name, json.dumps({k: {p: v[p]["spearman"] for p in part}
-                                for k, v in rec["maps"].items()}), flush=True)
     out = Path(args.out) if args.out else RESULTS / (
         f"acac_sevennet_seed{args.seed}{'_fast' if args.fast else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -411,10 +411,11 @@ class ForceUncertainty(BaseEstimator):
                     f"posterior never saw (its training structures contain "
                     f"Z={sorted(self.elements_)}); its error bar would mean nothing.")
 
-    def _inputs(self, X, forces=None, energies=None):
+    def _inputs(self, X, forces=None, energies=None, blocks=None):
         """Map inputs of validated structures ``X``: log PV and log mean |F̂| per structure (and
         per atom with per-atom rows), the model's energies, forces and free-atom masks.
-        ``forces``/``energies``: the model's own predictions when already computed."""
+        ``forces``/``energies``: the model's own predictions, ``blocks``: the featuriser's rows
+        of ``X``, when already computed."""
         if forces is None or energies is None:
             energies, forces = predict_energies_forces(self.model_, X,
                                                        batch_size=self.batch_size)
@@ -428,7 +429,7 @@ class ForceUncertainty(BaseEstimator):
                "atom_log_pv": None}
         if self.posterior_ is None:
             return out
-        blocks = as_blocks(self.featurizer_.transform(X))
+        blocks = as_blocks(self.featurizer_.transform(X) if blocks is None else blocks)
         pv = np.empty(len(X))
         atom_pv = []
         for sl, psi, offsets in self.posterior_.iter_transform(blocks):
