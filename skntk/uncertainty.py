@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -523,8 +524,6 @@ class ForceUncertainty(BaseEstimator):
         X = self._checked(atoms)
         q = conformal_quantile(self.calibration_scores_, coverage)
         if math.isinf(q):
-            import warnings
-
             need = math.ceil(coverage / (1 - coverage))
             warnings.warn(f"coverage={coverage} needs at least {need} calibration structures; "
                           f"{self.n_calibration_} were given: the bounds are infinite.",
