@@ -19,8 +19,11 @@ One seed, one dataset: a reason to pick a default, not a result. Writes
 
 Usage::
 
-    python benchmarks/bench_uncertainty.py --threads 1            # ~10-20 min on 1 core
-    python benchmarks/bench_uncertainty.py --threads 1 --fast     # ~2 min smoke run
+    python benchmarks/bench_uncertainty.py --threads 1            # ~5 min on 1 core
+    python benchmarks/bench_uncertainty.py --threads 1 --fast     # ~1 min smoke run
+    python benchmarks/bench_uncertainty.py --threads 1 --exact    # + exact joint rows, ~20 min
+    python benchmarks/bench_uncertainty.py --threads 1 --featurizers energy --plot \\
+        --out benchmarks/results/uncertainty/acac_sevennet_seed0_default.json
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ FAST = {"n_train": 8, "n_calibration": 10, "n_test": 20, "epochs": 1}
 SIGMA2S = [1e-4, 1e-3, 1e-2, 1e-1]
 
 
-def featurizers(model, exact):
+def featurizers(model, exact, only=None):
     from skntk.transformers import ForceNTKTransformer
 
     out = {
@@ -57,7 +60,33 @@ def featurizers(model, exact):
     if exact:
         out["joint_exact"] = ForceNTKTransformer(model, kind="joint", force_rows="exact",
                                                  n_features=256, random_state=0)
-    return out
+    return out if only is None else {k: v for k, v in out.items() if k in only}
+
+
+def plot(record, path):
+    """Predicted vs true force MAE of the default (energy rows, σ² = 1e-2, PV + |F̂|), with the
+    90 % bounds, coloured by test temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = record["arrays"]
+    pred, upper, true = (np.asarray(a[k]) for k in ("pred", "upper", "true"))
+    hot = np.asarray(a["temperature"]) == "600K"
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    for mask, label, c in ((~hot, "300 K (like the calibration set)", "C0"),
+                           (hot, "600 K (out of distribution)", "C3")):
+        ax.errorbar(pred[mask], true[mask], xerr=[np.zeros(mask.sum()), (upper - pred)[mask]],
+                    fmt="o", ms=3, alpha=0.6, elinewidth=0.4, color=c, label=label)
+    lo, hi = min(pred.min(), true.min()) * 0.95, max(upper.max(), true.max()) * 1.02
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="predicted force MAE (eV/Å)",
+           ylabel="true force MAE (eV/Å)",
+           title="SevenNet-0 on acac: default error bars\n(bars: 90 % conformal bound)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def metrics(pred, true, upper):
@@ -80,6 +109,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path")
+    p.add_argument("--featurizers", nargs="+", default=None,
+                   help="subset of: energy joint_probes4 joint_exact (with --exact)")
+    p.add_argument("--plot", action="store_true",
+                   help="also a PNG of the default's predictions (needs 'energy')")
     args = p.parse_args(argv)
 
     import torch
@@ -132,7 +165,7 @@ def main(argv=None):
     rand = np.random.default_rng(args.seed + 1).random(len(test))
     record["random"] = {k: metrics(rand[s], true[s], None) for k, s in part.items()}
     train_post = [train[i] for i in reg.train_indices_]
-    for name, feat in featurizers(reg.model_, args.exact).items():
+    for name, feat in featurizers(reg.model_, args.exact, args.featurizers).items():
         t0 = time.perf_counter()
         est = ForceUncertainty.from_regressor(reg, cal, atoms=train, featurizer=feat)
         t_fit = time.perf_counter() - t0
@@ -164,6 +197,11 @@ def main(argv=None):
                 maps[inp] = {"coef": e.coef_.tolist(), "residual_var": e.residual_var_,
                              "q90": q, **{k: metrics(pred[s], true[s], upper[s])
                                           for k, s in part.items()}}
+                if (name, sigma2, inp) == ("energy", 1e-2, "pv+force"):  # the default
+                    record["arrays"] = {"pred": pred.tolist(), "upper": upper.tolist(),
+                                        "true": true.tolist(),
+                                        "temperature": ["300K"] * len(tests["300K"])
+                                        + ["600K"] * len(tests["600K"])}
                 if e.per_atom_:  # per atom: all atoms of the test frames pooled
                     pa = np.concatenate(e._predict_atoms_from(inputs))
                     maps[inp]["per_atom_all"] = metrics(pa, true_atoms, None)
@@ -176,6 +214,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print("wrote", out)
+    if args.plot and "arrays" in record:
+        plot(record, out.with_suffix(".png"))
+        print("wrote", out.with_suffix(".png"))
     return 0
 
 
