@@ -234,6 +234,8 @@ class ForceUncertainty(BaseEstimator):
     energy_coef_ : ndarray of shape (1 + n_inputs,) or None
         Map of the energy error per atom (eV/atom); ``None`` without energy labels.
     energy_residual_var_ : float or None
+    cv_ : int
+        Folds of the K-fold calibration (only after ``from_regressor(..., cv=K)``).
 
     See Also
     --------
@@ -349,21 +351,26 @@ class ForceUncertainty(BaseEstimator):
             raise ValueError(
                 f"calibration_atoms has {len(cal)} structures; {name} needs at least "
                 f"min_calibration={self.min_calibration} to calibrate its error bars.")
+        self._fit_posterior(model, featurizer, X)
+        self._check_elements(cal, "calibration_atoms")
+        self._calibrate(self._inputs(cal), cal)
+        return self
+
+    def _fit_posterior(self, model, featurizer, X):
+        """Set ``model_``, ``elements_``, ``n_train_``, ``featurizer_``, ``posterior_`` and
+        ``per_atom_`` from the validated training structures ``X``."""
         self.model_ = model
         self.elements_ = frozenset(int(z) for a in X for z in a.numbers)
         self.n_train_ = len(X)
-        self._check_elements(cal, "calibration_atoms")
         if self.inputs == "force":
             self.featurizer_, self.posterior_ = None, None
             self.per_atom_ = False
-        else:
-            self.featurizer_ = featurizer.fit(X)
-            train = as_blocks(self.featurizer_.transform(X))
-            self.posterior_ = FeaturePosterior(self.sigma2,
-                                               working_memory=self.working_memory).fit(train)
-            self.per_atom_ = train.kind in ("force", "joint")
-        self._calibrate(self._inputs(cal), cal)
-        return self
+            return
+        self.featurizer_ = featurizer.fit(X)
+        train = as_blocks(self.featurizer_.transform(X))
+        self.posterior_ = FeaturePosterior(self.sigma2,
+                                           working_memory=self.working_memory).fit(train)
+        self.per_atom_ = train.kind in ("force", "joint")
 
     def _calibrate(self, inputs, cal):
         """Fit the maps (structure, atom, energy) and the conformal scores on labelled ``cal``,
@@ -404,8 +411,9 @@ class ForceUncertainty(BaseEstimator):
                 Da, np.concatenate(atom_errors))
 
     # -- inputs of the map ---------------------------------------------------------------------
-    def _check_elements(self, X, name="X"):
-        for i, a in enumerate(X):
+    def _check_elements(self, X, name="X", index=None):
+        for k, a in enumerate(X):
+            i = k if index is None else int(index[k])
             unseen = sorted(set(a.numbers.tolist()) - self.elements_)
             if unseen:
                 from ase.data import chemical_symbols
@@ -552,7 +560,7 @@ class ForceUncertainty(BaseEstimator):
 
     # -- integration ---------------------------------------------------------------------------
     @classmethod
-    def from_regressor(cls, reg, calibration_atoms=None, *, atoms=None, **kwargs):
+    def from_regressor(cls, reg, calibration_atoms=None, *, atoms=None, cv=None, **kwargs):
         """Error bars for the model a fitted :class:`~skntk.MLIPRegressor` trained, in one line.
 
         The posterior is built from the structures the regressor trained on
@@ -569,6 +577,13 @@ class ForceUncertainty(BaseEstimator):
             Labelled structures the regressor did not train on.
         atoms : list of ase.Atoms of length n_structures
             The structures passed to ``reg.fit`` (required, by keyword).
+        cv : int or None, default=None
+            Calibrate by ``cv``-fold refits instead (for labelled sets too small to spare a
+            validation split): ``clone(reg)`` is refitted on each ``(cv − 1)/cv`` of ``atoms``
+            and its error bar inputs and errors on the held-out fold, computed with its own
+            posterior, become calibration data for all ``n_structures`` (``cv`` fine-tunings).
+            The fold models stand in for ``reg.model_``, which trained on more data: the
+            calibration is then approximate (slightly pessimistic), not exchangeable.
         **kwargs
             Parameters of :class:`ForceUncertainty` (``featurizer``, ``inputs``, ...).
 
@@ -595,14 +610,65 @@ class ForceUncertainty(BaseEstimator):
         if len(X) != n:
             raise ValueError(f"atoms has {len(X)} structures; the regressor was fitted on {n}.")
         est = cls(model=reg.model_, **kwargs)
+        if cv is not None:
+            if calibration_atoms is not None:
+                raise ValueError("pass either calibration_atoms or cv, not both.")
+            return est._fit_cv(reg, X, cv)
         if calibration_atoms is None:
             calibration_atoms = [X[i] for i in reg.validation_indices_]
             if len(calibration_atoms) < est.min_calibration:
                 raise ValueError(
                     f"the regressor's validation split has {len(calibration_atoms)} structures; "
                     f"calibration needs at least min_calibration={est.min_calibration}: pass "
-                    f"calibration_atoms or refit with a larger validation_fraction.")
+                    f"calibration_atoms, refit with a larger validation_fraction, or use "
+                    f"cv=5 (K-fold refits).")
         return est.fit([X[i] for i in reg.train_indices_], calibration_atoms)
+
+    def _fit_cv(self, reg, X, cv):
+        """Posterior of ``reg``'s training structures; calibration by ``cv``-fold refits of
+        ``reg`` (see :meth:`from_regressor`)."""
+        from sklearn.model_selection import KFold
+
+        from skntk._sklearn_compat import validate_params
+
+        validate_params(self)
+        if not isinstance(cv, Integral) or not 2 <= cv <= len(X):
+            raise ValueError(f"cv must be an integer from 2 to the {len(X)} structures; "
+                             f"got {cv!r}.")
+        if len(X) < self.min_calibration:
+            raise ValueError(
+                f"atoms has {len(X)} structures; K-fold calibration needs at least "
+                f"min_calibration={self.min_calibration}.")
+        model, featurizer = self._resolve()
+        X = model.validate(X)
+        self._fit_posterior(model, featurizer, [X[i] for i in reg.train_indices_])
+        parts, held_all = [], []
+        folds = KFold(int(cv), shuffle=True, random_state=0).split(np.arange(len(X)))
+        for tr, te in folds:
+            reg_k = clone(reg).fit([X[i] for i in tr])
+            feat_k = None
+            if self.featurizer is not None:
+                feat_k = clone(self.featurizer)
+                if "model" in feat_k.get_params(deep=False):
+                    feat_k.set_params(model=reg_k.model_)
+            sub = clone(self).set_params(model=reg_k.model_, featurizer=feat_k)
+            sub._fit_posterior(*sub._resolve(), [X[tr[i]] for i in reg_k.train_indices_])
+            held = [X[i] for i in te]
+            sub._check_elements(held, "atoms", index=te)
+            parts.append(sub._inputs(held))
+            held_all.extend(held)
+        inputs = {}
+        for key in parts[0]:
+            vals = [p[key] for p in parts]
+            if vals[0] is None:
+                inputs[key] = None
+            elif isinstance(vals[0], list):
+                inputs[key] = [v for p in vals for v in p]
+            else:
+                inputs[key] = np.concatenate(vals)
+        self._calibrate(inputs, held_all)
+        self.cv_ = int(cv)
+        return self
 
     def calculator(self, every=1):
         """An ASE calculator: the model's energy and forces plus this error bar.
