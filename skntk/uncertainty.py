@@ -196,7 +196,8 @@ class ForceUncertainty(BaseEstimator):
         default is 1e-3).
     min_calibration : int, default=10
         Fewest calibration structures accepted (at least 4); below it ``fit`` raises a
-        ``ValueError``. Ten is the smallest set that gives a finite 90 % conformal bound.
+        ``ValueError``. A finite 90 % conformal bound needs at least 9 (``n >= c / (1 − c)``
+        for coverage ``c``); a few more keep the three-coefficient map from overfitting.
     batch_size : int, default=16
         Structures per model evaluation (predicted forces).
     working_memory : float or None, default=None
@@ -536,7 +537,7 @@ class ForceUncertainty(BaseEstimator):
         X = self._checked(atoms)
         q = conformal_quantile(self.calibration_scores_, coverage)
         if math.isinf(q):
-            need = math.ceil(coverage / (1 - coverage))
+            need = math.ceil(coverage / (1 - coverage) - 1e-9)
             warnings.warn(f"coverage={coverage} needs at least {need} calibration structures; "
                           f"{self.n_calibration_} were given: the bounds are infinite.",
                           UserWarning, stacklevel=2)

@@ -222,6 +222,9 @@ def test_predict_interval_warns_when_too_few_for_the_coverage(fitted, data):
     with pytest.warns(UserWarning, match="coverage=0.95 needs at least 19 calibration"):
         upper = fitted.predict_interval(data["test"], coverage=0.95)
     assert np.all(np.isinf(upper))
+    with pytest.warns(UserWarning, match="coverage=0.94 needs at least 16 calibration"):
+        fitted.predict_interval(data["test"], coverage=0.94)  # n = 14
+    assert conformal_quantile(np.arange(9.0), 0.9) == 8.0  # 9 scores suffice for 90 %
 
 
 def test_energy_error_per_atom(fitted, data):
