@@ -8,7 +8,7 @@ import skntk
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api"
 MODULES = ["al", "finetune", "metrics", "selection", "models", "pipeline", "transformers", "io",
-           "atoms", "blocks", "parallel"]
+           "atoms", "blocks", "parallel", "uncertainty"]
 
 
 def test_every_top_level_name_is_in_the_api_index():

@@ -222,6 +222,9 @@ def test_predict_interval_warns_when_too_few_for_the_coverage(fitted, data):
     with pytest.warns(UserWarning, match="coverage=0.95 needs at least 19 calibration"):
         upper = fitted.predict_interval(data["test"], coverage=0.95)
     assert np.all(np.isinf(upper))
+    with pytest.warns(UserWarning, match="coverage=0.94 needs at least 16 calibration"):
+        fitted.predict_interval(data["test"], coverage=0.94)  # n = 14
+    assert conformal_quantile(np.arange(9.0), 0.9) == 8.0  # 9 scores suffice for 90 %
 
 
 def test_energy_error_per_atom(fitted, data):
@@ -417,6 +420,30 @@ def test_from_regressor_refusals(regressor_data, model):
         ForceUncertainty.from_regressor(reg, atoms=X, min_calibration=12)
     with pytest.raises(ValueError, match="another model than the one being judged"):
         ForceUncertainty.from_regressor(reg, atoms=X, featurizer=energy_feat(model))
+
+
+def test_from_regressor_cv(data):
+    """K-fold refits: each held-out fold is scored by the regressor refitted without it, with
+    that refit's own posterior; the final posterior is the original regressor's."""
+    from sklearn.model_selection import KFold
+
+    X = frames(10, 6, amp=(0.02, 0.1))
+    reg = MLIPRegressor(make_model(), epochs=1, random_state=0).fit(X)
+    with pytest.raises(ValueError, match=r"validation split has 2 structures; .* or use cv=5"):
+        ForceUncertainty.from_regressor(reg, atoms=X)
+    est = ForceUncertainty.from_regressor(reg, atoms=X, cv=2, featurizer=energy_feat(reg.model_))
+    assert est.cv_ == 2 and est.n_calibration_ == 10 and est.model_ is reg.model_
+    assert est.n_train_ == len(reg.train_indices_) and est.featurizer_.model_ is reg.model_
+    errors = []
+    for tr, te in KFold(2, shuffle=True, random_state=0).split(np.arange(10)):
+        reg_k = clone(reg).fit([X[i] for i in tr])
+        errors.extend(true_force_mae(reg_k.model_, [X[i] for i in te]))
+    np.testing.assert_allclose(est.calibration_errors_, errors, rtol=1e-10)
+    assert np.all(np.isfinite(est.predict(data["test"])))
+    with pytest.raises(ValueError, match="cv must be an integer from 2 to the 10 structures"):
+        ForceUncertainty.from_regressor(reg, atoms=X, cv=1)
+    with pytest.raises(ValueError, match="either calibration_atoms or cv"):
+        ForceUncertainty.from_regressor(reg, data["cal"], atoms=X, cv=2)
 
 
 # -- ASE calculator and MD observer ---------------------------------------------------------------
