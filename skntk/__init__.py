@@ -6,6 +6,7 @@ Around it, :mod:`skntk.al` runs the active-learning loop: select, label (:mod:`s
 fine-tune (:class:`MLIPRegressor`), evaluate (:func:`evaluate`).
 """
 
+from skntk._version import __version__
 from skntk.al import (
     ActiveLearningLoop,
     CalculatorOracle,
@@ -24,8 +25,6 @@ from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 from skntk.transformers import EmbeddingTransformer, ForceNTKTransformer
 from skntk.uncertainty import ForceUncertainty
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "ActiveLearningLoop",

@@ -65,8 +65,10 @@ def _true_errors(model, frames):
     return out
 
 
-def run(args, read, check_output) -> int:
-    """Fit (or load) the error bar, score ``--structures``, write them (and the plot)."""
+def run(args, read, check_output, load_model) -> int:
+    """Fit (or load) the error bar, score ``--structures``, write them (and the plot).
+
+    ``read``, ``check_output`` and ``load_model`` are :mod:`skntk.cli`'s (its error wording)."""
     import ase.io
     import joblib
 
@@ -98,9 +100,7 @@ def run(args, read, check_output) -> int:
             raise ValueError(f"{', '.join(missing)} needed (or --estimator): the error bar is "
                              f"built from the model, its training structures and labelled "
                              f"structures it did not train on.")
-        from skntk.cli import _load_model
-
-        model = _load_model(load, args.model, args.device)
+        model = load_model(load, args.model, args.device)
         est = ForceUncertainty(model=model, inputs=args.inputs).fit(
             read(args.train, "--train"), read(args.calibration, "--calibration"))
         if args.save:

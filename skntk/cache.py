@@ -171,7 +171,7 @@ def _transformer_description(transformer) -> dict:
 
 
 def _skntk_version() -> str:
-    from skntk import __version__
+    from skntk._version import __version__
 
     return __version__
 

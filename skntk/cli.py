@@ -450,7 +450,7 @@ def main(argv=None) -> int:
         if args.command == "uncertainty":
             from skntk import _cli_uncertainty
 
-            return _cli_uncertainty.run(args, _read, _check_output_file)
+            return _cli_uncertainty.run(args, _read, _check_output_file, _load_model)
         return _featurize(args) if args.command == "featurize" else _select(args)
     except _INPUT_ERRORS as err:
         if args.verbose:

@@ -17,11 +17,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from skntk._sklearn_compat import Interval, RealNotInt
 from skntk.blocks import FeatureBlocks
 from skntk.linalg import chunk_n_rows, gen_structure_chunks
+from skntk.selection._scoring import SCORE_SIGMA2, ridge_rmse
 
 __all__ = ["BaseSelector", "resolve_n_to_select", "selection_score", "SCORE_SIGMA2"]
-
-#: Ridge penalty (relative to the mean squared train row norm) used by :func:`selection_score`.
-SCORE_SIGMA2 = 1e-3
 
 
 def resolve_n_to_select(n_to_select, n_candidates, *, what="candidates in X"):
@@ -143,7 +141,6 @@ def selection_score(X, y, selected_idx, *, sigma2=SCORE_SIGMA2, labelled=None):
     -------
     score : float
     """
-    from skntk.selection._scoring import ridge_rmse
 
     Xr, yr = _targets_as_rows(X, y)
     n = len(Xr)

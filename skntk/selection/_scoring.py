@@ -29,7 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 from skntk.blocks import FeatureBlocks
-from skntk.selection._base import SCORE_SIGMA2
+
+#: Ridge penalty (relative to the mean squared train row norm) of :func:`ridge_rmse`, the
+#: yardstick of :func:`skntk.selection._base.selection_score`.
+SCORE_SIGMA2 = 1e-3
 
 __all__ = [
     "COMPOSITION_RIDGE",
