@@ -172,8 +172,70 @@ def _lookup(atoms: Atoms, prop: str, keys, key):
     return None
 
 
-def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=False):
-    """Energies and forces stored with ``structures``.
+def label_problem(atoms: Atoms, energy, forces, *, finite: bool = True) -> str | None:
+    """What is wrong with one structure's label, or ``None`` when it can be used.
+
+    The one check every label passes when it enters skntk (:func:`get_labels`, the oracles,
+    :class:`~skntk.al.ActiveLearningLoop`, :func:`~skntk.metrics.evaluate`).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+    energy : float
+        Total energy in eV.
+    forces : ndarray of shape (n_atoms, 3) or None
+        Forces in eV/Å (``None``: no forces label, not a problem here).
+    finite : bool, default=True
+        Also refuse NaN/inf values (``False``: only the type and shape are checked).
+
+    Returns
+    -------
+    problem : str or None
+        A phrase to follow the structure's name, e.g. ``"has a non-finite energy label (nan
+        eV)"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ase.build import molecule
+    >>> label_problem(molecule("H2O"), float("nan"), None)
+    'has a non-finite energy label (nan eV)'
+    >>> label_problem(molecule("H2O"), -14.0, np.zeros((2, 3)))
+    'has forces of shape (2, 3); expected (3, 3)'
+    >>> label_problem(molecule("H2O"), -14.0, np.zeros((3, 3))) is None
+    True
+    """
+    e = np.asarray(energy)
+    if e.size != 1 or not np.issubdtype(e.dtype, np.number) or np.iscomplexobj(e):
+        return f"has an energy label that is not one real number ({energy!r})"
+    e = float(e.reshape(()))
+    if finite and not np.isfinite(e):
+        return f"has a non-finite energy label ({e} eV)"
+    if forces is None:
+        return None
+    try:
+        f = np.asarray(forces, dtype=float)
+    except (TypeError, ValueError):
+        return f"has a forces label that is not an array of numbers ({type(forces).__name__})"
+    if f.shape != (len(atoms), 3):
+        return f"has forces of shape {f.shape}; expected ({len(atoms)}, 3)"
+    if finite and not np.all(np.isfinite(f)):
+        k = int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
+        return f"has non-finite forces at atom {k} ({f[k].tolist()} eV/Å)"
+    return None
+
+
+def _label_error(atoms: Atoms, i: int, name: str, problem: str) -> str:
+    from skntk.atoms import _label
+
+    tail = "; labels must be finite numbers: fix or drop this structure." if "non-finite" in \
+        problem else "."
+    return f"{_label(atoms, i, name)} {problem}{tail}"
+
+
+def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=False,
+               name: str = "X", finite: bool = True):
+    """Energies and forces stored with ``structures``, checked by :func:`label_problem`.
 
     Parameters
     ----------
@@ -183,6 +245,11 @@ def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=F
         :data:`ENERGY_KEYS` / :data:`FORCES_KEYS`.
     require_forces : bool, default=False
         Raise when a structure has no forces (else its entry is None).
+    name : str, default="X"
+        Name of the structures in error messages (``X[4] (C2H6O) ...``).
+    finite : bool, default=True
+        Refuse NaN/inf energies and forces (``False``: return them, e.g. for
+        :func:`~skntk.metrics.evaluate` to skip those structures).
 
     Returns
     -------
@@ -190,29 +257,33 @@ def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=F
         Total energies in eV.
     forces : list of (ndarray of shape (n_atoms_i, 3) or None)
         Forces in eV/Å.
+
+    Raises
+    ------
+    ValueError
+        Naming the structure (``X[i] (formula)``): no energy label, no forces label with
+        ``require_forces``, forces of the wrong shape, a non-finite energy or force.
     """
+    from skntk.atoms import _label
+
     energies, forces = [], []
     for i, atoms in enumerate(structures):
         e = _lookup(atoms, "energy", ENERGY_KEYS, energy_key)
         if e is None:
             raise ValueError(
-                f"structure {i} ({atoms.get_chemical_formula()}) has no energy label "
+                f"{_label(atoms, i, name)} has no energy label "
                 f"(looked in its calculator and info keys "
                 f"{[energy_key] if energy_key else list(ENERGY_KEYS)})."
             )
         f = _lookup(atoms, "forces", FORCES_KEYS, forces_key)
         if f is None and require_forces:
-            raise ValueError(f"structure {i} ({atoms.get_chemical_formula()}) has no forces label.")
-        if f is not None:
-            f = np.asarray(f, dtype=float)
-            if f.shape != (len(atoms), 3):
-                raise ValueError(
-                    f"structure {i} ({atoms.get_chemical_formula()}) has forces of shape "
-                    f"{f.shape}; expected ({len(atoms)}, 3)."
-                )
-        energies.append(float(e))
-        forces.append(f)
-    return np.asarray(energies), forces
+            raise ValueError(f"{_label(atoms, i, name)} has no forces label.")
+        problem = label_problem(atoms, e, f, finite=finite)
+        if problem is not None:
+            raise ValueError(_label_error(atoms, i, name, problem))
+        energies.append(float(np.asarray(e).reshape(())))
+        forces.append(None if f is None else np.asarray(f, dtype=float))
+    return np.asarray(energies, dtype=float), forces
 
 
 def example_path(name: str = "oc20_demo.extxyz") -> Path:

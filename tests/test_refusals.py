@@ -15,6 +15,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
+from ase.calculators.singlepoint import SinglePointCalculator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -297,3 +298,107 @@ def test_shortlist_message_says_what_x_holds():
     with pytest.raises(ValueError, match=r"n_to_select=6 exceeds the 5 candidates left by "
                                          r"step 'pv' \(the pool holds 20 structures\)"):
         pipe.select(X)  # LCMD sees the 5 shortlisted structures only
+
+
+# == issue 27 ("trust, second round") ===========================================================
+ETHANOL = "tests/data/ethanol_40.extxyz"
+
+
+def ethanol(n=6):
+    """``n`` labelled ethanol frames (DFT energies and forces) from the shipped test slice."""
+    from pathlib import Path
+
+    return ase.io.read(Path(__file__).parent / "data" / "ethanol_40.extxyz", f":{n}")
+
+
+def chon_model():
+    return BuiltinMLIP([1, 6, 7, 8], n_hidden=16, n_blocks=1, random_state=0)
+
+
+def _set_label(atoms, energy=None, forces=None):
+    """Replace ``atoms``' stored label (calculator results) in place."""
+    if energy is not None:
+        atoms.calc.results["energy"] = energy
+    if forces is not None:
+        atoms.calc.results["forces"] = forces
+
+
+# -- 1. labels are checked when they enter -------------------------------------------------------
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda a: _set_label(a, energy=float("nan")),
+     r"X\[4\] \(C2H6O\) has a non-finite energy label \(nan eV\); labels must be finite"),
+    (lambda a: _set_label(a, energy=float("inf")), r"X\[4\] \(C2H6O\) has a non-finite energy"),
+    (lambda a: _set_label(a, forces=np.where(np.arange(27).reshape(9, 3) == 7, np.nan, 0.0)),
+     r"X\[4\] \(C2H6O\) has non-finite forces at atom 2 \(\[0.0, nan, 0.0\] eV/Å\)"),
+    (lambda a: _set_label(a, forces=np.zeros((8, 3))),
+     r"X\[4\] \(C2H6O\) has forces of shape \(8, 3\); expected \(9, 3\)\.$"),
+])
+def test_bad_labels_are_refused_by_fit_before_any_training(corrupt, message, monkeypatch):
+    from skntk.finetune import MLIPRegressor
+
+    X = ethanol()
+    corrupt(X[4])
+    reg = MLIPRegressor(chon_model(), epochs=1, random_state=0)
+    monkeypatch.setattr(MLIPRegressor, "_train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=message):
+        reg.fit(X)
+
+
+def test_bad_labels_are_refused_at_loop_start_and_bad_oracle_labels_fail():
+    from skntk.al.loop import ActiveLearningLoop
+    from skntk.al.oracles import LabelResult, PoolOracle
+    from skntk.finetune import MLIPRegressor
+    from skntk.selection.baselines import RandomSelector
+
+    class Counting(PoolOracle):
+        calls = 0
+
+        def label(self, structures):
+            Counting.calls += 1
+            return super().label(structures)
+
+    frames = ethanol(8)
+    labelled, pool = frames[:3], frames[3:]
+    labelled[1] = labelled[1].copy()
+    labelled[1].calc = None
+    labelled[1].info["energy"] = float("nan")
+    reg = MLIPRegressor(chon_model(), epochs=0, random_state=0)
+    loop = ActiveLearningLoop(RandomSelector(), reg, Counting(), n_rounds=1, batch_size=2,
+                              random_state=0, progress_bar=False)
+    with pytest.raises(ValueError, match=r"labelled\[1\] \(C2H6O\) has a non-finite energy"):
+        loop.run(labelled, pool)
+    assert Counting.calls == 0
+
+    class NaNForces:  # an oracle of one's own that returns NaN forces without an error
+        def label(self, structures):
+            out = []
+            for a in structures:
+                b = a.copy()
+                b.calc = SinglePointCalculator(b, energy=-1.0,
+                                               forces=np.full((len(a), 3), np.nan))
+                out.append(LabelResult(b, None, 0.0))
+            return out
+
+    loop = ActiveLearningLoop(RandomSelector(), reg, NaNForces(), n_rounds=1, batch_size=2,
+                              random_state=0, progress_bar=False)
+    res = loop.run(frames[:3], [a.copy() for a in pool])
+    assert res.selected == [] and len(res.failed) == 2
+    assert all("pool[" in m and "non-finite forces at atom 0" in m for m in res.failed.values())
+
+
+def test_learn_refuses_a_nan_label_in_one_line(tmp_path, capsys):
+    X = ethanol(6)
+    X[4].calc.results["energy"] = float("nan")
+    ase.io.write(tmp_path / "train.extxyz", X[:5])
+    ase.io.write(tmp_path / "pool.extxyz", ethanol(10)[6:])
+    chon_model().save(tmp_path / "m.pt")
+    (tmp_path / "run.toml").write_text(f'output = "out"\n[model]\nname = "{tmp_path}/m.pt"\n'
+                                       '[data]\nlabelled = "train.extxyz"\npool = "pool.extxyz"\n'
+                                       '[selector]\nmethod = "random"\n[finetune]\nepochs = 1\n'
+                                       '[loop]\nn_rounds = 1\nbatch_size = 1\n')
+    assert main(["learn", "--config", str(tmp_path / "run.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: labelled[4] (C2H6O) has a non-finite energy label (nan eV); labels must be finite "
+        "numbers: fix or drop this structure."]
+

@@ -32,6 +32,7 @@ from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
 from skntk.atoms import as_atoms_list
+from skntk.io import get_labels
 from skntk.metrics import evaluate
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class ActiveLearningLoop(BaseEstimator):
             raise ValueError("labelled is empty: the loop fine-tunes on it in round 0.")
         if not pool:
             raise ValueError("pool is empty: nothing to select from.")
+        get_labels(labelled, name="labelled")  # bad labels are refused before any work
         tests = self.test_sets
         if tests is None:
             tests = {}
@@ -424,16 +426,23 @@ class ActiveLearningLoop(BaseEstimator):
         t0 = time.perf_counter()
         for i in todo:  # one at a time, so each label is on disk as soon as it exists
             (res,) = self.oracle.label([pool[i]])
-            if res.error is None:
+            error = res.error
+            if error is None:  # any oracle's label passes the check labels pass on entry
+                try:
+                    get_labels([res.atoms], require_forces=True)
+                except (ValueError, TypeError) as exc:  # "X[0] (H2O) has ..." -> "pool[i] ..."
+                    error = (f"the oracle's label is refused: pool[{i}] "
+                             f"{str(exc).removeprefix('X[0] ')}")
+            if error is None:
                 done[i] = res.atoms
                 if ckpt is not None:  # what a resumed run will read: use the same bytes now
                     self._write_label(ckpt, i, res.atoms)
                     done[i] = self._read_label(ckpt, i)
             else:
-                new_failed[i] = res.error
-                logger.warning("labelling pool structure %d failed: %s", i, res.error)
+                new_failed[i] = error
+                logger.warning("labelling pool structure %d failed: %s", i, error)
                 if ckpt is not None:
-                    _atomic_text(ckpt / "labels" / f"{i}.failed", res.error)
+                    _atomic_text(ckpt / "labels" / f"{i}.failed", error)
         timings["label"] += time.perf_counter() - t0
         labels.update(done)
         return [i for i in picks if i in done], new_failed
