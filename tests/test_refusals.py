@@ -402,3 +402,30 @@ def test_learn_refuses_a_nan_label_in_one_line(tmp_path, capsys):
         "error: labelled[4] (C2H6O) has a non-finite energy label (nan eV); labels must be finite "
         "numbers: fix or drop this structure."]
 
+
+# -- 2. evaluate skips structures with non-finite labels, naming and counting them --------------
+def test_evaluate_skips_nan_labels_with_a_warning_naming_them():
+    from ase.calculators.emt import EMT
+
+    from skntk.metrics import evaluate
+
+    frames = []
+    for k in range(4):
+        a = bulk("Cu", cubic=True)
+        a.rattle(0.05, seed=k)
+        a.calc = SinglePointCalculator(a, energy=0.1 * k, forces=np.zeros((4, 3)))
+        frames.append(a)
+    clean = evaluate(EMT(), frames[:1] + frames[2:], groups=["a", "b", "b"])
+    frames[1].calc.results["energy"] = float("nan")
+    with pytest.warns(UserWarning, match=r"evaluate\(\) skips 1 of the 4 structures, whose labels "
+                                         r"are not finite \(counted in 'n_skipped'\): X\[1\] "
+                                         r"\(Cu4\) has a non-finite energy label \(nan eV\)\."):
+        got = evaluate(EMT(), frames, groups=["a", "z", "b", "b"])
+    assert got["n_skipped"] == 1 and got["n_structures"] == 3 and clean["n_skipped"] == 0
+    assert np.isfinite(got["energy_mae"]) and got["energy_mae"] == clean["energy_mae"]
+    assert sorted(got["groups"]) == ["a", "b"]
+    for a in frames:
+        a.calc.results["forces"] = np.full((4, 3), np.inf)
+    with pytest.raises(ValueError, match=r"evaluate\(\): no structure has finite labels \(X\[0\] "
+                                         r"\(Cu4\) has non-finite forces at atom 0"):
+        evaluate(EMT(), frames)
