@@ -528,7 +528,12 @@ class PoolFeatures:
     n_pool : int
         Structures in the pool, duplicates included.
     shape : tuple of (n_structures, n_features)
+    duplicate_signatures : list of length n_structures or None
+        :func:`skntk.io.duplicate_signature` of each structure (set by
+        :func:`skntk.parallel.featurize`).
     """
+
+    duplicate_signatures = None
 
     def __init__(self, store, keys, pool_index, inverse, *, kind, n_features, dtype):
         self._store = store
@@ -592,6 +597,22 @@ class PoolFeatures:
             yield start, (blocks if np.array_equal(idx, np.arange(len(blocks)))
                           else blocks[idx])
             start = stop
+
+    def subset(self, idx) -> PoolFeatures:
+        """The structures ``idx`` (increasing) as a PoolFeatures of the same pool.
+
+        Pool positions of the structures left out get ``inverse`` -1.
+        """
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        new = np.full(len(self), -1, dtype=np.int64)
+        new[idx] = np.arange(idx.size)
+        out = PoolFeatures(self._store, [self.keys[i] for i in idx], self.pool_index[idx],
+                           new[self.inverse], kind=self.kind, n_features=self.n_features,
+                           dtype=self.dtype)
+        if self.duplicate_signatures is not None:
+            out.duplicate_signatures = [self.duplicate_signatures[i] for i in idx]
+        out.stats = getattr(self, "stats", None)
+        return out
 
     def take(self, idx) -> FeatureBlocks:
         """Blocks of structures ``idx`` (in that order), reading only the shards holding them.

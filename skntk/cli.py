@@ -216,7 +216,12 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     Repeated pool structures are featurised and considered once (a ``UserWarning`` counts
     them); indices and scores refer to the pool as given.
     """
-    from skntk.pipeline import make_pv_lcmd_pipeline
+    from skntk.pipeline import (
+        _drop_labelled,
+        _labelled_index,
+        duplicates_message,
+        make_pv_lcmd_pipeline,
+    )
 
     if shortlist is not None and shortlist < n_to_select:
         raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
@@ -234,15 +239,17 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         timings["features: pool"] = time.perf_counter() - t
         n_dup = feats.n_pool - len(feats)
         if n_dup:
-            warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, "
-                          f"cell, pbc); each is a candidate once.", UserWarning, stacklevel=2)
-        if n_to_select > len(feats):
-            raise ValueError(f"n_to_select={n_to_select} exceeds the {len(feats)} distinct pool "
-                             f"structures ({n_dup} of the {feats.n_pool} are duplicates).")
+            warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=2)
+        cands = _drop_labelled(feats, _labelled_index(train))  # never pick a labelled structure
+        if n_to_select > len(cands):
+            n_lab = len(feats) - len(cands)
+            raise ValueError(f"n_to_select={n_to_select} exceeds the {len(cands)} distinct pool "
+                             f"structures ({n_dup} of the {feats.n_pool} are duplicates"
+                             + (f", {n_lab} duplicate labelled ones" if n_lab else "") + ").")
         t = time.perf_counter()
         G_train = ntk.transform(train)
         timings["features: train"] = time.perf_counter() - t
-        M = min(shortlist if shortlist is not None else max(5 * n_to_select, 50), len(feats))
+        M = min(shortlist if shortlist is not None else max(5 * n_to_select, 50), len(cands))
         # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram
         # sketch (used only when the exact gram route does not fit in memory); PV has none
         pipe = make_pv_lcmd_pipeline(n_to_select=n_to_select, shortlist_size=M, sigma2=sigma2,
@@ -251,15 +258,21 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         t = time.perf_counter()
         pipe.fit(G_train)
         timings["fit posterior"] = time.perf_counter() - t
-        selected = pipe.select(feats)
+        selected = pipe.select(cands)
         timings["PV screen"] = pipe.timings_["pv"]
         timings["LCMD"] = pipe.timings_["lcmd"]
         G_pool = None
         if feats.n_pool <= _PLOT_MAX_POOL:
             G_pool = feats.take(feats.inverse)
-        pool_index = feats.pool_index
-        # indices into the pool as given (duplicates share their first copy's scores and rows)
-        scores = pipe["pv"].scores_[feats.inverse]
+        pool_index = cands.pool_index
+        # indices into the pool as given (duplicates share their first copy's scores and rows;
+        # copies of labelled structures, never candidates, have no score: NaN)
+        pv = pipe["pv"].scores_
+        if cands is not feats:
+            pv = np.full(len(feats), np.nan)
+            pv[np.flatnonzero(np.isin(feats.pool_index, cands.pool_index))] = \
+                pipe["pv"].scores_
+        scores = pv[feats.inverse]
         short = pool_index[pipe["pv"].shortlist_idx_]
         selected = pool_index[selected]
     return {"selected": selected, "pv": scores, "shortlist": short, "features": G_pool,
@@ -381,12 +394,13 @@ def _plot(path, result):
 
 
 def _pv_histogram(a, pv, sel, shortlist):
-    lo = max(float(pv.min()), 1e-12)
-    hi = max(float(pv.max()), lo)
+    pv = np.where(np.isfinite(pv), pv, np.nan)  # copies of labelled structures have no PV
+    lo = max(float(np.nanmin(pv)), 1e-12)
+    hi = max(float(np.nanmax(pv)), lo)
     if hi <= lo * (1 + 1e-9):  # one structure, or all alike: a decade around the value
         lo, hi = lo / 10, hi * 10
     bins = np.logspace(np.log10(lo), np.log10(hi), 30)
-    a.hist(pv, bins=bins, color="0.75", label=f"pool (n={len(pv)})")
+    a.hist(pv[np.isfinite(pv)], bins=bins, color="0.75", label=f"pool (n={len(pv)})")
     a.hist(pv[shortlist], bins=bins, histtype="step", lw=2, color="C1",
            label=f"shortlist (M={len(shortlist)})")
     a.hist(pv[sel], bins=bins, color="C3", alpha=0.8, label=f"selected (B={len(sel)})")
@@ -404,7 +418,8 @@ def _report(result, out_path, plot_path):
     lines.append(" rank  pool idx        PV  structure")
     for rank, i in enumerate(result["selected"]):
         lines.append(f" {rank + 1:4d}  {i:8d}  {result['pv'][i]:.3e}  {_describe(frames[i])}")
-    lines.append(f"pool PV: median {np.median(result['pv']):.3e}, max {result['pv'].max():.3e}")
+    lines.append(f"pool PV: median {np.nanmedian(result['pv']):.3e}, "
+                 f"max {np.nanmax(result['pv']):.3e}")
     lines.append(f"wrote {out_path}" + (f" and {plot_path}" if plot_path else ""))
     return "\n".join(lines)
 

@@ -116,8 +116,147 @@ def structure_hash(atoms: Atoms) -> str:
     return h.hexdigest()
 
 
+#: Projections in a :func:`duplicate_signature` (more: fewer chance matches of different frames).
+N_PROJECTIONS = 8
+
+_WEIGHTS: dict[int, np.ndarray] = {}
+
+
+def _weights(n_atoms: int) -> np.ndarray:
+    """Fixed random weights of shape (N_PROJECTIONS, n_atoms, 3, 2), the same in every run."""
+    w = _WEIGHTS.get(n_atoms)
+    if w is None:
+        w = np.random.default_rng([2027, n_atoms]).standard_normal(
+            (N_PROJECTIONS, n_atoms, 3, 2))
+        if len(_WEIGHTS) < 64:
+            _WEIGHTS[n_atoms] = w
+    return w
+
+
+def duplicate_signature(atoms: Atoms) -> tuple[str, np.ndarray]:
+    """What makes two frames duplicates: the same structure up to wrapping and translation.
+
+    The one canonical form behind every duplicate check (:class:`DuplicateIndex`,
+    :func:`unique_structures`, the pipeline, :func:`skntk.parallel.featurize`, ``skntk
+    select``, the active-learning loop). Positions are taken relative to atom 0 (a global
+    translation drops out) and expressed in the basis of the cell's periodic vectors, completed
+    by orthonormal directions for the non-periodic ones. Each fractional coordinate ``c`` along a
+    periodic direction enters as ``(sin 2πc, cos 2πc)`` — continuous and unchanged when an atom
+    is wrapped or moved by a lattice vector — and each Cartesian one (Å) as itself; fixed random
+    weights project them onto :data:`N_PROJECTIONS` numbers. Continuous projections compared
+    within a tolerance (:class:`DuplicateIndex`) do not split copies that differ by rounding, as
+    hashes of rounded coordinates do (an extended-XYZ round trip moves atoms by ~1e-8 Å).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+
+    Returns
+    -------
+    exact : str
+        ``"<n_atoms>:<hash>"`` of what must match exactly: atomic numbers (in atom order), cell
+        (rounded to 1e-6 Å) and pbc.
+    projections : ndarray of shape (N_PROJECTIONS,)
+        Labels, ``info`` and calculators are ignored.
+    """
+    import hashlib
+
+    pos = np.asarray(atoms.positions, dtype=np.float64)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    rel = pos - pos[:1] if len(pos) else pos
+    feats = np.zeros((len(pos), 3, 2))
+    if pbc.any():
+        periodic = cell[pbc]
+        _, _, vt = np.linalg.svd(periodic)
+        basis = np.vstack([periodic, vt[len(periodic):]])  # + orthonormal non-periodic directions
+        order = np.concatenate([np.flatnonzero(pbc), np.flatnonzero(~pbc)])
+        coords = np.empty_like(rel)
+        coords[:, order] = np.linalg.solve(basis.T, rel.T).T
+    else:
+        coords = rel
+    angle = 2 * np.pi * coords[:, pbc]
+    feats[:, pbc, 0], feats[:, pbc, 1] = np.sin(angle), np.cos(angle)
+    feats[:, ~pbc, 0] = coords[:, ~pbc]
+    projections = np.einsum("kndc,ndc->k", _weights(len(pos)), feats)
+    h = hashlib.blake2b(digest_size=16, person=b"skntk-dup-1")
+    h.update(np.ascontiguousarray(atoms.numbers, dtype=np.int64).tobytes())
+    h.update((np.round(cell, 6) + 0.0).tobytes())
+    h.update(np.ascontiguousarray(pbc).tobytes())
+    return f"{len(pos)}:{h.hexdigest()}", projections
+
+
+class DuplicateIndex:
+    """Structures seen so far, found again up to wrapping and translation.
+
+    Two structures are duplicates when their :func:`duplicate_signature` has the same exact part
+    and projections that agree within ``tol · sqrt(6 n_atoms)`` (``tol`` = 2e-7: about 1e-5 Å
+    for one atom of a 10 Å cell, far above float and file rounding, far below a real change).
+    Lookups are O(1): projections are bucketed by the first one.
+
+    Examples
+    --------
+    >>> from ase.build import bulk, molecule
+    >>> a = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    >>> b = a.copy()
+    >>> b.positions += [0.3, -1.2, 7.0]              # a global translation ...
+    >>> b.positions[3] += a.cell[0] - 2 * a.cell[2]  # ... and one atom moved by lattice vectors
+    >>> b.wrap()
+    >>> index = DuplicateIndex()
+    >>> index.add(a), index.add(molecule("CH4")), index.add(b), index.find(molecule("H2O"))
+    (0, 1, 0, None)
+    """
+
+    tol = 2e-7
+
+    def __init__(self):
+        self._buckets: dict[tuple[str, int], list[tuple[np.ndarray, int]]] = {}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def find(self, signature) -> int | None:
+        """Index (in order of :meth:`add`) of a duplicate of ``signature`` (or an
+        ``ase.Atoms``), or ``None``."""
+        if isinstance(signature, Atoms):
+            signature = duplicate_signature(signature)
+        exact, proj, tol = self._parts(signature)
+        q = self._quantum(tol)
+        b = int(np.floor(proj[0] / q))
+        for bb in (b - 1, b, b + 1):
+            for other, k in self._buckets.get((exact, bb), ()):
+                if np.all(np.abs(other - proj) <= tol):
+                    return k
+        return None
+
+    def add(self, signature) -> int:
+        """Index of the first duplicate of ``signature`` (or an ``ase.Atoms``); a new index when
+        there is none (the structure is then remembered)."""
+        if isinstance(signature, Atoms):
+            signature = duplicate_signature(signature)
+        k = self.find(signature)
+        if k is not None:
+            return k
+        exact, proj, tol = self._parts(signature)
+        b = int(np.floor(proj[0] / self._quantum(tol)))
+        self._buckets.setdefault((exact, b), []).append((proj, self._n))
+        self._n += 1
+        return self._n - 1
+
+    def _parts(self, signature):
+        exact, proj = signature
+        n_atoms = int(exact.split(":", 1)[0])
+        return exact, np.asarray(proj, dtype=np.float64), self.tol * np.sqrt(6 * max(n_atoms, 1))
+
+    @staticmethod
+    def _quantum(tol) -> float:
+        return max(1e-3, 4 * tol)
+
+
 def unique_structures(structures) -> tuple[np.ndarray, np.ndarray]:
-    """First occurrences of distinct structures (by :func:`structure_hash`).
+    """First occurrences of distinct structures (by :class:`DuplicateIndex`: copies up to
+    wrapping and global translation are one structure).
 
     Parameters
     ----------
@@ -137,14 +276,13 @@ def unique_structures(structures) -> tuple[np.ndarray, np.ndarray]:
     >>> first.tolist(), inverse.tolist()
     ([0, 1], [0, 1, 0])
     """
-    seen: dict[str, int] = {}
+    index = DuplicateIndex()
     first, inverse = [], []
     for k, atoms in enumerate(structures):
-        key = structure_hash(atoms)
-        if key not in seen:
-            seen[key] = len(first)
+        j = index.add(atoms)
+        if j == len(first):
             first.append(k)
-        inverse.append(seen[key])
+        inverse.append(j)
     return np.asarray(first, dtype=np.int64), np.asarray(inverse, dtype=np.int64)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from skntk.cache import PoolFeatures, _as_blocks, _Store, _transformer_description, structure_key
+from skntk.io import DuplicateIndex, duplicate_signature
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +207,10 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
     Returns
     -------
     features : PoolFeatures
-        The distinct structures of the pool (first copies, in pool order), streamed from the
-        cache.
+        The distinct structures of the pool (first copies, in pool order; copies up to
+        wrapping and global translation, :class:`skntk.io.DuplicateIndex`, are one
+        structure), streamed from the cache; ``duplicate_signatures`` holds each one's
+        :func:`skntk.io.duplicate_signature`.
 
     Raises
     ------
@@ -252,8 +255,8 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
     store = _Store(directory, key)
     store.open(description)
     verified: set[str] = set()
-    seen: dict[bytes, int] = {}  # structure key -> distinct index
-    keys, pool_index, inverse = [], [], []
+    seen = DuplicateIndex()  # distinct structures up to wrapping and translation
+    keys, signatures, pool_index, inverse = [], [], [], []
     kind = n_feat = row_dtype = None
     stats = {"structures": 0, "computed": 0, "cached": 0}
 
@@ -284,13 +287,14 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         for start, chunk in _chunks(source, int(shard_size), check, label):
             todo, todo_keys = [], []
             for j, atoms in enumerate(chunk):
-                k = structure_key(atoms)
-                if k in seen:
-                    inverse.append(seen[k])
+                sig = duplicate_signature(atoms)
+                d = seen.add(sig)
+                inverse.append(d)
+                if d < len(keys):  # a copy of an earlier structure
                     continue
-                seen[k] = len(keys)
-                inverse.append(len(keys))
+                k = structure_key(atoms)
                 keys.append(k)
+                signatures.append(sig)
                 pool_index.append(start + j)
                 if not cached(k):
                     todo.append(atoms)
@@ -353,6 +357,7 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
     feats = PoolFeatures(store, keys, pool_index, inverse, kind=kind, n_features=n_feat,
                          dtype=row_dtype)
     feats.stats = stats
+    feats.duplicate_signatures = signatures
     return feats
 
 

@@ -89,8 +89,8 @@ def test_duplicates_are_candidates_once_and_warned_about_once():
     pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_model(), n_features=16),
                                  shortlist_size=6, n_to_select=5, random_state=0)
     pipe.fit(molecules(3, seed=50))
-    message = (r"pool has 18 duplicate structures \(same numbers, positions, cell, pbc\); each is "
-               r"a candidate once")
+    message = (r"pool has 18 duplicate structures \(same numbers, cell and pbc, positions up to "
+               r"wrapping and translation\); each is a candidate once")
     with pytest.warns(UserWarning, match=message) as rec:
         idx = pipe.select(pool)
     assert len([w for w in rec if "duplicate" in str(w.message)]) == 1
@@ -229,8 +229,8 @@ def test_cli_shortlist_smaller_than_batch_and_duplicates(files, tmp_path, capsys
     argv = _select(files, "-o", str(tmp_path / "d.extxyz"), "--no-plot")
     argv[argv.index("--pool") + 1] = str(tmp_path / "dup.extxyz")
     assert main(argv) == 0
-    warning = ("warning: pool has 2 duplicate structures (same numbers, positions, cell, pbc); "
-               "each is a candidate once.\n")
+    warning = ("warning: pool has 2 duplicate structures (same numbers, cell and pbc, positions up "
+               "to wrapping and translation); each is a candidate once.\n")
     assert capsys.readouterr().err == warning
     picked = ase.io.read(tmp_path / "d.extxyz", ":")
     assert sorted(a.info["pool_index"] for a in picked) == [0, 1]
@@ -429,3 +429,127 @@ def test_evaluate_skips_nan_labels_with_a_warning_naming_them():
     with pytest.raises(ValueError, match=r"evaluate\(\): no structure has finite labels \(X\[0\] "
                                          r"\(Cu4\) has non-finite forces at atom 0"):
         evaluate(EMT(), frames)
+
+
+# -- 3, 4. duplicates up to wrapping and translation; copies of labelled structures -------------
+def periodic_copies(n=3, n_copies=3, seed=0):
+    """``n`` rattled periodic Cu cells, each followed by ``n_copies - 1`` re-wrapped copies
+    (atoms moved by lattice vectors, then the whole cell translated and wrapped)."""
+    out = []
+    for k in range(n):
+        a = bulk("Cu", "fcc", a=3.6, cubic=True)
+        a.rattle(0.1, seed=seed + k)
+        out.append(a)
+        for c in range(1, n_copies):
+            b = a.copy()
+            b.positions[c % len(b)] += c * a.cell[0] - a.cell[2]
+            b.positions += [0.37 * c, -1.1, 2.9 * c]
+            b.wrap()
+            out.append(b)
+    return out
+
+
+def test_duplicate_index_sees_wrapped_and_translated_copies_only(tmp_path):
+    from skntk.io import DuplicateIndex
+
+    pool = periodic_copies()
+    first, inverse = unique_structures(pool)
+    assert first.tolist() == [0, 3, 6] and inverse.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len({structure_hash(a) for a in pool}) == 9  # the exact hash still tells them apart
+    ase.io.write(tmp_path / "p.extxyz", pool)  # positions rounded to 1e-8 Å in the file
+    assert unique_structures(ase.io.read(tmp_path / "p.extxyz", ":"))[0].tolist() == [0, 3, 6]
+    index = DuplicateIndex()
+    assert [index.add(a) for a in pool[::3]] == [0, 1, 2]
+    moved = pool[0].copy()
+    moved.positions[1] += [1e-4, 0, 0]  # a real change is not a duplicate
+    assert index.find(moved) is None and index.find(pool[1]) == 0
+    mol = molecules(1)[0]
+    shifted = mol.copy()
+    shifted.positions += [3.0, -2.0, 1.0]
+    assert unique_structures([mol, shifted])[0].tolist() == [0]
+    slab = pool[3].copy()
+    slab.pbc = [True, True, False]  # not periodic along c: wrapping along c changes it
+    assert index.find(slab) is None
+
+
+def test_periodic_copies_are_candidates_once_in_the_pipeline_and_the_cli(tmp_path, capsys):
+    pool = periodic_copies()
+    model = tiny_model((29,))
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(model, n_features=16, random_state=0),
+                                 shortlist_size=3, n_to_select=3, random_state=0)
+    pipe.fit(periodic_copies(2, 1, seed=50))
+    with pytest.warns(UserWarning, match="pool has 6 duplicate structures"):
+        idx = pipe.select(pool)
+    assert sorted(idx.tolist()) == [0, 3, 6]
+    model.save(tmp_path / "cu.pt")
+    ase.io.write(tmp_path / "train.extxyz", periodic_copies(2, 1, seed=50))
+    ase.io.write(tmp_path / "pool.extxyz", pool)
+    argv = ["select", "--model", str(tmp_path / "cu.pt"), "--train", str(tmp_path / "train.extxyz"),
+            "--pool", str(tmp_path / "pool.extxyz"), "--kind", "energy", "--n-features", "8",
+            "-n", "6", "--no-plot", "-o", str(tmp_path / "sel.extxyz")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: n_to_select=6 exceeds the 3 distinct pool structures (6 of the 9 are "
+        "duplicates).")
+
+
+def test_copies_of_labelled_structures_are_never_picked():
+    labelled = periodic_copies(3, 1, seed=0)
+    model = tiny_model((29,))
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(model, n_features=16, random_state=0),
+                                 shortlist_size=4, n_to_select=2, random_state=0)
+    pipe.fit(labelled)
+    same = [a.copy() for a in periodic_copies(3, 2, seed=0)[1::2]]  # re-wrapped copies only
+    with pytest.warns(UserWarning, match="3 of the 3 pool structures duplicate labelled"), \
+            pytest.raises(ValueError, match="every one of the 3 pool structures duplicates a "
+                                            "labelled structure: nothing is left to select"):
+        pipe.select(same)
+    pool = same + periodic_copies(3, 1, seed=100)
+    with pytest.warns(UserWarning) as rec:
+        idx = pipe.select(pool)
+    msgs = [str(w.message) for w in rec if "labelled" in str(w.message)]
+    assert msgs == ["3 of the 6 pool structures duplicate labelled structures (up to wrapping and "
+                    "translation): X[0] (Cu4), X[1] (Cu4), X[2] (Cu4); they are never "
+                    "candidates."]
+    assert set(idx.tolist()) <= {3, 4, 5}
+
+
+def test_the_loop_and_the_cli_never_pick_copies_of_labelled_structures(tmp_path, capsys):
+    from skntk.al.loop import ActiveLearningLoop
+    from skntk.al.oracles import PoolOracle
+    from skntk.finetune import MLIPRegressor
+    from skntk.selection.baselines import RandomSelector
+
+    frames = ethanol(8)
+    labelled, rest = frames[:3], frames[3:]
+    pool = [a.copy() for a in labelled] + rest  # copies lose the calculator: relabel them
+    for a, b in zip(pool, labelled + rest, strict=True):
+        a.calc = SinglePointCalculator(a, **b.calc.results)
+        a.positions += [1.0, 2.0, 3.0]
+    reg = MLIPRegressor(chon_model(), epochs=0, random_state=0)
+    loop = ActiveLearningLoop(RandomSelector(), reg, PoolOracle(), n_rounds=2, batch_size=3,
+                              random_state=0, progress_bar=False)
+    with pytest.warns(UserWarning, match=r"3 of the 8 pool structures duplicate labelled "
+                                         r"structures .*: pool\[0\] \(C2H6O\), pool\[1\]"):
+        res = loop.run(labelled, pool)
+    assert sorted(res.selected) == [3, 4, 5, 6, 7]
+    chon_model().save(tmp_path / "m.pt")
+    ase.io.write(tmp_path / "train.extxyz", labelled)
+    ase.io.write(tmp_path / "pool.extxyz", pool)
+    argv = ["select", "--model", str(tmp_path / "m.pt"), "--train", str(tmp_path / "train.extxyz"),
+            "--pool", str(tmp_path / "pool.extxyz"), "--kind", "energy", "--n-features", "8",
+            "-n", "5", "--no-plot", "-o", str(tmp_path / "sel.extxyz"),
+            "--scores", str(tmp_path / "pv.csv")]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == (
+        "warning: 3 of the 8 pool structures duplicate labelled structures (up to wrapping and "
+        "translation): X[0], X[1], X[2]; they are never candidates.\n")
+    picked = ase.io.read(tmp_path / "sel.extxyz", ":")
+    assert sorted(a.info["pool_index"] for a in picked) == [3, 4, 5, 6, 7]
+    pv = np.loadtxt(tmp_path / "pv.csv", delimiter=",", skiprows=1)[:, 1]
+    assert np.isnan(pv[:3]).all() and np.isfinite(pv[3:]).all()
+    argv[argv.index("-n") + 1] = "6"
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: n_to_select=6 exceeds the 5 distinct pool structures (0 of the 8 are duplicates, "
+        "3 duplicate labelled ones).")

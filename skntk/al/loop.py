@@ -308,6 +308,7 @@ class ActiveLearningLoop(BaseEstimator):
         selector = _seed_all(clone(self.selector), int(root.spawn(1)[0].generate_state(1)[0]))
         featurizer, tail = _split_featurizer(selector)
 
+        excluded = self._excluded(labelled, pool)
         history, selected, failed = [], [], {}
         labels: dict[int, object] = {}
         model = None
@@ -332,7 +333,7 @@ class ActiveLearningLoop(BaseEstimator):
                         features = self._featurize(featurizer, labelled + pool, labelled, ckpt,
                                                    timings)
                     picks = self._select(selector, featurizer, tail, features, labelled, pool,
-                                         labels, selected, failed, model, timings)
+                                         labels, selected, failed, model, timings, excluded)
                     if ckpt is not None:
                         _atomic_json(ckpt / f"round-{rnd}-picks.json", picks)
                 new, new_failed = self._label(pool, picks, labels, failed, ckpt, timings)
@@ -378,9 +379,41 @@ class ActiveLearningLoop(BaseEstimator):
         timings["featurize"] += time.perf_counter() - t0
         return out
 
+    @staticmethod
+    def _excluded(labelled, pool) -> set:
+        """Pool indices that are never candidates: later copies of a pool structure and copies of
+        labelled structures (:class:`skntk.io.DuplicateIndex`); one warning for each kind."""
+        import warnings
+
+        from skntk.io import DuplicateIndex, duplicate_signature
+        from skntk.pipeline import (
+            _labelled_index,
+            duplicates_message,
+            labelled_duplicates_message,
+        )
+
+        lab = _labelled_index(labelled)
+        seen, copies, of_labelled = DuplicateIndex(), set(), []
+        for i, atoms in enumerate(pool):
+            sig = duplicate_signature(atoms)
+            if lab is not None and lab.find(sig) is not None:
+                of_labelled.append(i)
+                continue
+            n_seen = len(seen)
+            if seen.add(sig) < n_seen:  # a copy of an earlier pool structure
+                copies.add(i)
+        if copies:
+            warnings.warn(duplicates_message(len(copies)), UserWarning, stacklevel=3)
+        if of_labelled:
+            warnings.warn(labelled_duplicates_message(
+                len(of_labelled), len(pool),
+                (f"pool[{i}] ({pool[i].get_chemical_formula()})" for i in of_labelled)),
+                UserWarning, stacklevel=3)
+        return copies | set(of_labelled)
+
     def _select(self, selector, featurizer, tail, features, labelled, pool, labels, selected,
-                failed, model, timings):
-        taken = set(selected) | set(failed)
+                failed, model, timings, excluded=frozenset()):
+        taken = set(selected) | set(failed) | set(excluded)
         candidates = np.array([i for i in range(len(pool)) if i not in taken], dtype=np.int64)
         n = min(int(self.batch_size), candidates.size)
         if n == 0:
