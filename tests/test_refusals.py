@@ -553,3 +553,29 @@ def test_the_loop_and_the_cli_never_pick_copies_of_labelled_structures(tmp_path,
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: n_to_select=6 exceeds the 5 distinct pool structures (0 of the 8 are duplicates, "
         "3 duplicate labelled ones).")
+
+
+# -- 5. a finished checkpoint asked for fewer rounds ---------------------------------------------
+def test_a_checkpoint_with_more_rounds_than_asked_is_refused(tmp_path):
+    from skntk.al.loop import ActiveLearningLoop
+    from skntk.al.oracles import PoolOracle
+    from skntk.finetune import MLIPRegressor
+    from skntk.selection.baselines import RandomSelector
+
+    frames = ethanol(10)
+
+    def loop(n):
+        return ActiveLearningLoop(RandomSelector(), MLIPRegressor(chon_model(), epochs=0),
+                                  PoolOracle(), n_rounds=n, batch_size=1, random_state=0,
+                                  checkpoint_dir=tmp_path, progress_bar=False)
+
+    full = loop(3).run(frames[:2], frames[2:])
+    assert len(full.history) == 4
+    with pytest.raises(ValueError, match=re.escape(
+            f"checkpoint {str(tmp_path)!r} holds 3 finished rounds (rounds 0-3, 5 labelled "
+            f"structures, the model of round 3); n_rounds=1 asks for fewer: pass n_rounds=3 to "
+            f"read it (result.history[:2] is the shorter run's history) or use another "
+            f"checkpoint_dir.")):
+        loop(1).run(frames[:2], frames[2:])
+    assert loop(3).run(frames[:2], frames[2:]).history == full.history
+

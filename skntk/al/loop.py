@@ -190,7 +190,8 @@ class ActiveLearningLoop(BaseEstimator):
         ``info`` key for per-subgroup test metrics (:func:`skntk.metrics.evaluate`).
     checkpoint_dir : str, os.PathLike or None, default=None
         Where rounds are saved; a rerun with the same arguments resumes (a finished run returns
-        at once); a directory written with other arguments is refused.
+        at once; a larger ``n_rounds`` continues it); a directory written with other arguments,
+        or holding more rounds than ``n_rounds``, is refused.
     feature_cache : str, os.PathLike or None, default=None
         Directory of the content-addressed feature cache (:func:`skntk.cache.transform_cached`)
         for the pretrained features; ``None``: ``checkpoint_dir/features`` (no cache without a
@@ -314,6 +315,14 @@ class ActiveLearningLoop(BaseEstimator):
         model = None
         if state is not None:
             history = state["history"]
+            if len(history) > self.n_rounds + 1:  # never a longer run's history or model
+                raise ValueError(
+                    f"checkpoint {str(ckpt)!r} holds {len(history) - 1} finished rounds "
+                    f"(rounds 0-{len(history) - 1}, {history[-1]['n_labelled']} labelled "
+                    f"structures, the model of round {len(history) - 1}); n_rounds="
+                    f"{self.n_rounds} asks for fewer: pass n_rounds={len(history) - 1} to read it "
+                    f"(result.history[:{self.n_rounds + 1}] is the shorter run's history) or "
+                    f"use another checkpoint_dir.")
             selected = [int(i) for i in state["selected"]]
             failed = {int(k): v for k, v in state["failed"].items()}
             labels = {i: self._read_label(ckpt, i) for i in selected}
