@@ -579,3 +579,19 @@ def test_a_checkpoint_with_more_rounds_than_asked_is_refused(tmp_path):
         loop(1).run(frames[:2], frames[2:])
     assert loop(3).run(frames[:2], frames[2:]).history == full.history
 
+
+# -- 10. probe rows and reduction="max_atom" -----------------------------------------------------
+def test_max_atom_on_probe_rows_says_probe_rows_are_not_per_atom():
+    X = molecules(4)
+    ntk = ForceNTKTransformer(tiny_model(), kind="joint", force_rows="probes", n_probes=2,
+                              n_features=8, random_state=0).fit(X[:2])
+    pv = ChunkedPosteriorVarianceSelector(reduction="max_atom", n_to_select=1)
+    with pytest.raises(ValueError, match=re.escape(
+            "reduction='max_atom' needs force or joint blocks; got kind='plain' (rows with no "
+            "per-atom layout). ForceNTKTransformer's probe rows (force_rows='probes', or 'auto' "
+            "when it picks probes) are 'plain' even for kind='joint' or 'force': each probe row "
+            "mixes the forces of all atoms, so probe rows are not per atom. Use "
+            "force_rows='exact' for per-atom rows (3 per atom), or reduction='trace'.")):
+        pv.fit(ntk.transform(X[:2])).select(ntk.transform(X[2:]))
+    exact = ntk.set_params(force_rows="exact").fit(X[:2])
+    assert pv.fit(exact.transform(X[:2])).select(exact.transform(X[2:])).shape == (1,)
