@@ -434,6 +434,9 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
 
         check_is_fitted(transformer)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is not a "
+                                 f"directory.")
     directory.mkdir(parents=True, exist_ok=True)
     for old in ("manifest.json", "shard-000000000-*.npz"):
         if next(directory.glob(old), None) is not None:

@@ -42,6 +42,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed, an integer in 0..2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**32 - 1}; got {value}")
+    return value
+
+
+def _n_jobs(text: str) -> int:
+    """argparse type: a number of workers, >= 1, or negative (-1: all cores)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number of workers >= 1, or -1 for all "
+                                         "cores; got 0")
+    return value
+
+
 #: Errors that mean bad input: one line on stderr and exit code 2 (``-v`` shows the traceback).
 _INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, OSError,
                  MemoryError)
@@ -70,12 +93,12 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sigma2", type=_positive_float, default=1e-3,
                            help="noise variance (normalised units)")
         p.add_argument("--device", default="auto")
-        p.add_argument("--seed", type=int, default=0,
+        p.add_argument("--seed", type=_seed, default=0,
                        help="seed of every random component (same inputs + seed: same batch)")
         p.add_argument("--cache", default=None, required=featurize,
                        help="feature cache directory: pool features in shards (a rerun resumes "
                             "there and recomputes nothing it holds)")
-        p.add_argument("--n-jobs", type=int, default=None,
+        p.add_argument("--n-jobs", type=_n_jobs, default=None,
                        help="featurisation worker processes (joblib; -1: all cores)")
         p.add_argument("--scheduler-address", default=None,
                        help="featurise on a Dask cluster: address of its scheduler "
@@ -494,7 +517,8 @@ def _check_output_file(path: Path, option: str) -> None:
 
 @contextlib.contextmanager
 def _one_line_warnings():
-    """skntk's own UserWarnings (e.g. duplicate pool structures) as ``warning: ...`` lines on
+    """skntk's own warnings (UserWarnings such as duplicate pool structures, and skntk's warning
+    classes such as a damaged cache file's CorruptCacheWarning) as ``warning: ...`` lines on
     stderr; every other warning passes through unchanged."""
     package = str(Path(__file__).resolve().parent)
     try:
@@ -503,7 +527,9 @@ def _one_line_warnings():
             yield
     finally:  # re-emitted outside the recording context (inside, each would be recorded again)
         for w in list(caught):
-            if issubclass(w.category, UserWarning) and str(w.filename).startswith(package):
+            ours = w.category.__module__.startswith("skntk") or (
+                issubclass(w.category, UserWarning) and str(w.filename).startswith(package))
+            if ours:
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -251,6 +251,9 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         description = {**description, "stored_dtype": dtype.str}
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is not a "
+                                 f"directory.")
     directory.mkdir(parents=True, exist_ok=True)
     store = _Store(directory, key)
     store.open(description)

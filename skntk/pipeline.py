@@ -85,10 +85,10 @@ def _deduplicate(X, labelled=None):
     aside)."""
     if not _is_atoms_input(X) or isinstance(X, Atoms):
         return X, None
-    from skntk.atoms import _label
+    from skntk.atoms import _label, as_atoms_list
     from skntk.io import DuplicateIndex, duplicate_signature
 
-    X = list(X)
+    X = as_atoms_list(X)  # "X[1] is a str, not an ase.Atoms." before anything reads it
     sigs = [duplicate_signature(a) for a in X]
     seen, first = DuplicateIndex(), []
     for i, sig in enumerate(sigs):
@@ -520,7 +520,15 @@ def _seed_of(random_state):
     if random_state is None:
         return 0
     if isinstance(random_state, Integral) and not isinstance(random_state, bool):
+        if not 0 <= random_state < 2**32:
+            raise ValueError(f"The 'random_state' parameter of make_pv_lcmd_pipeline must be an "
+                             f"int in [0, {2**32 - 1}], a RandomState instance or None. Got "
+                             f"{random_state!r} instead.")
         return int(random_state)
+    if not isinstance(random_state, np.random.RandomState):
+        raise ValueError(f"The 'random_state' parameter of make_pv_lcmd_pipeline must be an int in "
+                         f"[0, {2**32 - 1}], a RandomState instance or None. Got "
+                         f"{random_state!r} instead.")
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 

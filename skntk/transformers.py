@@ -82,10 +82,10 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    from skntk.models._util import resolve_device
+
+    dev = resolve_device(device)  # a ValueError naming the device when it is not one
+    if device != "auto" and dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"device={device!r} requested but CUDA is not available; using the CPU.",
                       RuntimeWarning, stacklevel=3)
         return torch.device("cpu")

@@ -173,8 +173,8 @@ def _select(files, *extra, pool="pool.extxyz", model="model.pt"):
     ("directory", r"error: --pool: '.*' is a directory, not a structure file\.\n"),
     ("truncated", r"error: --pool: .*truncated.extxyz: frame 1: XYZError: .*Frame has \d+ atoms, "
                   r"expected \d+\n"),
-    ("junk model", r"error: model '.*junk.pt' could not be loaded as a model file "
-                   r"\(UnpicklingError: .*\)\.\n"),
+    ("junk model", r"error: model '.*junk.pt' is not a model file: it is neither a torch zip "
+                   r"archive nor a pickle \(it starts with b'1 2 3: not a'\)\.\n"),
     ("overlap", r"error: --pool: .*overlap.extxyz: frame 2 \(C2H6\): atoms 0 and 1 are 0 Å "
                 r"apart, closer than "
                 r"skntk.atoms.MIN_DISTANCE = 0.1 Å.*\n"),
@@ -595,3 +595,105 @@ def test_max_atom_on_probe_rows_says_probe_rows_are_not_per_atom():
         pv.fit(ntk.transform(X[:2])).select(ntk.transform(X[2:]))
     exact = ntk.set_params(force_rows="exact").fit(X[:2])
     assert pv.fit(exact.transform(X[:2])).select(exact.transform(X[2:])).shape == (1,)
+
+
+# -- 9. errors that blamed the wrong thing --------------------------------------------------------
+@pytest.mark.parametrize("extra,message", [
+    (["--device", "tpu"], "error: device='tpu' is not a device: expected 'auto', 'cpu', 'cuda' "
+                          "or 'cuda:<index>' (a torch device)."),
+    (["--n-jobs", "0"], "skntk select: error: argument --n-jobs: must be a number of workers >= "
+                        "1, or -1 for all cores; got 0"),
+    (["--seed", "-1"], "skntk select: error: argument --seed: must be an integer in "
+                       "0..4294967295; got -1"),
+    (["--model", "nosuch.pt"], "error: no model file at 'nosuch.pt' (and it is not a model name: "
+                               "['7net-0', 'chgnet', 'chgnet-0.2.0', 'chgnet-0.3.0', 'sevennet', "
+                               "'sevennet-0'])."),
+])
+def test_cli_errors_blame_the_option_at_fault(files, tmp_path, capsys, extra, message):
+    argv = _select(files, "-o", str(tmp_path / "s.extxyz"), "--no-plot", *extra)
+    with pytest.raises(SystemExit) if "argument" in message else _no_exit() as code:
+        assert main(argv) == 2
+    assert code is None or code.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == message
+
+
+class _no_exit:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_library_errors_name_the_parameter_or_the_structure(tmp_path):
+    from skntk.parallel import featurize
+
+    X = molecules(4)
+    with pytest.raises(ValueError, match=re.escape(
+            "The 'random_state' parameter of make_pv_lcmd_pipeline must be an int in "
+            "[0, 4294967295], a RandomState instance or None. Got 'abc' instead.")):
+        make_pv_lcmd_pipeline(n_to_select=1, random_state="abc")
+    huge = bulk("Cu", cubic=True)
+    huge.set_cell(huge.cell * 1e12, scale_atoms=True)
+    with pytest.raises(ValueError, match=re.escape(
+            "X[1] (Cu4) has a periodic cell vector of length 3.61e+12 Å, beyond "
+            "skntk.atoms.MAX_LENGTH = 1e+06 Å; check the units of its cell and positions.")):
+        validate_structures([X[0], huge])
+    ntk = ForceNTKTransformer(tiny_model(), n_features=8, random_state=0).fit(X[:2])
+    pipe = make_pv_lcmd_pipeline(ntk, n_to_select=1, shortlist_size=2).fit(X[:2])
+    with pytest.raises(TypeError, match=re.escape("X[1] is a str, not an ase.Atoms.")):
+        pipe.select([X[2], "CH4", X[3]])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="feature cache directory '.*afile' exists and is "
+                                                 "not a directory"):
+        featurize(ntk, X[2:], tmp_path / "afile")
+
+
+def test_cli_corrupt_cache_warning_is_one_line(files, tmp_path, capsys):
+    argv = ["featurize", "--model", str(files / "model.pt"), "--train",
+            str(files / "train.extxyz"), "--pool", str(files / "pool.extxyz"), "--kind", "energy",
+            "--n-features", "8", "--cache", str(tmp_path / "c")]
+    assert main(argv) == 0
+    shard = next((tmp_path / "c").rglob("*.shard"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(data)
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"warning: feature cache file '.*\.shard' is damaged \(.*\); deleting it; "
+                        r"its structures are recomputed\.\n", err), err
+
+
+def test_learn_wrong_finetune_key_and_checkpoint_mismatch_name_the_field(tmp_path, capsys):
+    from skntk.al.loop import ActiveLearningLoop
+    from skntk.al.oracles import PoolOracle
+    from skntk.finetune import MLIPRegressor
+    from skntk.selection.baselines import RandomSelector
+
+    X = ethanol(5)
+    ase.io.write(tmp_path / "train.extxyz", X[:2])
+    ase.io.write(tmp_path / "pool.extxyz", X[2:])
+    chon_model().save(tmp_path / "m.pt")
+    (tmp_path / "run.toml").write_text(f'output = "out"\n[model]\nname = "{tmp_path}/m.pt"\n'
+                                       '[data]\nlabelled = "train.extxyz"\npool = "pool.extxyz"\n'
+                                       '[finetune]\nepoch = 1\n')
+    assert main(["learn", "--config", str(tmp_path / "run.toml")]) == 2
+    assert capsys.readouterr().err == (
+        "error: config section [finetune] has unknown key(s) ['epoch']; valid keys are "
+        "['batch_size', 'device', 'energy_weight', 'epochs', 'force_weight', 'learning_rate', "
+        "'parameters', 'patience', 'progress_bar', 'random_state', 'refit_shifts', "
+        "'validation_fraction'].\n")
+    model = chon_model()
+
+    def loop(epochs):
+        return ActiveLearningLoop(RandomSelector(), MLIPRegressor(model, epochs=epochs),
+                                  PoolOracle(), n_rounds=1, batch_size=1, progress_bar=False,
+                                  checkpoint_dir=tmp_path / "ck")
+
+    loop(0).run(X[:2], X[2:])
+    with pytest.raises(ValueError, match=re.escape(
+            f"checkpoint {str(tmp_path / 'ck')!r} was written with other arguments "
+            f"(regressor.epochs: checkpoint '0' vs now '1'); use another checkpoint_dir.")):
+        loop(1).run(X[:2], X[2:])
+

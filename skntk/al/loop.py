@@ -136,6 +136,48 @@ def _describe(obj) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
+def _top_level_args(text: str):
+    """``(name, {arg: value})`` of ``"Name(a=1, b=Other(x=2))"`` (as :func:`_describe` writes),
+    or ``None`` when ``text`` has another shape."""
+    m = re.fullmatch(r"(\w+)\((.*)\)", text, flags=re.DOTALL)
+    if m is None:
+        return None
+    args, depth, start, body = {}, 0, 0, m.group(2)
+    for k, ch in enumerate(body + ","):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            item = body[start:k].strip()
+            start = k + 1
+            if not item:
+                continue
+            if "=" not in item:
+                return None
+            key, value = item.split("=", 1)
+            args[key.strip()] = value
+    return m.group(1), args
+
+
+def _differences(key: str, old, new) -> str:
+    """``key.field: checkpoint X vs now Y`` for the fields that differ (nested estimators are
+    followed), instead of two whole descriptions."""
+    if isinstance(old, str) and isinstance(new, str):
+        a, b = _top_level_args(old), _top_level_args(new)
+        if a is not None and b is not None and a[0] == b[0]:
+            fields = sorted(k for k in set(a[1]) | set(b[1]) if a[1].get(k) != b[1].get(k))
+            if fields:
+                return "; ".join(_differences(f"{key}.{f}", a[1].get(f), b[1].get(f))
+                                 for f in fields)
+    return f"{key}: checkpoint {_short(old)} vs now {_short(new)}"
+
+
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " ...'"
+
+
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -273,8 +315,7 @@ class ActiveLearningLoop(BaseEstimator):
             old = json.loads(cfg_path.read_text())
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             if diff:
-                detail = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {config.get(k)!r}"
-                                   for k in diff)
+                detail = "; ".join(_differences(k, old.get(k), config.get(k)) for k in diff)
                 raise ValueError(f"checkpoint {str(ckpt)!r} was written with other arguments "
                                  f"({detail}); use another checkpoint_dir.")
         else:
