@@ -474,19 +474,44 @@ def _write_scores(path, result):
 
 def main(argv=None) -> int:
     """Entry point; returns the exit code (2 for bad input: one ``error: ...`` line on stderr,
-    a traceback only with ``-v``)."""
+    a traceback only with ``-v``; 130 after Ctrl-C: one ``interrupted: ...`` line saying what was
+    kept and how to resume)."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "learn":
-        return _learn(args)
     try:
-        return _featurize(args) if args.command == "featurize" else _select(args)
-    except _INPUT_ERRORS as err:
+        if args.command == "learn":
+            return _learn(args)
+        try:
+            return _featurize(args) if args.command == "featurize" else _select(args)
+        except _INPUT_ERRORS as err:
+            if args.verbose:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"interrupted: {_interrupt_note(args)}", file=sys.stderr)
+        return 130
+
+
+def _interrupt_note(args) -> str:
+    """What an interrupted command kept on disk and how to resume it (one sentence)."""
+    if args.command == "learn":
+        try:
+            from skntk.al.config import load_config
+
+            ckpt = Path(load_config(args.config)["output"]) / "checkpoint"
+        except Exception:  # noqa: BLE001 - interrupted before the config was read: nothing kept
+            return "nothing was saved; run the command again."
+        return (f"the finished rounds and every label are kept in {ckpt}; run `skntk learn "
+                f"--config {args.config}` again to resume from the last finished round.")
+    if args.cache is not None:
+        return (f"the pool features computed so far are kept in --cache {args.cache}; run the "
+                f"same command again to resume (nothing cached is recomputed).")
+    return ("nothing was saved (no --cache); run the command again, with --cache DIR to keep the "
+            "pool features of an interrupted run.")
 
 
 def _read(path, option):

@@ -697,3 +697,83 @@ def test_learn_wrong_finetune_key_and_checkpoint_mismatch_name_the_field(tmp_pat
             f"(regressor.epochs: checkpoint '0' vs now '1'); use another checkpoint_dir.")):
         loop(1).run(X[:2], X[2:])
 
+
+# -- 8. Ctrl-C: one line, exit code 130, resume exact ---------------------------------------------
+_INTERRUPTIBLE = """
+import sys, time
+import skntk.parallel as p
+p.featurize.__kwdefaults__["shard_size"] = 2
+compute, calls = p._transform_chunk, []
+def slow(*args):
+    calls.append(1)
+    if len(calls) == 2:  # the first shard is on disk: wait here for the signal
+        print("ready", flush=True)
+        time.sleep(60)
+    return compute(*args)
+p._transform_chunk = slow
+from skntk.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_featurize_is_one_line_and_resumes(files, tmp_path, capsys):
+    import signal
+
+    argv = ["featurize", "--model", str(files / "model.pt"), "--train",
+            str(files / "train.extxyz"), "--pool", str(files / "pool.extxyz"), "--kind", "energy",
+            "--n-features", "8", "--cache", str(tmp_path / "c")]
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err == (f"interrupted: the pool features computed so far are kept in --cache "
+                   f"{tmp_path / 'c'}; run the same command again to resume (nothing cached is "
+                   f"recomputed).\n")
+    assert main(argv) == 0  # resumed: the first shard is reused, the rest computed
+    assert "featurised 8 pool structures (8 distinct): 6 computed, 2 already in" in \
+        capsys.readouterr().out
+    resumed = _cached_rows(files, tmp_path / "c")
+    assert main(argv[:-1] + [str(tmp_path / "fresh")]) == 0
+    np.testing.assert_array_equal(resumed, _cached_rows(files, tmp_path / "fresh"))
+
+
+def _cached_rows(files, cache):
+    from skntk.cli import _featurizer
+    from skntk.parallel import featurize
+
+    ntk, _, _ = _featurizer(str(files / "model.pt"), ase.io.read(files / "train.extxyz", ":"),
+                            kind="energy", n_features=8, progress_bar=False)
+    feats = featurize(ntk, str(files / "pool.extxyz"), cache)
+    assert feats.stats["computed"] == 0
+    return feats.take(np.arange(len(feats))).rows
+
+
+@pytest.mark.parametrize("command,note", [
+    ("select", "nothing was saved (no --cache); run the command again, with --cache DIR to keep "
+               "the pool features of an interrupted run."),
+    ("learn", "the finished rounds and every label are kept in {out}; run `skntk learn --config "
+              "{cfg}` again to resume from the last finished round."),
+])
+def test_ctrl_c_during_select_and_learn_is_one_line(files, tmp_path, capsys, monkeypatch,
+                                                    command, note):
+    import skntk.al.config
+    import skntk.cli
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(skntk.cli, "run_selection", interrupt)
+    monkeypatch.setattr(skntk.al.config, "run_config", interrupt)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'output = "out"\n[data]\nlabelled = "{files}/train.extxyz"\n'
+                   f'pool = "{files}/pool.extxyz"\n')
+    argv = (_select(files, "-o", str(tmp_path / "s.extxyz")) if command == "select"
+            else ["learn", "--config", str(cfg)])
+    assert main(argv) == 130
+    assert capsys.readouterr().err == "interrupted: " + note.format(
+        out=tmp_path / "out" / "checkpoint", cfg=cfg) + "\n"
