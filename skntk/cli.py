@@ -140,6 +140,7 @@ def _featurizer(model, train, *, kind="joint", parameters=None, n_features=256,
 
     An unreadable model file or a bad train structure (named ``train[i]``) is a ValueError."""
     from skntk.atoms import validate_structures
+    from skntk.linalg import InsufficientMemoryError
     from skntk.models import load
     from skntk.transformers import ForceNTKTransformer
 
@@ -152,7 +153,11 @@ def _featurizer(model, train, *, kind="joint", parameters=None, n_features=256,
     ntk = ForceNTKTransformer(handle, kind=kind, parameters=parameters, n_features=n_features,
                               force_rows=force_rows, n_probes=n_probes, device=device,
                               random_state=seed, progress_bar=progress_bar)
-    ntk.fit(train)
+    try:
+        ntk.fit(train)
+    except InsufficientMemoryError as err:  # name the option: "--n-features 1000000000 needs"
+        raise InsufficientMemoryError(str(err).replace(f"n_features={n_features}",
+                                                       f"--n-features {n_features}", 1)) from err
     ntk.check_memory(train, validate=False)
     return ntk, train, loaded
 
@@ -249,11 +254,14 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     if shortlist is not None and shortlist < n_to_select:
         raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
                          f"LCMD picks the batch from the shortlist.")
+    from skntk.selection._posterior import check_posterior_memory
+
     timings = {}
     ntk, train, timings["load model"] = _featurizer(
         model, train, kind=kind, parameters=parameters, n_features=n_features,
         force_rows=force_rows, n_probes=n_probes, device=device, seed=seed,
         progress_bar=progress_bar)
+    check_posterior_memory(ntk.n_features_out_, name="--n-features")  # before the pool
     with _cache_dir(cache) as directory:
         t = time.perf_counter()
         feats = _featurize_pool(ntk, pool, directory, n_jobs=n_jobs,

@@ -777,3 +777,56 @@ def test_ctrl_c_during_select_and_learn_is_one_line(files, tmp_path, capsys, mon
     assert main(argv) == 130
     assert capsys.readouterr().err == "interrupted: " + note.format(
         out=tmp_path / "out" / "checkpoint", cfg=cfg) + "\n"
+
+
+# -- 6. memory estimated from the parameters, before any work -----------------------------------
+def test_huge_n_features_is_refused_in_fit_before_any_work(monkeypatch):
+    import skntk.linalg
+
+    monkeypatch.setattr(skntk.linalg, "available_host_memory", lambda: 8e9)
+    monkeypatch.delenv("SKNTK_SKIP_MEMORY_CHECK", raising=False)
+    model = chon_model()
+    monkeypatch.setattr(type(model), "energy", lambda *a, **k: pytest.fail("featurised"))
+    X = ethanol(2)
+    ntk = ForceNTKTransformer(model, n_features=10**9, random_state=0, device="cpu")
+    with pytest.raises(InsufficientMemoryError, match=r"^n_features=1000000000 needs about "
+                       r"[\d.]+ [TG]B before any structure is featurised \(the sketch applied to "
+                       r"a batch of 2 rows [\d.]+ [TG]B, the train rows [\d.]+ GB\); 8.0 GB "
+                       r"available on cpu; use a smaller n_features \(the default is 256\)"):
+        ntk.fit(X)
+    assert ForceNTKTransformer(model, n_features=64, device="cpu").fit(X).n_features_out_ == 64
+
+
+def test_cli_n_features_beyond_memory_is_refused_before_the_pool(files, tmp_path, capsys,
+                                                                 monkeypatch):
+    import skntk.cli
+    import skntk.selection._posterior as posterior
+
+    monkeypatch.setattr(posterior, "available_host_memory", lambda: 8e9)
+    monkeypatch.setattr(skntk.cli, "_featurize_pool", lambda *a, **k: pytest.fail("featurised"))
+    monkeypatch.delenv("SKNTK_SKIP_MEMORY_CHECK", raising=False)
+    argv = _select(files, "-o", str(tmp_path / "s.extxyz"))
+    argv[argv.index("--n-features") + 1] = "100000"
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --n-features 100000: the posterior needs about 320.0 GB (four 100000 x 100000 "
+        "float64 matrices); 8.0 GB available (the smaller of free memory and the address-space "
+        "limit); use fewer features (SKNTK_SKIP_MEMORY_CHECK=1 skips this check).\n")
+
+
+def test_available_memory_honours_the_address_space_limit(monkeypatch):
+    import resource
+
+    from skntk.linalg import available_host_memory
+
+    free = available_host_memory()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (
+        (int(3e9) + _vm_size(), resource.RLIM_INFINITY) if which == resource.RLIMIT_AS
+        else (resource.RLIM_INFINITY, resource.RLIM_INFINITY)))
+    limited = available_host_memory()
+    assert limited <= min(free, 3e9) + 1e8 and limited > 2e9
+
+
+def _vm_size():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
