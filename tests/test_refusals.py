@@ -830,3 +830,73 @@ def test_available_memory_honours_the_address_space_limit(monkeypatch):
 def _vm_size():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
+# -- 7. processes sharing a feature cache share the work ----------------------------------------
+_SLOW_FEATURIZE = """
+import sys, time
+from pathlib import Path
+import skntk.parallel as p
+p.featurize.__kwdefaults__["shard_size"] = 2
+compute, calls = p._transform_chunk, []
+def slow(*args):
+    calls.append(1)
+    if MODE == "hang" and len(calls) == 2:
+        print("ready", flush=True)
+        time.sleep(60)
+    time.sleep(0.4)
+    return compute(*args)
+p._transform_chunk = slow
+MODE, barrier = sys.argv[1], Path(sys.argv[2])
+from skntk.cli import main
+if MODE != "hang":  # start featurising together with the other process
+    (barrier / MODE).touch()
+    while len(list(barrier.iterdir())) < 2:
+        time.sleep(0.05)
+raise SystemExit(main(sys.argv[3:]))
+"""
+
+
+def _featurize_argv(files, cache):
+    return ["featurize", "--model", str(files / "model.pt"), "--train",
+            str(files / "train.extxyz"), "--pool", str(files / "pool.extxyz"), "--kind", "energy",
+            "--n-features", "8", "--cache", str(cache)]
+
+
+def test_two_processes_on_one_cache_compute_each_shard_once(files, tmp_path):
+    (tmp_path / "barrier").mkdir()
+    argv = _featurize_argv(files, tmp_path / "c")
+    procs = [subprocess.Popen([sys.executable, "-c", _SLOW_FEATURIZE, name,
+                               str(tmp_path / "barrier"), *argv],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    computed = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        computed.append(int(re.search(r"(\d+) computed", out).group(1)))
+    assert sum(computed) == 8, computed  # each of the 8 structures computed by one process
+    assert not list((tmp_path / "c").rglob("*.claim"))
+
+
+def test_a_killed_holder_does_not_block_the_next_run(files, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from skntk.parallel import featurize
+
+    monkeypatch.setitem(featurize.__kwdefaults__, "shard_size", 2)  # the killed run's chunks
+    argv = _featurize_argv(files, tmp_path / "c")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_FEATURIZE, "hang", str(tmp_path), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGKILL)  # no clean-up: its claim stays behind
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    claims = list((tmp_path / "c").rglob("*.claim"))
+    assert len(claims) >= 1 and claims[0].read_text().split()[0] == str(proc.pid)
+    assert main(argv) == 0
+    assert "featurised 8 pool structures (8 distinct): 6 computed, 2 already in" in \
+        capsys.readouterr().out
+    assert not list((tmp_path / "c").rglob("*.claim"))  # taken over, or swept as stale
