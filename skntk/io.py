@@ -164,6 +164,8 @@ def duplicate_signature(atoms: Atoms) -> tuple[str, np.ndarray]:
     pos = np.asarray(atoms.positions, dtype=np.float64)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
     pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not (np.isfinite(pos).all() and np.isfinite(cell).all()):  # a duplicate of nothing: the
+        return f"{len(pos)}:non-finite:{id(atoms)}", np.zeros(N_PROJECTIONS)  # checks refuse it
     rel = pos - pos[:1] if len(pos) else pos
     feats = np.zeros((len(pos), 3, 2))
     if pbc.any():
@@ -172,7 +174,10 @@ def duplicate_signature(atoms: Atoms) -> tuple[str, np.ndarray]:
         basis = np.vstack([periodic, vt[len(periodic):]])  # + orthonormal non-periodic directions
         order = np.concatenate([np.flatnonzero(pbc), np.flatnonzero(~pbc)])
         coords = np.empty_like(rel)
-        coords[:, order] = np.linalg.solve(basis.T, rel.T).T
+        try:
+            coords[:, order] = np.linalg.solve(basis.T, rel.T).T
+        except np.linalg.LinAlgError:  # a singular cell: refused by the structure checks
+            return f"{len(pos)}:singular:{id(atoms)}", np.zeros(N_PROJECTIONS)
     else:
         coords = rel
     angle = 2 * np.pi * coords[:, pbc]

@@ -85,10 +85,11 @@ def _deduplicate(X, labelled=None):
     aside)."""
     if not _is_atoms_input(X) or isinstance(X, Atoms):
         return X, None
-    from skntk.atoms import _label, as_atoms_list
+    from skntk.atoms import _label, validate_structures
     from skntk.io import DuplicateIndex, duplicate_signature
 
-    X = as_atoms_list(X)  # "X[1] is a str, not an ase.Atoms." before anything reads it
+    X = validate_structures(X)  # named by their index in the pool as given, before any copy
+    # is set aside ("X[1] is a str, not an ase.Atoms.", "X[4] (H2O) has non-finite positions")
     sigs = [duplicate_signature(a) for a in X]
     seen, first = DuplicateIndex(), []
     for i, sig in enumerate(sigs):

@@ -900,3 +900,110 @@ def test_a_killed_holder_does_not_block_the_next_run(files, tmp_path, capsys, mo
     assert "featurised 8 pool structures (8 distinct): 6 computed, 2 already in" in \
         capsys.readouterr().out
     assert not list((tmp_path / "c").rglob("*.claim"))  # taken over, or swept as stale
+
+
+# -- fuzz: random corruptions through fit, select, the loop and evaluate: never a silent result --
+def _corrupt(frames, kind, k, j, value):
+    """A copy of ``frames`` with frame ``k`` corrupted (``kind``; atom ``j``; ``value``)."""
+    out = [a.copy() for a in frames]
+    for a, b in zip(out, frames, strict=True):
+        a.calc = SinglePointCalculator(a, energy=b.calc.results["energy"],
+                                       forces=np.array(b.calc.results["forces"]))
+    a = out[k]
+    j = j % len(a)
+    if kind == "energy":
+        a.calc.results["energy"] = value
+    elif kind == "force":
+        a.calc.results["forces"][j, j % 3] = value
+    elif kind == "forces shape":
+        a.calc.results["forces"] = a.calc.results["forces"][:-1]
+    elif kind == "position":
+        a.positions[j, j % 3] = value
+    elif kind == "cell":
+        a.pbc = True
+        a.cell[j % 3, j % 3] = value
+    elif kind == "copy":  # a translated (and, for a periodic frame, re-wrapped) copy of k + 1
+        c = out[(k + 1) % len(out)].copy()
+        c.calc = SinglePointCalculator(c, **out[(k + 1) % len(out)].calc.results)
+        c.positions += [0.5 * value if np.isfinite(value) else 1.0, -2.0, 3.0]
+        out[k] = c
+    return out
+
+
+_KINDS = ["energy", "force", "forces shape", "position", "cell", "copy"]
+_fuzz = settings(max_examples=12, deadline=None, derandomize=True)
+_corruptions = st.tuples(st.sampled_from(_KINDS), st.integers(0, 5), st.integers(0, 8),
+                         st.sampled_from([np.nan, np.inf, -np.inf]))
+
+
+def _label_bad(kind):
+    return kind in ("energy", "force", "forces shape")
+
+
+def test_fuzz_fit_and_evaluate_never_return_a_silent_result():
+    from skntk.finetune import MLIPRegressor
+    from skntk.metrics import evaluate
+
+    frames = ethanol(6)
+    reg = MLIPRegressor(chon_model(), epochs=0, random_state=0).fit(frames[:3])
+
+    @_fuzz
+    @given(_corruptions)
+    def check(c):
+        kind, k, j, value = c
+        X = _corrupt(frames, kind, k, j, value)
+        if kind == "copy":  # a duplicate is a fine training set and test set
+            assert np.isfinite(MLIPRegressor(chon_model(), epochs=0).fit(X).predict(X)).all()
+            assert np.isfinite(evaluate(reg, X)["energy_mae"])
+            return
+        with pytest.raises((ValueError, TypeError), match=rf"X\[{k}\] \(C2H6O\)"):
+            MLIPRegressor(chon_model(), epochs=0).fit(X)
+        if _label_bad(kind) and kind != "forces shape":
+            with pytest.warns(UserWarning, match=rf"skips 1 of the 6 .*X\[{k}\] \(C2H6O\)"):
+                m = evaluate(reg, X)
+            assert m["n_skipped"] == 1 and np.isfinite(m["energy_mae"])
+        else:
+            with pytest.raises((ValueError, TypeError), match=rf"X\[{k}\]"):
+                evaluate(reg, X)
+
+    check()
+
+
+def test_fuzz_select_and_loop_never_return_a_silent_result():
+    from skntk.al.loop import ActiveLearningLoop
+    from skntk.al.oracles import PoolOracle
+    from skntk.finetune import MLIPRegressor
+    from skntk.selection.baselines import RandomSelector
+
+    frames = ethanol(9)
+    labelled, pool = frames[:3], frames[3:]
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(chon_model(), kind="energy", n_features=8),
+                                 shortlist_size=3, n_to_select=2, random_state=0).fit(labelled)
+
+    @_fuzz
+    @given(_corruptions)
+    def check(c):
+        kind, k, j, value = c
+        P = _corrupt(pool, kind, k, j, value)
+        if kind in ("position", "cell"):
+            with pytest.raises(ValueError, match=rf"X\[{k}\] \(C2H6O\)"):
+                pipe.select(P)
+        elif kind == "copy":
+            with pytest.warns(UserWarning, match="pool has 1 duplicate structures"):
+                idx = pipe.select(P)
+            assert k not in idx.tolist() or (k + 1) % 6 not in idx.tolist()
+        else:  # labels play no part in a selection
+            assert len(set(pipe.select(P).tolist())) == 2
+        L = _corrupt(labelled, kind, k % 3, j, value)
+        loop = ActiveLearningLoop(RandomSelector(), MLIPRegressor(chon_model(), epochs=0),
+                                  PoolOracle(), n_rounds=1, batch_size=6, random_state=0,
+                                  progress_bar=False)
+        if kind == "copy":
+            return
+        with pytest.raises((ValueError, TypeError), match=rf"labelled\[{k % 3}\] \(C2H6O\)"):
+            loop.run(L, pool)
+        if _label_bad(kind):  # a bad label in the pool: a failed label, never a training one
+            res = loop.run(labelled, P)
+            assert k in res.failed and k not in res.selected
+
+    check()

@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from skntk.atoms import as_atoms_list
+from skntk.atoms import as_atoms_list, validate_structures
 from skntk.io import get_labels
 from skntk.metrics import evaluate
 
@@ -281,7 +281,9 @@ class ActiveLearningLoop(BaseEstimator):
             raise ValueError("labelled is empty: the loop fine-tunes on it in round 0.")
         if not pool:
             raise ValueError("pool is empty: nothing to select from.")
-        get_labels(labelled, name="labelled")  # bad labels are refused before any work
+        validate_structures(labelled, name="labelled")  # refused before any work
+        validate_structures(pool, name="pool")
+        get_labels(labelled, name="labelled")
         tests = self.test_sets
         if tests is None:
             tests = {}
@@ -509,7 +511,9 @@ class ActiveLearningLoop(BaseEstimator):
         t0 = time.perf_counter()
         for i in todo:  # one at a time, so each label is on disk as soon as it exists
             (res,) = self.oracle.label([pool[i]])
-            error = res.error
+            error = res.error  # the oracle saw one structure: "structure 0" is pool[i]
+            if error is not None:
+                error = re.sub(r"^structure 0\b", f"pool[{i}]", error)
             if error is None:  # any oracle's label passes the check labels pass on entry
                 try:
                     get_labels([res.atoms], require_forces=True)
