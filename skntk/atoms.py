@@ -38,7 +38,7 @@ from ase.neighborlist import primitive_neighbor_list
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomsBatch", "as_atoms_list", "validate_structures", "neighbor_pairs", "collate",
-           "MIN_DISTANCE", "MAX_ATOMIC_NUMBER"]
+           "MIN_DISTANCE", "MAX_ATOMIC_NUMBER", "MAX_LENGTH"]
 
 #: Closest two atoms may be, in Å (periodic images included), for :func:`validate_structures`.
 #: Real interatomic distances are above ~0.5 Å (H2: 0.74 Å); atoms closer than this are a
@@ -49,6 +49,11 @@ MIN_DISTANCE = 0.1
 
 #: Largest atomic number accepted (oganesson); atomic numbers must be 1..MAX_ATOMIC_NUMBER.
 MAX_ATOMIC_NUMBER = 118
+
+#: Largest position coordinate or periodic cell-vector length accepted, in Å (100 µm). Larger
+#: values are a unit mistake (metres, or Bohr scaled twice); they overflow the neighbour list's
+#: binning (a 1e12 Å cell fails deep inside ASE).
+MAX_LENGTH = 1e6
 
 
 def as_atoms_list(X, *, name: str = "X") -> list[Atoms]:
@@ -127,7 +132,8 @@ def validate_structures(atoms_list, *, species=None, name: str = "X",
         atomic numbers outside 1..:data:`MAX_ATOMIC_NUMBER` (naming the atom), non-finite
         positions or cell, elements outside ``species``, a periodic direction whose cell vectors
         are linearly dependent (singular cell), two atoms (or an atom and a periodic image)
-        closer than :data:`MIN_DISTANCE` Å (naming the pair and the distance).
+        closer than :data:`MIN_DISTANCE` Å (naming the pair and the distance), a position or a
+        periodic cell vector beyond :data:`MAX_LENGTH` Å.
 
     Examples
     --------
@@ -167,6 +173,13 @@ def validate_structures(atoms_list, *, species=None, name: str = "X",
                     f"does not cover; it covers Z={sorted(allowed)}."
                 )
         pbc = np.asarray(a.pbc, dtype=bool)
+        lengths = np.linalg.norm(cell[pbc], axis=1)
+        if np.abs(pos).max() > MAX_LENGTH or (lengths.size and lengths.max() > MAX_LENGTH):
+            what = (f"a periodic cell vector of length {lengths.max():.3g} Å"
+                    if lengths.size and lengths.max() > MAX_LENGTH
+                    else f"a position coordinate of {np.abs(pos).max():.3g} Å")
+            raise ValueError(f"{_label(a, i, name)} has {what}, beyond skntk.atoms.MAX_LENGTH = "
+                             f"{MAX_LENGTH:g} Å; check the units of its cell and positions.")
         if pbc.any():
             periodic = cell[pbc]
             sv = np.linalg.svd(periodic, compute_uv=False)

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import socket
 import struct
 import time
 import uuid
@@ -260,6 +261,35 @@ def _read_container(path: Path, *, header_only: bool = False) -> tuple[dict, byt
     return meta, payload
 
 
+#: A claim is taken over after this many seconds when its holder cannot be checked (written on
+#: another host) or looks alive (its pid may have been reused).
+CLAIM_STALE_SECONDS = 3600.0
+
+
+def _stale(path: Path) -> bool:
+    """Whether the claim file ``path`` was left by a process that is gone."""
+    try:
+        pid, host, stamp = path.read_text().split()[:3]
+        pid, stamp = int(pid), float(stamp)
+    except FileNotFoundError:
+        return True  # released meanwhile
+    except (OSError, ValueError):  # half-written by a holder killed between create and write
+        try:
+            return time.time() - path.stat().st_mtime > 60
+        except FileNotFoundError:
+            return True
+    if host == socket.gethostname():
+        if pid == os.getpid():  # this process holds none it does not know: an earlier one's
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            pass
+    return time.time() - stamp > CLAIM_STALE_SECONDS  # on another host, or a reused pid
+
+
 # -- the store of one transformer key ------------------------------------------------------------
 class _Store:
     """Shards and index of one transformer key."""
@@ -301,17 +331,61 @@ class _Store:
         if gone:  # entries of deleted shards
             self.where = {k: v for k, v in self.where.items() if v[0] not in gone}
             self.dirty = True
-        for name in sorted(present - listed):  # shards the index does not list (interrupted run)
+        self._add_shards(sorted(present - listed))  # not in the index (interrupted run)
+        for path in (self.dir / "claims").glob("*.claim"):  # left by killed processes
+            if _stale(path):
+                path.unlink(missing_ok=True)
+
+    def refresh(self) -> None:
+        """Take in the shards other processes wrote since :meth:`open` (headers only)."""
+        known = {v[0] for v in self.where.values()}
+        self._add_shards(sorted({p.name for p in self.dir.glob("*.shard")} - known))
+
+    def _add_shards(self, names) -> None:
+        for name in names:
             path = self.dir / name
             try:
                 meta, _ = _read_container(path, header_only=True)
                 self._check_meta(meta)
+            except FileNotFoundError:  # deleted meanwhile (another process found it damaged)
+                continue
             except _Corrupt as err:
                 self._drop(path, err)
                 continue
             for p, k in enumerate(meta["keys"]):
                 self.where[bytes.fromhex(k)] = (name, p)
             self.dirty = True
+
+    # claims ----------------------------------------------------------------------------------
+    def claim(self, keys: list[bytes]) -> Path | None:
+        """Claim the work of computing ``keys`` for this process: the claim file's path, or
+        ``None`` while a live process holds it.
+
+        A claim is a file created atomically (``O_CREAT | O_EXCL``) under ``claims/``, named
+        by the hash of the keys and holding ``pid host time``. A claim whose holder is gone (a
+        dead pid on this host) or that is older than :data:`CLAIM_STALE_SECONDS` is stale: it
+        is removed and taken over, so a killed run never blocks the next.
+        """
+        claims = self.dir / "claims"
+        claims.mkdir(exist_ok=True)
+        path = claims / (hashlib.sha256(b"".join(keys)).hexdigest()[:32] + ".claim")
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not _stale(path):
+                    return None
+                path.unlink(missing_ok=True)  # the holder is gone: take the work over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n")
+            return path
+        return None
+
+    @staticmethod
+    def release(path: Path | None) -> None:
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def save_index(self) -> None:
         if not self.dirty:
@@ -434,6 +508,9 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
 
         check_is_fitted(transformer)
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is not a "
+                                 f"directory.")
     directory.mkdir(parents=True, exist_ok=True)
     for old in ("manifest.json", "shard-000000000-*.npz"):
         if next(directory.glob(old), None) is not None:
@@ -528,7 +605,12 @@ class PoolFeatures:
     n_pool : int
         Structures in the pool, duplicates included.
     shape : tuple of (n_structures, n_features)
+    duplicate_signatures : list of length n_structures or None
+        :func:`skntk.io.duplicate_signature` of each structure (set by
+        :func:`skntk.parallel.featurize`).
     """
+
+    duplicate_signatures = None
 
     def __init__(self, store, keys, pool_index, inverse, *, kind, n_features, dtype):
         self._store = store
@@ -592,6 +674,22 @@ class PoolFeatures:
             yield start, (blocks if np.array_equal(idx, np.arange(len(blocks)))
                           else blocks[idx])
             start = stop
+
+    def subset(self, idx) -> PoolFeatures:
+        """The structures ``idx`` (increasing) as a PoolFeatures of the same pool.
+
+        Pool positions of the structures left out get ``inverse`` -1.
+        """
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        new = np.full(len(self), -1, dtype=np.int64)
+        new[idx] = np.arange(idx.size)
+        out = PoolFeatures(self._store, [self.keys[i] for i in idx], self.pool_index[idx],
+                           new[self.inverse], kind=self.kind, n_features=self.n_features,
+                           dtype=self.dtype)
+        if self.duplicate_signatures is not None:
+            out.duplicate_signatures = [self.duplicate_signatures[i] for i in idx]
+        out.stats = getattr(self, "stats", None)
+        return out
 
     def take(self, idx) -> FeatureBlocks:
         """Blocks of structures ``idx`` (in that order), reading only the shards holding them.

@@ -43,6 +43,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed, an integer in 0..2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**32 - 1}; got {value}")
+    return value
+
+
+def _n_jobs(text: str) -> int:
+    """argparse type: a number of workers, >= 1, or negative (-1: all cores)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number of workers >= 1, or -1 for all "
+                                         "cores; got 0")
+    return value
+
+
 #: Errors that mean bad input: one line on stderr and exit code 2 (``-v`` shows the traceback).
 _INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, OSError,
                  MemoryError)
@@ -71,12 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sigma2", type=_positive_float, default=1e-3,
                            help="noise variance (normalised units)")
         p.add_argument("--device", default="auto")
-        p.add_argument("--seed", type=int, default=0,
+        p.add_argument("--seed", type=_seed, default=0,
                        help="seed of every random component (same inputs + seed: same batch)")
         p.add_argument("--cache", default=None, required=featurize,
                        help="feature cache directory: pool features in shards (a rerun resumes "
                             "there and recomputes nothing it holds)")
-        p.add_argument("--n-jobs", type=int, default=None,
+        p.add_argument("--n-jobs", type=_n_jobs, default=None,
                        help="featurisation worker processes (joblib; -1: all cores)")
         p.add_argument("--scheduler-address", default=None,
                        help="featurise on a Dask cluster: address of its scheduler "
@@ -121,6 +144,7 @@ def _featurizer(model, train, *, kind="joint", parameters=None, n_features=256,
 
     An unreadable model file or a bad train structure (named ``train[i]``) is a ValueError."""
     from skntk.atoms import validate_structures
+    from skntk.linalg import InsufficientMemoryError
     from skntk.models import load
     from skntk.transformers import ForceNTKTransformer
 
@@ -133,7 +157,11 @@ def _featurizer(model, train, *, kind="joint", parameters=None, n_features=256,
     ntk = ForceNTKTransformer(handle, kind=kind, parameters=parameters, n_features=n_features,
                               force_rows=force_rows, n_probes=n_probes, device=device,
                               random_state=seed, progress_bar=progress_bar)
-    ntk.fit(train)
+    try:
+        ntk.fit(train)
+    except InsufficientMemoryError as err:  # name the option: "--n-features 1000000000 needs"
+        raise InsufficientMemoryError(str(err).replace(f"n_features={n_features}",
+                                                       f"--n-features {n_features}", 1)) from err
     ntk.check_memory(train, validate=False)
     return ntk, train, loaded
 
@@ -220,16 +248,24 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     Repeated pool structures are featurised and considered once (a ``UserWarning`` counts
     them); indices and scores refer to the pool as given.
     """
-    from skntk.pipeline import make_pv_lcmd_pipeline
+    from skntk.pipeline import (
+        _drop_labelled,
+        _labelled_index,
+        duplicates_message,
+        make_pv_lcmd_pipeline,
+    )
 
     if shortlist is not None and shortlist < n_to_select:
         raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
                          f"LCMD picks the batch from the shortlist.")
+    from skntk.selection._posterior import check_posterior_memory
+
     timings = {}
     ntk, train, timings["load model"] = _featurizer(
         model, train, kind=kind, parameters=parameters, n_features=n_features,
         force_rows=force_rows, n_probes=n_probes, device=device, seed=seed,
         progress_bar=progress_bar)
+    check_posterior_memory(ntk.n_features_out_, name="--n-features")  # before the pool
     with _cache_dir(cache) as directory:
         t = time.perf_counter()
         feats = _featurize_pool(ntk, pool, directory, n_jobs=n_jobs,
@@ -238,15 +274,17 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         timings["features: pool"] = time.perf_counter() - t
         n_dup = feats.n_pool - len(feats)
         if n_dup:
-            warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, "
-                          f"cell, pbc); each is a candidate once.", UserWarning, stacklevel=2)
-        if n_to_select > len(feats):
-            raise ValueError(f"n_to_select={n_to_select} exceeds the {len(feats)} distinct pool "
-                             f"structures ({n_dup} of the {feats.n_pool} are duplicates).")
+            warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=2)
+        cands = _drop_labelled(feats, _labelled_index(train))  # never pick a labelled structure
+        if n_to_select > len(cands):
+            n_lab = len(feats) - len(cands)
+            raise ValueError(f"n_to_select={n_to_select} exceeds the {len(cands)} distinct pool "
+                             f"structures ({n_dup} of the {feats.n_pool} are duplicates"
+                             + (f", {n_lab} duplicate labelled ones" if n_lab else "") + ").")
         t = time.perf_counter()
         G_train = ntk.transform(train)
         timings["features: train"] = time.perf_counter() - t
-        M = min(shortlist if shortlist is not None else max(5 * n_to_select, 50), len(feats))
+        M = min(shortlist if shortlist is not None else max(5 * n_to_select, 50), len(cands))
         # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram
         # sketch (used only when the exact gram route does not fit in memory); PV has none
         pipe = make_pv_lcmd_pipeline(n_to_select=n_to_select, shortlist_size=M, sigma2=sigma2,
@@ -255,15 +293,21 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         t = time.perf_counter()
         pipe.fit(G_train)
         timings["fit posterior"] = time.perf_counter() - t
-        selected = pipe.select(feats)
+        selected = pipe.select(cands)
         timings["PV screen"] = pipe.timings_["pv"]
         timings["LCMD"] = pipe.timings_["lcmd"]
         G_pool = None
         if feats.n_pool <= _PLOT_MAX_POOL:
             G_pool = feats.take(feats.inverse)
-        pool_index = feats.pool_index
-        # indices into the pool as given (duplicates share their first copy's scores and rows)
-        scores = pipe["pv"].scores_[feats.inverse]
+        pool_index = cands.pool_index
+        # indices into the pool as given (duplicates share their first copy's scores and rows;
+        # copies of labelled structures, never candidates, have no score: NaN)
+        pv = pipe["pv"].scores_
+        if cands is not feats:
+            pv = np.full(len(feats), np.nan)
+            pv[np.flatnonzero(np.isin(feats.pool_index, cands.pool_index))] = \
+                pipe["pv"].scores_
+        scores = pv[feats.inverse]
         short = pool_index[pipe["pv"].shortlist_idx_]
         selected = pool_index[selected]
     return {"selected": selected, "pv": scores, "shortlist": short, "features": G_pool,
@@ -385,12 +429,13 @@ def _plot(path, result):
 
 
 def _pv_histogram(a, pv, sel, shortlist):
-    lo = max(float(pv.min()), 1e-12)
-    hi = max(float(pv.max()), lo)
+    pv = np.where(np.isfinite(pv), pv, np.nan)  # copies of labelled structures have no PV
+    lo = max(float(np.nanmin(pv)), 1e-12)
+    hi = max(float(np.nanmax(pv)), lo)
     if hi <= lo * (1 + 1e-9):  # one structure, or all alike: a decade around the value
         lo, hi = lo / 10, hi * 10
     bins = np.logspace(np.log10(lo), np.log10(hi), 30)
-    a.hist(pv, bins=bins, color="0.75", label=f"pool (n={len(pv)})")
+    a.hist(pv[np.isfinite(pv)], bins=bins, color="0.75", label=f"pool (n={len(pv)})")
     a.hist(pv[shortlist], bins=bins, histtype="step", lw=2, color="C1",
            label=f"shortlist (M={len(shortlist)})")
     a.hist(pv[sel], bins=bins, color="C3", alpha=0.8, label=f"selected (B={len(sel)})")
@@ -408,7 +453,8 @@ def _report(result, out_path, plot_path):
     lines.append(" rank  pool idx        PV  structure")
     for rank, i in enumerate(result["selected"]):
         lines.append(f" {rank + 1:4d}  {i:8d}  {result['pv'][i]:.3e}  {_describe(frames[i])}")
-    lines.append(f"pool PV: median {np.median(result['pv']):.3e}, max {result['pv'].max():.3e}")
+    lines.append(f"pool PV: median {np.nanmedian(result['pv']):.3e}, "
+                 f"max {np.nanmax(result['pv']):.3e}")
     lines.append(f"wrote {out_path}" + (f" and {plot_path}" if plot_path else ""))
     return "\n".join(lines)
 
@@ -440,23 +486,50 @@ def _write_scores(path, result):
 
 def main(argv=None) -> int:
     """Entry point; returns the exit code (2 for bad input: one ``error: ...`` line on stderr,
-    a traceback only with ``-v``)."""
+    a traceback only with ``-v``; 130 after Ctrl-C: one ``interrupted: ...`` line saying what was
+    kept and how to resume)."""
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "learn":
-        return _learn(args)
     try:
-        if args.command == "uncertainty":
-            from skntk import _cli_uncertainty
+        if args.command == "learn":
+            return _learn(args)
+        try:
+            if args.command == "uncertainty":
+                from skntk import _cli_uncertainty
 
-            return _cli_uncertainty.run(args, _read, _check_output_file, _load_model)
-        return _featurize(args) if args.command == "featurize" else _select(args)
-    except _INPUT_ERRORS as err:
+                return _cli_uncertainty.run(args, _read, _check_output_file, _load_model)
+            return _featurize(args) if args.command == "featurize" else _select(args)
+        except _INPUT_ERRORS as err:
+            if args.verbose:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"interrupted: {_interrupt_note(args)}", file=sys.stderr)
+        return 130
+
+
+def _interrupt_note(args) -> str:
+    """What an interrupted command kept on disk and how to resume it (one sentence)."""
+    if args.command == "learn":
+        try:
+            from skntk.al.config import load_config
+
+            ckpt = Path(load_config(args.config)["output"]) / "checkpoint"
+        except Exception:  # noqa: BLE001 - interrupted before the config was read: nothing kept
+            return "nothing was saved; run the command again."
+        return (f"the finished rounds and every label are kept in {ckpt}; run `skntk learn "
+                f"--config {args.config}` again to resume from the last finished round.")
+    if args.command == "uncertainty":
+        return "nothing was written (the scored frames are written at the end); run it again."
+    if args.cache is not None:
+        return (f"the pool features computed so far are kept in --cache {args.cache}; run the "
+                f"same command again to resume (nothing cached is recomputed).")
+    return ("nothing was saved (no --cache); run the command again, with --cache DIR to keep the "
+            "pool features of an interrupted run.")
 
 
 def _read(path, option):
@@ -487,7 +560,8 @@ def _check_output_file(path: Path, option: str) -> None:
 
 @contextlib.contextmanager
 def _one_line_warnings():
-    """skntk's own UserWarnings (e.g. duplicate pool structures) as ``warning: ...`` lines on
+    """skntk's own warnings (UserWarnings such as duplicate pool structures, and skntk's warning
+    classes such as a damaged cache file's CorruptCacheWarning) as ``warning: ...`` lines on
     stderr; every other warning passes through unchanged."""
     package = str(Path(__file__).resolve().parent)
     try:
@@ -496,7 +570,9 @@ def _one_line_warnings():
             yield
     finally:  # re-emitted outside the recording context (inside, each would be recorded again)
         for w in list(caught):
-            if issubclass(w.category, UserWarning) and str(w.filename).startswith(package):
+            ours = w.category.__module__.startswith("skntk") or (
+                issubclass(w.category, UserWarning) and str(w.filename).startswith(package))
+            if ours:
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

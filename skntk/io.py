@@ -116,8 +116,152 @@ def structure_hash(atoms: Atoms) -> str:
     return h.hexdigest()
 
 
+#: Projections in a :func:`duplicate_signature` (more: fewer chance matches of different frames).
+N_PROJECTIONS = 8
+
+_WEIGHTS: dict[int, np.ndarray] = {}
+
+
+def _weights(n_atoms: int) -> np.ndarray:
+    """Fixed random weights of shape (N_PROJECTIONS, n_atoms, 3, 2), the same in every run."""
+    w = _WEIGHTS.get(n_atoms)
+    if w is None:
+        w = np.random.default_rng([2027, n_atoms]).standard_normal(
+            (N_PROJECTIONS, n_atoms, 3, 2))
+        if len(_WEIGHTS) < 64:
+            _WEIGHTS[n_atoms] = w
+    return w
+
+
+def duplicate_signature(atoms: Atoms) -> tuple[str, np.ndarray]:
+    """What makes two frames duplicates: the same structure up to wrapping and translation.
+
+    The one canonical form behind every duplicate check (:class:`DuplicateIndex`,
+    :func:`unique_structures`, the pipeline, :func:`skntk.parallel.featurize`, ``skntk
+    select``, the active-learning loop). Positions are taken relative to atom 0 (a global
+    translation drops out) and expressed in the basis of the cell's periodic vectors, completed
+    by orthonormal directions for the non-periodic ones. Each fractional coordinate ``c`` along a
+    periodic direction enters as ``(sin 2πc, cos 2πc)`` — continuous and unchanged when an atom
+    is wrapped or moved by a lattice vector — and each Cartesian one (Å) as itself; fixed random
+    weights project them onto :data:`N_PROJECTIONS` numbers. Continuous projections compared
+    within a tolerance (:class:`DuplicateIndex`) do not split copies that differ by rounding, as
+    hashes of rounded coordinates do (an extended-XYZ round trip moves atoms by ~1e-8 Å).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+
+    Returns
+    -------
+    exact : str
+        ``"<n_atoms>:<hash>"`` of what must match exactly: atomic numbers (in atom order), cell
+        (rounded to 1e-6 Å) and pbc.
+    projections : ndarray of shape (N_PROJECTIONS,)
+        Labels, ``info`` and calculators are ignored.
+    """
+    import hashlib
+
+    pos = np.asarray(atoms.positions, dtype=np.float64)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not (np.isfinite(pos).all() and np.isfinite(cell).all()):  # a duplicate of nothing: the
+        return f"{len(pos)}:non-finite:{id(atoms)}", np.zeros(N_PROJECTIONS)  # checks refuse it
+    rel = pos - pos[:1] if len(pos) else pos
+    feats = np.zeros((len(pos), 3, 2))
+    if pbc.any():
+        periodic = cell[pbc]
+        _, _, vt = np.linalg.svd(periodic)
+        basis = np.vstack([periodic, vt[len(periodic):]])  # + orthonormal non-periodic directions
+        order = np.concatenate([np.flatnonzero(pbc), np.flatnonzero(~pbc)])
+        coords = np.empty_like(rel)
+        try:
+            coords[:, order] = np.linalg.solve(basis.T, rel.T).T
+        except np.linalg.LinAlgError:  # a singular cell: refused by the structure checks
+            return f"{len(pos)}:singular:{id(atoms)}", np.zeros(N_PROJECTIONS)
+    else:
+        coords = rel
+    angle = 2 * np.pi * coords[:, pbc]
+    feats[:, pbc, 0], feats[:, pbc, 1] = np.sin(angle), np.cos(angle)
+    feats[:, ~pbc, 0] = coords[:, ~pbc]
+    projections = np.einsum("kndc,ndc->k", _weights(len(pos)), feats)
+    h = hashlib.blake2b(digest_size=16, person=b"skntk-dup-1")
+    h.update(np.ascontiguousarray(atoms.numbers, dtype=np.int64).tobytes())
+    h.update((np.round(cell, 6) + 0.0).tobytes())
+    h.update(np.ascontiguousarray(pbc).tobytes())
+    return f"{len(pos)}:{h.hexdigest()}", projections
+
+
+class DuplicateIndex:
+    """Structures seen so far, found again up to wrapping and translation.
+
+    Two structures are duplicates when their :func:`duplicate_signature` has the same exact part
+    and projections that agree within ``tol · sqrt(6 n_atoms)`` (``tol`` = 2e-7: about 1e-5 Å
+    for one atom of a 10 Å cell, far above float and file rounding, far below a real change).
+    Lookups are O(1): projections are bucketed by the first one.
+
+    Examples
+    --------
+    >>> from ase.build import bulk, molecule
+    >>> a = bulk("NaCl", "rocksalt", a=5.64, cubic=True)
+    >>> b = a.copy()
+    >>> b.positions += [0.3, -1.2, 7.0]              # a global translation ...
+    >>> b.positions[3] += a.cell[0] - 2 * a.cell[2]  # ... and one atom moved by lattice vectors
+    >>> b.wrap()
+    >>> index = DuplicateIndex()
+    >>> index.add(a), index.add(molecule("CH4")), index.add(b), index.find(molecule("H2O"))
+    (0, 1, 0, None)
+    """
+
+    tol = 2e-7
+
+    def __init__(self):
+        self._buckets: dict[tuple[str, int], list[tuple[np.ndarray, int]]] = {}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def find(self, signature) -> int | None:
+        """Index (in order of :meth:`add`) of a duplicate of ``signature`` (or an
+        ``ase.Atoms``), or ``None``."""
+        if isinstance(signature, Atoms):
+            signature = duplicate_signature(signature)
+        exact, proj, tol = self._parts(signature)
+        q = self._quantum(tol)
+        b = int(np.floor(proj[0] / q))
+        for bb in (b - 1, b, b + 1):
+            for other, k in self._buckets.get((exact, bb), ()):
+                if np.all(np.abs(other - proj) <= tol):
+                    return k
+        return None
+
+    def add(self, signature) -> int:
+        """Index of the first duplicate of ``signature`` (or an ``ase.Atoms``); a new index when
+        there is none (the structure is then remembered)."""
+        if isinstance(signature, Atoms):
+            signature = duplicate_signature(signature)
+        k = self.find(signature)
+        if k is not None:
+            return k
+        exact, proj, tol = self._parts(signature)
+        b = int(np.floor(proj[0] / self._quantum(tol)))
+        self._buckets.setdefault((exact, b), []).append((proj, self._n))
+        self._n += 1
+        return self._n - 1
+
+    def _parts(self, signature):
+        exact, proj = signature
+        n_atoms = int(exact.split(":", 1)[0])
+        return exact, np.asarray(proj, dtype=np.float64), self.tol * np.sqrt(6 * max(n_atoms, 1))
+
+    @staticmethod
+    def _quantum(tol) -> float:
+        return max(1e-3, 4 * tol)
+
+
 def unique_structures(structures) -> tuple[np.ndarray, np.ndarray]:
-    """First occurrences of distinct structures (by :func:`structure_hash`).
+    """First occurrences of distinct structures (by :class:`DuplicateIndex`: copies up to
+    wrapping and global translation are one structure).
 
     Parameters
     ----------
@@ -137,14 +281,13 @@ def unique_structures(structures) -> tuple[np.ndarray, np.ndarray]:
     >>> first.tolist(), inverse.tolist()
     ([0, 1], [0, 1, 0])
     """
-    seen: dict[str, int] = {}
+    index = DuplicateIndex()
     first, inverse = [], []
     for k, atoms in enumerate(structures):
-        key = structure_hash(atoms)
-        if key not in seen:
-            seen[key] = len(first)
+        j = index.add(atoms)
+        if j == len(first):
             first.append(k)
-        inverse.append(seen[key])
+        inverse.append(j)
     return np.asarray(first, dtype=np.int64), np.asarray(inverse, dtype=np.int64)
 
 
@@ -172,8 +315,70 @@ def _lookup(atoms: Atoms, prop: str, keys, key):
     return None
 
 
-def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=False):
-    """Energies and forces stored with ``structures``.
+def label_problem(atoms: Atoms, energy, forces, *, finite: bool = True) -> str | None:
+    """What is wrong with one structure's label, or ``None`` when it can be used.
+
+    The one check every label passes when it enters skntk (:func:`get_labels`, the oracles,
+    :class:`~skntk.al.ActiveLearningLoop`, :func:`~skntk.metrics.evaluate`).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+    energy : float
+        Total energy in eV.
+    forces : ndarray of shape (n_atoms, 3) or None
+        Forces in eV/Å (``None``: no forces label, not a problem here).
+    finite : bool, default=True
+        Also refuse NaN/inf values (``False``: only the type and shape are checked).
+
+    Returns
+    -------
+    problem : str or None
+        A phrase to follow the structure's name, e.g. ``"has a non-finite energy label (nan
+        eV)"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ase.build import molecule
+    >>> label_problem(molecule("H2O"), float("nan"), None)
+    'has a non-finite energy label (nan eV)'
+    >>> label_problem(molecule("H2O"), -14.0, np.zeros((2, 3)))
+    'has forces of shape (2, 3); expected (3, 3)'
+    >>> label_problem(molecule("H2O"), -14.0, np.zeros((3, 3))) is None
+    True
+    """
+    e = np.asarray(energy)
+    if e.size != 1 or not np.issubdtype(e.dtype, np.number) or np.iscomplexobj(e):
+        return f"has an energy label that is not one real number ({energy!r})"
+    e = float(e.reshape(()))
+    if finite and not np.isfinite(e):
+        return f"has a non-finite energy label ({e} eV)"
+    if forces is None:
+        return None
+    try:
+        f = np.asarray(forces, dtype=float)
+    except (TypeError, ValueError):
+        return f"has a forces label that is not an array of numbers ({type(forces).__name__})"
+    if f.shape != (len(atoms), 3):
+        return f"has forces of shape {f.shape}; expected ({len(atoms)}, 3)"
+    if finite and not np.all(np.isfinite(f)):
+        k = int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
+        return f"has non-finite forces at atom {k} ({f[k].tolist()} eV/Å)"
+    return None
+
+
+def _label_error(atoms: Atoms, i: int, name: str, problem: str) -> str:
+    from skntk.atoms import _label
+
+    tail = "; labels must be finite numbers: fix or drop this structure." if "non-finite" in \
+        problem else "."
+    return f"{_label(atoms, i, name)} {problem}{tail}"
+
+
+def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=False,
+               name: str = "X", finite: bool = True):
+    """Energies and forces stored with ``structures``, checked by :func:`label_problem`.
 
     Parameters
     ----------
@@ -183,6 +388,11 @@ def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=F
         :data:`ENERGY_KEYS` / :data:`FORCES_KEYS`.
     require_forces : bool, default=False
         Raise when a structure has no forces (else its entry is None).
+    name : str, default="X"
+        Name of the structures in error messages (``X[4] (C2H6O) ...``).
+    finite : bool, default=True
+        Refuse NaN/inf energies and forces (``False``: return them, e.g. for
+        :func:`~skntk.metrics.evaluate` to skip those structures).
 
     Returns
     -------
@@ -190,29 +400,33 @@ def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=F
         Total energies in eV.
     forces : list of (ndarray of shape (n_atoms_i, 3) or None)
         Forces in eV/Å.
+
+    Raises
+    ------
+    ValueError
+        Naming the structure (``X[i] (formula)``): no energy label, no forces label with
+        ``require_forces``, forces of the wrong shape, a non-finite energy or force.
     """
+    from skntk.atoms import _label
+
     energies, forces = [], []
     for i, atoms in enumerate(structures):
         e = _lookup(atoms, "energy", ENERGY_KEYS, energy_key)
         if e is None:
             raise ValueError(
-                f"structure {i} ({atoms.get_chemical_formula()}) has no energy label "
+                f"{_label(atoms, i, name)} has no energy label "
                 f"(looked in its calculator and info keys "
                 f"{[energy_key] if energy_key else list(ENERGY_KEYS)})."
             )
         f = _lookup(atoms, "forces", FORCES_KEYS, forces_key)
         if f is None and require_forces:
-            raise ValueError(f"structure {i} ({atoms.get_chemical_formula()}) has no forces label.")
-        if f is not None:
-            f = np.asarray(f, dtype=float)
-            if f.shape != (len(atoms), 3):
-                raise ValueError(
-                    f"structure {i} ({atoms.get_chemical_formula()}) has forces of shape "
-                    f"{f.shape}; expected ({len(atoms)}, 3)."
-                )
-        energies.append(float(e))
-        forces.append(f)
-    return np.asarray(energies), forces
+            raise ValueError(f"{_label(atoms, i, name)} has no forces label.")
+        problem = label_problem(atoms, e, f, finite=finite)
+        if problem is not None:
+            raise ValueError(_label_error(atoms, i, name, problem))
+        energies.append(float(np.asarray(e).reshape(())))
+        forces.append(None if f is None else np.asarray(f, dtype=float))
+    return np.asarray(energies, dtype=float), forces
 
 
 def example_path(name: str = "oc20_demo.extxyz") -> Path:

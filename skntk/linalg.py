@@ -31,7 +31,65 @@ __all__ = [
     "segment_sum",
     "array_device",
     "DeviceProduct",
+    "available_host_memory",
+    "format_bytes",
+    "InsufficientMemoryError",
+    "memory_check_skipped",
 ]
+
+
+class InsufficientMemoryError(ValueError, MemoryError):
+    """The work asked for would need more memory than is available (raised before the work
+    starts); a ``ValueError`` and a ``MemoryError``. ``SKNTK_SKIP_MEMORY_CHECK=1`` skips the
+    checks that raise it."""
+
+
+def memory_check_skipped() -> bool:
+    """Whether ``SKNTK_SKIP_MEMORY_CHECK`` is set (to anything but ``0``)."""
+    import os
+
+    return os.environ.get("SKNTK_SKIP_MEMORY_CHECK", "") not in ("", "0")
+
+
+def available_host_memory() -> float | None:
+    """Bytes a new allocation can take in this process on the host, or ``None`` when unknown.
+
+    The smaller of ``MemAvailable`` (``/proc/meminfo``) and the headroom under the process's
+    address-space limit (``RLIMIT_AS`` minus the current ``VmSize``), when they are known: a
+    process under ``ulimit -v`` gets a ``MemoryError`` there long before the machine runs out.
+    """
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(float(line.split()[1]) * 1024.0)
+                    break
+    except OSError:
+        pass
+    try:
+        import resource
+
+        soft, infinite = resource.getrlimit(resource.RLIMIT_AS)[0], resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):  # no address-space limits on this platform
+        soft = infinite = -1
+    if soft != infinite and soft > 0:
+        used = 0.0
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmSize:"):
+                        used = float(line.split()[1]) * 1024.0
+                        break
+        except OSError:
+            pass
+        limits.append(max(float(soft) - used, 0.0))
+    return min(limits) if limits else None
+
+
+def format_bytes(n_bytes: float) -> str:
+    """``"2.2 GB"`` / ``"52.0 MB"`` (decimal units), as the memory refusals print sizes."""
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def array_device(device):

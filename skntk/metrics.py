@@ -7,12 +7,13 @@ and force errors on free atoms (eV/Å).
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
 
-from skntk.atoms import as_atoms_list
-from skntk.io import free_atoms, get_labels
+from skntk.atoms import _label, as_atoms_list
+from skntk.io import free_atoms, get_labels, label_problem
 
 __all__ = ["evaluate", "error_metrics"]
 
@@ -103,6 +104,24 @@ def error_metrics(atoms, energies, forces, pred_energies, pred_forces, *, system
     }
 
 
+def _finite_labels(atoms, energies, forces) -> np.ndarray:
+    """Indices of the structures whose labels are finite; one warning names the others."""
+    bad = [(i, p) for i, (a, e, f) in enumerate(zip(atoms, energies, forces, strict=True))
+           if (p := label_problem(a, e, f)) is not None]
+    if len(bad) == len(atoms):
+        i, problem = bad[0]
+        raise ValueError(f"evaluate(): no structure has finite labels ({_label(atoms[i], i, 'X')} "
+                         f"{problem}); nothing to evaluate.")
+    if bad:
+        shown = "; ".join(f"{_label(atoms[i], i, 'X')} {p}" for i, p in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"evaluate() skips {len(bad)} of the {len(atoms)} structures, whose labels "
+                      f"are not finite (counted in 'n_skipped'): {shown}{more}.", UserWarning,
+                      stacklevel=3)
+    skipped = {i for i, _ in bad}
+    return np.array([i for i in range(len(atoms)) if i not in skipped], dtype=np.int64)
+
+
 def evaluate(model, atoms, *, groups=None, system_key="sid") -> dict:
     """Energy and force errors of ``model`` on labelled structures.
 
@@ -127,7 +146,15 @@ def evaluate(model, atoms, *, groups=None, system_key="sid") -> dict:
         free atoms: OC20's ``fixed`` and ASE ``FixAtoms`` exclude atoms), the tail errors
         ``force_q95``, ``force_q99``, ``force_max``, ``force_max_atom_mean`` and
         ``force_mae_q90`` (eV/Å; see :func:`error_metrics`), ``n_structures``,
-        ``n_force_atoms``; with ``groups``, also ``"groups": {label: metrics}``.
+        ``n_force_atoms``, ``n_skipped``; with ``groups``, also ``"groups": {label: metrics}``.
+
+    Warns
+    -----
+    UserWarning
+        When some structures have a NaN/inf energy or force label: they are skipped (not
+        counted in ``n_structures``; counted in ``n_skipped``) and the warning names each one
+        (``X[4] (C2H6O) has a non-finite energy label (nan eV)``). A test set in which no
+        structure has finite labels is refused (``ValueError``).
 
     Examples
     --------
@@ -147,9 +174,8 @@ def evaluate(model, atoms, *, groups=None, system_key="sid") -> dict:
     atoms = as_atoms_list(atoms)
     if not atoms:
         raise ValueError("evaluate() needs at least one labelled structure; got none.")
-    energies, forces = get_labels(atoms)
-    pred_e, pred_f = _predict(model, atoms)
-    out = error_metrics(atoms, energies, forces, pred_e, pred_f, system_key=system_key)
+    energies, forces = get_labels(atoms, finite=False)
+    labels = None
     if groups is not None:
         if isinstance(groups, str):
             missing = [i for i, a in enumerate(atoms) if groups not in a.info]
@@ -161,6 +187,16 @@ def evaluate(model, atoms, *, groups=None, system_key="sid") -> dict:
             if len(labels) != len(atoms):
                 raise ValueError(f"groups has {len(labels)} labels; there are {len(atoms)} "
                                  f"structures.")
+    keep = _finite_labels(atoms, energies, forces)
+    n_skipped = len(atoms) - len(keep)
+    if n_skipped:
+        atoms, energies = [atoms[i] for i in keep], energies[keep]
+        forces = [forces[i] for i in keep]
+        labels = None if labels is None else [labels[i] for i in keep]
+    pred_e, pred_f = _predict(model, atoms)
+    out = error_metrics(atoms, energies, forces, pred_e, pred_f, system_key=system_key)
+    out["n_skipped"] = n_skipped
+    if labels is not None:
         out["groups"] = {}
         for g in sorted({str(v) for v in labels}):
             idx = [i for i, v in enumerate(labels) if str(v) == g]

@@ -148,6 +148,29 @@ class ParameterSketch:
         """Number of output columns."""
         return self.n_params if self.n_features is None else self.n_features
 
+    def peak_bytes(self, n_rows: int) -> int:
+        """Estimated peak bytes of :meth:`apply` to ``n_rows`` gradient rows, without allocating.
+
+        The flat gradients (``n_rows x P``) and the output (``n_rows x d``) in ``dtype``, plus
+        the sketch's own state: a generated Gaussian chunk (``min(block_rows, largest tensor) x
+        d`` float64, and its cast) and the cache (at most ``cache_mib``), or CountSketch's
+        hashes and signs (P each).
+
+        Examples
+        --------
+        >>> ParameterSketch([(3, 2), (4,)], 5, seed=0).peak_bytes(2)  # 240 + 480 + 400 bytes
+        1120
+        """
+        item = torch.empty((), dtype=self.dtype).element_size()
+        n = int(n_rows) * (self.n_params + self.d) * item
+        if self.n_features is None:
+            return n
+        if self.method == "countsketch":
+            return n + self.n_params * (8 + item)
+        chunk = min(self.block_rows, max(self.sizes, default=0)) * self.d * (8 + item)
+        return n + chunk + int(min(self.cache_mib * 2 ** 20,
+                                   self.n_params * self.d * item))
+
     def _chunk(self, k: int, c: int) -> torch.Tensor:
         key = (k, c)
         if key in self._cache:

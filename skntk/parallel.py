@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from skntk.cache import PoolFeatures, _as_blocks, _Store, _transformer_description, structure_key
+from skntk.io import DuplicateIndex, duplicate_signature
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,10 @@ def _renamed(err, label, start):
     return type(err)(f"{label}: frame {start + int(m.group(1))} {m.group(2)}")
 
 
+#: Seconds between looks at a chunk another process has claimed (its shard, or its end).
+CLAIM_POLL_SECONDS = 0.5
+
+
 def _source_label(source):
     return str(source) if isinstance(source, (str, Path)) else "pool"
 
@@ -203,11 +208,20 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         species) and, for force rows, its memory estimate before it is featurised; errors name
         the file and the frame.
 
+    Notes
+    -----
+    Processes featurising into one cache share the work: each chunk is claimed before it is
+    computed (:meth:`skntk.cache._Store.claim`: a file created with ``O_CREAT | O_EXCL`` holding
+    the pid), a chunk another live process holds is put aside and taken from the cache once its
+    shard appears, and the claim of a killed process is taken over.
+
     Returns
     -------
     features : PoolFeatures
-        The distinct structures of the pool (first copies, in pool order), streamed from the
-        cache.
+        The distinct structures of the pool (first copies, in pool order; copies up to
+        wrapping and global translation, :class:`skntk.io.DuplicateIndex`, are one
+        structure), streamed from the cache; ``duplicate_signatures`` holds each one's
+        :func:`skntk.io.duplicate_signature`.
 
     Raises
     ------
@@ -248,12 +262,15 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         description = {**description, "stored_dtype": dtype.str}
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is not a "
+                                 f"directory.")
     directory.mkdir(parents=True, exist_ok=True)
     store = _Store(directory, key)
     store.open(description)
     verified: set[str] = set()
-    seen: dict[bytes, int] = {}  # structure key -> distinct index
-    keys, pool_index, inverse = [], [], []
+    seen = DuplicateIndex()  # distinct structures up to wrapping and translation
+    keys, signatures, pool_index, inverse = [], [], [], []
     kind = n_feat = row_dtype = None
     stats = {"structures": 0, "computed": 0, "cached": 0}
 
@@ -279,18 +296,64 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
                              f"{blocks.n_features} next to kind={kind!r}, n_features={n_feat}; "
                              f"the transformer's rows depend on something its key misses.")
 
+    held: dict[int, Path] = {}  # id of a todo-key list -> its claim file, until written
+    deferred: list = []  # (keys, structures) another live process has claimed
+
+    def claimed(todo_keys, todo, bar):
+        """``(keys, structures)`` still to compute once this process holds the claim on
+        ``todo_keys`` (those another process wrote meanwhile count as cached; both empty
+        then), or ``None`` while another live process holds it."""
+        path = store.claim(todo_keys)
+        if path is None:
+            return None
+        store.refresh()  # a shard written by the process that held this claim before
+        left = [j for j, k in enumerate(todo_keys) if not cached(k)]
+        stats["cached"] += len(todo_keys) - len(left)
+        if bar is not None:
+            bar.update(len(todo_keys) - len(left))
+        todo_keys, todo = [todo_keys[j] for j in left], [todo[j] for j in left]
+        if not todo:
+            store.release(path)
+            return [], []
+        held[id(todo_keys)] = path
+        return todo_keys, todo
+
+    def claimable(bar):
+        """The deferred chunks whose structures are still missing and whose claim this
+        process now holds (the holder is gone, or wrote only part); the chunks the holder wrote
+        meanwhile count as cached. Called only when this process holds no claim, so two
+        processes never wait for each other."""
+        store.refresh()
+        ready, still = [], []
+        for todo_keys, todo in deferred:
+            left = [j for j, k in enumerate(todo_keys) if not cached(k)]
+            stats["cached"] += len(todo_keys) - len(left)
+            if bar is not None:
+                bar.update(len(todo_keys) - len(left))
+            if not left:
+                continue
+            todo_keys, todo = [todo_keys[j] for j in left], [todo[j] for j in left]
+            mine = claimed(todo_keys, todo, bar)
+            if mine is None:
+                still.append((todo_keys, todo))
+            elif mine[0]:
+                ready.append((mine[0], delayed(_transform_chunk)(sent, mine[1])))
+        deferred[:] = still
+        return ready
+
     def tasks(bar):
         """Chunks of the structures still to compute (bookkeeping of the pool on the way)."""
         for start, chunk in _chunks(source, int(shard_size), check, label):
             todo, todo_keys = [], []
             for j, atoms in enumerate(chunk):
-                k = structure_key(atoms)
-                if k in seen:
-                    inverse.append(seen[k])
+                sig = duplicate_signature(atoms)
+                d = seen.add(sig)
+                inverse.append(d)
+                if d < len(keys):  # a copy of an earlier structure
                     continue
-                seen[k] = len(keys)
-                inverse.append(len(keys))
+                k = structure_key(atoms)
                 keys.append(k)
+                signatures.append(sig)
                 pool_index.append(start + j)
                 if not cached(k):
                     todo.append(atoms)
@@ -299,8 +362,13 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
             stats["cached"] += len(chunk) - len(todo)
             if bar is not None:
                 bar.update(len(chunk) - len(todo))
-            if todo:
-                yield todo_keys, delayed(_transform_chunk)(sent, todo)
+            if not todo:
+                continue
+            mine = claimed(todo_keys, todo, bar)
+            if mine is None:  # another process computes it
+                deferred.append((todo_keys, todo))
+            elif mine[0]:
+                yield mine[0], delayed(_transform_chunk)(sent, mine[1])
 
     from joblib import effective_n_jobs
 
@@ -321,25 +389,37 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
             bar = stack.enter_context(tqdm(desc="features", unit="structure", total=total))
         pending: list = []
 
-        def calls():
-            for todo_keys, call in tasks(bar):
+        def calls(work):
+            for todo_keys, call in work:
                 pending.append(todo_keys)
                 yield call
 
-        try:
+        def compute(work):
             results = Parallel(n_jobs=n_jobs, return_as="generator", pre_dispatch=pre_dispatch)(
-                calls())
+                calls(work))
             for blocks in results:
                 todo_keys = pending.pop(0)
                 if dtype is not None and blocks.rows.dtype != dtype:
                     blocks = blocks.with_rows(blocks.rows.astype(dtype))
                 note(blocks)
                 name = store.write(todo_keys, blocks)
+                store.release(held.pop(id(todo_keys), None))
                 verified.add(name)
                 stats["computed"] += len(todo_keys)
                 if bar is not None:
                     bar.update(len(todo_keys))
+
+        try:
+            compute(tasks(bar))
+            while deferred:  # chunks other processes claimed: wait for their shards, or take over
+                ready = claimable(bar)
+                if ready:
+                    compute(ready)
+                elif deferred:
+                    time.sleep(CLAIM_POLL_SECONDS)
         finally:
+            for path in held.values():  # interrupted: the claims go, the shards written stay
+                store.release(path)
             try:
                 store.save_index()
             except OSError as err:  # the shards are safe; the next run rebuilds the index
@@ -353,6 +433,7 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
     feats = PoolFeatures(store, keys, pool_index, inverse, kind=kind, n_features=n_feat,
                          dtype=row_dtype)
     feats.stats = stats
+    feats.duplicate_signatures = signatures
     return feats
 
 

@@ -52,28 +52,92 @@ def _reiterable(X):
         return True
 
 
-def _deduplicate(X):
-    """``(X, first)``: a list of ``ase.Atoms`` without repeated structures and the pool indices
-    of the structures kept (``None`` when ``X`` is not Atoms or has no duplicates)."""
+def duplicates_message(n_dup: int) -> str:
+    """The warning about ``n_dup`` repeated pool structures (the pipeline's and the CLI's)."""
+    return (f"pool has {n_dup} duplicate structures (same numbers, cell and pbc, positions up to "
+            f"wrapping and translation); each is a candidate once.")
+
+
+def labelled_duplicates_message(n_lab: int, n_pool: int, names) -> str:
+    """The warning about pool structures that duplicate labelled ones (never candidates)."""
+    names = list(names)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{n_lab} of the {n_pool} pool structures duplicate labelled structures (up to "
+            f"wrapping and translation): {shown}; they are never candidates.")
+
+
+def _labelled_index(atoms):
+    """:class:`skntk.io.DuplicateIndex` of the labelled structures (``None`` for none)."""
+    from skntk.io import DuplicateIndex
+
+    if not atoms:
+        return None
+    index = DuplicateIndex()
+    for a in atoms:
+        index.add(a)
+    return index
+
+
+def _deduplicate(X, labelled=None):
+    """``(X, first)``: a list of ``ase.Atoms`` without repeated structures (up to wrapping and
+    translation) and without copies of labelled ones (``labelled``: a DuplicateIndex), and the
+    pool indices of the structures kept (``None`` when ``X`` is not Atoms or nothing was set
+    aside)."""
     if not _is_atoms_input(X) or isinstance(X, Atoms):
         return X, None
-    from skntk.io import unique_structures
+    from skntk.atoms import _label, validate_structures
+    from skntk.io import DuplicateIndex, duplicate_signature
 
-    X = list(X)
-    first, _ = unique_structures(X)
+    X = validate_structures(X)  # named by their index in the pool as given, before any copy
+    # is set aside ("X[1] is a str, not an ase.Atoms.", "X[4] (H2O) has non-finite positions")
+    sigs = [duplicate_signature(a) for a in X]
+    seen, first = DuplicateIndex(), []
+    for i, sig in enumerate(sigs):
+        if seen.add(sig) == len(first):  # a new structure
+            first.append(i)
+    first = np.asarray(first, dtype=np.int64)
     n_dup = len(X) - len(first)
-    if n_dup == 0:
+    if n_dup:
+        warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=3)
+    of_labelled = [] if labelled is None else [
+        i for i, sig in enumerate(sigs) if labelled.find(sig) is not None]
+    if of_labelled:
+        warnings.warn(labelled_duplicates_message(
+            len(of_labelled), len(X), (_label(X[i], i, "X") for i in of_labelled)),
+            UserWarning, stacklevel=3)
+        first = np.setdiff1d(first, of_labelled)
+        if first.size == 0:
+            raise ValueError(f"every one of the {len(X)} pool structures duplicates a labelled "
+                             f"structure: nothing is left to select.")
+    if n_dup == 0 and not of_labelled:
         return X, None
-    warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, cell, pbc); "
-                  f"each is a candidate once.", UserWarning, stacklevel=3)
     return [X[i] for i in first], first
+
+
+def _drop_labelled(feats, labelled):
+    """``feats`` (PoolFeatures) without the structures that duplicate labelled ones
+    (``labelled``: a DuplicateIndex or None)."""
+    if labelled is None or feats.duplicate_signatures is None:
+        return feats
+    lab = [i for i, sig in enumerate(feats.duplicate_signatures)
+           if labelled.find(sig) is not None]
+    if not lab:
+        return feats
+    positions = np.flatnonzero(np.isin(feats.inverse, lab))
+    warnings.warn(labelled_duplicates_message(len(positions), feats.n_pool,
+                                              (f"X[{i}]" for i in positions)),
+                  UserWarning, stacklevel=4)
+    keep = np.setdiff1d(np.arange(len(feats)), lab)
+    if keep.size == 0:
+        raise ValueError(f"every one of the {feats.n_pool} pool structures duplicates a labelled "
+                         f"structure: nothing is left to select.")
+    return feats.subset(keep)
 
 
 def _warn_duplicates(n_unique, n_pool):
     n_dup = n_pool - n_unique
     if n_dup:
-        warnings.warn(f"pool has {n_dup} duplicate structures (same numbers, positions, cell, "
-                      f"pbc); each is a candidate once.", UserWarning, stacklevel=4)
+        warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=4)
 
 
 def _index(X, idx):
@@ -228,10 +292,12 @@ class SelectionPipeline(Pipeline):
 
         Notes
         -----
-        A pool of ``ase.Atoms`` is deduplicated first (same atomic numbers, positions, cell and
-        pbc): only the first copy of a structure is a candidate, a ``UserWarning`` says how many
-        copies were set aside, and the indices returned point into the original ``X``. A batch
-        never holds two copies of one structure.
+        A pool of ``ase.Atoms`` is deduplicated first (same atomic numbers, cell and pbc,
+        positions up to wrapping and a global translation: :class:`skntk.io.DuplicateIndex`): only
+        the first copy of a structure is a candidate, a ``UserWarning`` says how many copies were
+        set aside, and the indices returned point into the original ``X``. A batch never holds
+        two copies of one structure. Pool structures that duplicate the labelled Atoms given to
+        :meth:`fit` are never candidates (one ``UserWarning`` names them).
         """
         idx, _ = self._select_chain(X, n_to_select)
         return idx
@@ -251,13 +317,18 @@ class SelectionPipeline(Pipeline):
 
             feats = featurize(upstream_steps[0], X, self.feature_cache, n_jobs=self.n_jobs)
             _warn_duplicates(len(feats), feats.n_pool)
+            feats = _drop_labelled(feats, self._labelled_index())
             return feats, (None if len(feats) == feats.n_pool else feats.pool_index)
         if model_step is not None and is_source and not _is_atoms_input(X):
             from skntk.io import read_structures
 
             X = read_structures(X)  # a file, glob or iterator: read once, deduplicated below
-        X, first = _deduplicate(X)
+        X, first = _deduplicate(X, self._labelled_index() if _is_atoms_input(X) else None)
         return self._upstream_transform(X), first
+
+    def _labelled_index(self):
+        """DuplicateIndex of the labelled Atoms given to :meth:`fit` (None for features)."""
+        return _labelled_index(self._labelled_atoms())
 
     def _select_chain(self, X, n_to_select=None):
         """``(indices into X, upstream features)`` of a selection (see :meth:`select`)."""
@@ -450,7 +521,15 @@ def _seed_of(random_state):
     if random_state is None:
         return 0
     if isinstance(random_state, Integral) and not isinstance(random_state, bool):
+        if not 0 <= random_state < 2**32:
+            raise ValueError(f"The 'random_state' parameter of make_pv_lcmd_pipeline must be an "
+                             f"int in [0, {2**32 - 1}], a RandomState instance or None. Got "
+                             f"{random_state!r} instead.")
         return int(random_state)
+    if not isinstance(random_state, np.random.RandomState):
+        raise ValueError(f"The 'random_state' parameter of make_pv_lcmd_pipeline must be an int in "
+                         f"[0, {2**32 - 1}], a RandomState instance or None. Got "
+                         f"{random_state!r} instead.")
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 

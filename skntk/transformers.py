@@ -22,7 +22,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from skntk import ntk
+from skntk import linalg, ntk
 from skntk._sklearn_compat import Interval, StrOptions, _fit_context
 from skntk.atoms import as_atoms_list, neighbor_pairs
 from skntk.blocks import FeatureBlocks
@@ -48,14 +48,15 @@ FORCE_ROW_BYTES_PER_EDGE = {"SevenNetMLIP": 3.0e5, "BuiltinMLIP": 2.5e4}
 DEFAULT_FORCE_ROW_BYTES_PER_EDGE = 3.0e5
 
 
-class InsufficientMemoryError(ValueError, MemoryError):
-    """A structure's force rows would need more memory than is available (raised before any
-    featurisation); a ``ValueError`` and a ``MemoryError``."""
+#: A structure's rows, the sketch, or the posterior would need more memory than is available
+#: (raised before the work); a ``ValueError`` and a ``MemoryError``.
+InsufficientMemoryError = linalg.InsufficientMemoryError
 
 
 def _available_memory(device) -> float | None:
-    """Bytes available for a new allocation on ``device``: free CUDA memory, or ``MemAvailable``
-    of ``/proc/meminfo`` on Linux; ``None`` when unknown (the check is then skipped)."""
+    """Bytes available for a new allocation on ``device``: free CUDA memory, or on the CPU the
+    smaller of ``MemAvailable`` and the address-space limit's headroom
+    (:func:`skntk.linalg.available_host_memory`); ``None`` when unknown (no check then)."""
     device = torch.device(device)
     if device.type == "cuda":
         try:
@@ -64,28 +65,20 @@ def _available_memory(device) -> float | None:
             return None
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024.0
-    except OSError:
-        return None
-    return None
+    return linalg.available_host_memory()
 
 
-def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+_gb = linalg.format_bytes
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    from skntk.models._util import resolve_device
+
+    dev = resolve_device(device)  # a ValueError naming the device when it is not one
+    if device != "auto" and dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"device={device!r} requested but CUDA is not available; using the CPU.",
                       RuntimeWarning, stacklevel=3)
         return torch.device("cpu")
@@ -376,6 +369,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                                            self.seed_, method=self.sketch, dtype=eval_dtype,
                                            device=self.device_)
         self.n_features_out_ = self.sketch_.d
+        self._check_feature_memory(X)
         if self.n_features is None and self.n_params_ > 100_000:
             warnings.warn(f"n_features=None keeps all {self.n_params_} gradient entries per row; "
                           f"set n_features to sketch them.", UserWarning, stacklevel=2)
@@ -443,6 +437,40 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         offsets = np.concatenate([[0], np.cumsum(m)])
         return FeatureBlocks(rows, offsets, kind=self._rows_kind())
 
+    def _rows_per_structure(self, n_atoms: int) -> int:
+        """Rows of one structure of ``n_atoms`` atoms (energy, force or joint; probes)."""
+        if self.kind == "energy":
+            return 1
+        force = self.n_probes if self.force_rows_ == "probes" else 3 * n_atoms
+        return force + (self.kind == "joint")
+
+    def _check_feature_memory(self, X) -> None:
+        """Refuse in ``fit``, before any featurisation, parameters whose sketch and rows cannot
+        fit: the sketch applied to one batch (:meth:`skntk.ntk.ParameterSketch.peak_bytes`) plus
+        the float64 rows of the train structures ``X`` (one structure's rows without ``X``),
+        against :func:`skntk.linalg.available_host_memory` (or free CUDA memory)."""
+        if linalg.memory_check_skipped():
+            return
+        available = _available_memory(self.device_)
+        if available is None:
+            return
+        sizes = [len(a) for a in X] if X is not None else [1]
+        per_row = self.n_features_out_ * 8.0
+        batch_rows = (min(self.batch_size, len(sizes)) if self.kind == "energy"
+                      else self._rows_per_structure(max(sizes)))
+        sketch = float(self.sketch_.peak_bytes(batch_rows))
+        rows = per_row * sum(self._rows_per_structure(n) for n in sizes)
+        if sketch + rows <= available:
+            return
+        what = (f"n_features={self.n_features}" if self.n_features is not None else
+                f"n_features=None (all {self.n_params_} gradient entries)")
+        raise InsufficientMemoryError(
+            f"{what} needs about {_gb(sketch + rows)} before any structure is featurised (the "
+            f"sketch applied to a batch of {batch_rows} rows {_gb(sketch)}, the "
+            f"{'train' if X is not None else 'first'} rows {_gb(rows)}); {_gb(available)} "
+            f"available on {self.device_}; use a smaller n_features (the default is 256) "
+            f"(SKNTK_SKIP_MEMORY_CHECK=1 skips this check).")
+
     def estimate_memory(self, X, *, validate=True) -> np.ndarray:
         """Estimated peak bytes of featurising each structure of ``X`` on its own.
 
@@ -481,7 +509,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             A ``ValueError`` naming the structure, its atom and edge counts, the estimate and
             the available memory.
         """
-        if self.kind == "energy" or os.environ.get("SKNTK_SKIP_MEMORY_CHECK", "") not in ("", "0"):
+        if self.kind == "energy" or linalg.memory_check_skipped():
             return
         available = _available_memory(self.device_)
         if available is None:

@@ -52,11 +52,11 @@ def test_ref_keys_and_explicit_key():
 
 def test_errors_name_the_structure(tmp_path):
     good, _ = _labelled("H2O", -1.0, 0)
-    with pytest.raises(ValueError, match=r"structure 1 \(CH4\) has no energy"):
+    with pytest.raises(ValueError, match=r"X\[1\] \(CH4\) has no energy"):
         get_labels([good, molecule("CH4")])
     nof = molecule("CH4")
     nof.info["energy"] = 1.0
-    with pytest.raises(ValueError, match=r"structure 0 \(CH4\) has no forces"):
+    with pytest.raises(ValueError, match=r"X\[0\] \(CH4\) has no forces"):
         get_labels([nof], require_forces=True)
     with pytest.raises(TypeError, match="structure 1 is a str"):
         read_structures([good, "CH4"])

@@ -316,11 +316,15 @@ def run_config(cfg, *, progress_bar=False):
     out = Path(cfg["output"])
     out.mkdir(parents=True, exist_ok=True)  # before any work: an unwritable output fails now
     mcfg = dict(cfg["model"])
-    model = load(mcfg.pop("name"), **mcfg)
+    _check_keys("model", mcfg, {"name", "device", "dtype"})
     ft = dict(cfg.get("finetune", {}))
+    _check_keys("finetune", ft, set(MLIPRegressor().get_params()) - {"model"})
+    loop_cfg = dict(cfg.get("loop", {}))
+    _check_keys("loop", loop_cfg, {"n_rounds", "batch_size", "random_state", "refeaturize",
+                                   "groups", "feature_cache"})
+    model = load(mcfg.pop("name"), **mcfg)
     ft.setdefault("progress_bar", False)
     regressor = MLIPRegressor(model, **ft)
-    loop_cfg = dict(cfg.get("loop", {}))
     seed = loop_cfg.get("random_state", 0)
     loop_cfg["random_state"] = seed
     sel = dict(cfg.get("selector", {}))
@@ -355,6 +359,14 @@ def run_config(cfg, *, progress_bar=False):
         except ImportError:
             logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
     return result
+
+
+def _check_keys(section: str, table: dict, valid: set) -> None:
+    """Refuse keys of the config table ``[section]`` that nothing reads, listing the valid ones."""
+    unknown = sorted(set(table) - valid)
+    if unknown:
+        raise ValueError(f"config section [{section}] has unknown key(s) {unknown}; valid keys "
+                         f"are {sorted(valid)}.")
 
 
 def _model_filename(model) -> str:

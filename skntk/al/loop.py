@@ -31,7 +31,8 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from skntk.atoms import as_atoms_list
+from skntk.atoms import as_atoms_list, validate_structures
+from skntk.io import get_labels
 from skntk.metrics import evaluate
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,48 @@ def _describe(obj) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
+def _top_level_args(text: str):
+    """``(name, {arg: value})`` of ``"Name(a=1, b=Other(x=2))"`` (as :func:`_describe` writes),
+    or ``None`` when ``text`` has another shape."""
+    m = re.fullmatch(r"(\w+)\((.*)\)", text, flags=re.DOTALL)
+    if m is None:
+        return None
+    args, depth, start, body = {}, 0, 0, m.group(2)
+    for k, ch in enumerate(body + ","):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            item = body[start:k].strip()
+            start = k + 1
+            if not item:
+                continue
+            if "=" not in item:
+                return None
+            key, value = item.split("=", 1)
+            args[key.strip()] = value
+    return m.group(1), args
+
+
+def _differences(key: str, old, new) -> str:
+    """``key.field: checkpoint X vs now Y`` for the fields that differ (nested estimators are
+    followed), instead of two whole descriptions."""
+    if isinstance(old, str) and isinstance(new, str):
+        a, b = _top_level_args(old), _top_level_args(new)
+        if a is not None and b is not None and a[0] == b[0]:
+            fields = sorted(k for k in set(a[1]) | set(b[1]) if a[1].get(k) != b[1].get(k))
+            if fields:
+                return "; ".join(_differences(f"{key}.{f}", a[1].get(f), b[1].get(f))
+                                 for f in fields)
+    return f"{key}: checkpoint {_short(old)} vs now {_short(new)}"
+
+
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " ...'"
+
+
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -191,7 +234,8 @@ class ActiveLearningLoop(BaseEstimator):
         ``info`` key for per-subgroup test metrics (:func:`skntk.metrics.evaluate`).
     checkpoint_dir : str, os.PathLike or None, default=None
         Where rounds are saved; a rerun with the same arguments resumes (a finished run returns
-        at once); a directory written with other arguments is refused.
+        at once; a larger ``n_rounds`` continues it); a directory written with other arguments,
+        or holding more rounds than ``n_rounds``, is refused.
     feature_cache : str, os.PathLike or None, default=None
         Directory of the content-addressed feature cache (:func:`skntk.cache.transform_cached`)
         for the pretrained features; ``None``: ``checkpoint_dir/features`` (no cache without a
@@ -247,6 +291,9 @@ class ActiveLearningLoop(BaseEstimator):
             raise ValueError("labelled is empty: the loop fine-tunes on it in round 0.")
         if not pool:
             raise ValueError("pool is empty: nothing to select from.")
+        validate_structures(labelled, name="labelled")  # refused before any work
+        validate_structures(pool, name="pool")
+        get_labels(labelled, name="labelled")
         tests = self.test_sets
         if tests is None:
             tests = {}
@@ -281,8 +328,7 @@ class ActiveLearningLoop(BaseEstimator):
             old = json.loads(cfg_path.read_text())
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             if diff:
-                detail = "; ".join(f"{k}: checkpoint {old.get(k)!r} vs now {config.get(k)!r}"
-                                   for k in diff)
+                detail = "; ".join(_differences(k, old.get(k), config.get(k)) for k in diff)
                 raise ValueError(f"checkpoint {str(ckpt)!r} was written with other arguments "
                                  f"({detail}); use another checkpoint_dir.")
         else:
@@ -317,11 +363,20 @@ class ActiveLearningLoop(BaseEstimator):
         selector = _seed_all(clone(self.selector), int(root.spawn(1)[0].generate_state(1)[0]))
         featurizer, tail = _split_featurizer(selector)
 
+        excluded = self._excluded(labelled, pool)
         history, selected, failed = [], [], {}
         labels: dict[int, object] = {}
         model = None
         if state is not None:
             history = state["history"]
+            if len(history) > self.n_rounds + 1:  # never a longer run's history or model
+                raise ValueError(
+                    f"checkpoint {str(ckpt)!r} holds {len(history) - 1} finished rounds "
+                    f"(rounds 0-{len(history) - 1}, {history[-1]['n_labelled']} labelled "
+                    f"structures, the model of round {len(history) - 1}); n_rounds="
+                    f"{self.n_rounds} asks for fewer: pass n_rounds={len(history) - 1} to read it "
+                    f"(result.history[:{self.n_rounds + 1}] is the shorter run's history) or "
+                    f"use another checkpoint_dir.")
             selected = [int(i) for i in state["selected"]]
             failed = {int(k): v for k, v in state["failed"].items()}
             labels = {i: self._read_label(ckpt, i) for i in selected}
@@ -341,7 +396,7 @@ class ActiveLearningLoop(BaseEstimator):
                         features = self._featurize(featurizer, labelled + pool, labelled, ckpt,
                                                    timings)
                     picks = self._select(selector, featurizer, tail, features, labelled, pool,
-                                         labels, selected, failed, model, timings)
+                                         labels, selected, failed, model, timings, excluded)
                     if ckpt is not None:
                         _atomic_json(ckpt / f"round-{rnd}-picks.json", picks)
                 new, new_failed = self._label(pool, picks, labels, failed, ckpt, timings)
@@ -394,9 +449,41 @@ class ActiveLearningLoop(BaseEstimator):
         timings["featurize"] += time.perf_counter() - t0
         return out
 
+    @staticmethod
+    def _excluded(labelled, pool) -> set:
+        """Pool indices that are never candidates: later copies of a pool structure and copies of
+        labelled structures (:class:`skntk.io.DuplicateIndex`); one warning for each kind."""
+        import warnings
+
+        from skntk.io import DuplicateIndex, duplicate_signature
+        from skntk.pipeline import (
+            _labelled_index,
+            duplicates_message,
+            labelled_duplicates_message,
+        )
+
+        lab = _labelled_index(labelled)
+        seen, copies, of_labelled = DuplicateIndex(), set(), []
+        for i, atoms in enumerate(pool):
+            sig = duplicate_signature(atoms)
+            if lab is not None and lab.find(sig) is not None:
+                of_labelled.append(i)
+                continue
+            n_seen = len(seen)
+            if seen.add(sig) < n_seen:  # a copy of an earlier pool structure
+                copies.add(i)
+        if copies:
+            warnings.warn(duplicates_message(len(copies)), UserWarning, stacklevel=3)
+        if of_labelled:
+            warnings.warn(labelled_duplicates_message(
+                len(of_labelled), len(pool),
+                (f"pool[{i}] ({pool[i].get_chemical_formula()})" for i in of_labelled)),
+                UserWarning, stacklevel=3)
+        return copies | set(of_labelled)
+
     def _select(self, selector, featurizer, tail, features, labelled, pool, labels, selected,
-                failed, model, timings):
-        taken = set(selected) | set(failed)
+                failed, model, timings, excluded=frozenset()):
+        taken = set(selected) | set(failed) | set(excluded)
         candidates = np.array([i for i in range(len(pool)) if i not in taken], dtype=np.int64)
         n = min(int(self.batch_size), candidates.size)
         if n == 0:
@@ -442,16 +529,25 @@ class ActiveLearningLoop(BaseEstimator):
         t0 = time.perf_counter()
         for i in todo:  # one at a time, so each label is on disk as soon as it exists
             (res,) = self.oracle.label([pool[i]])
-            if res.error is None:
+            error = res.error  # the oracle saw one structure: "structure 0" is pool[i]
+            if error is not None:
+                error = re.sub(r"^structure 0\b", f"pool[{i}]", error)
+            if error is None:  # any oracle's label passes the check labels pass on entry
+                try:
+                    get_labels([res.atoms], require_forces=True)
+                except (ValueError, TypeError) as exc:  # "X[0] (H2O) has ..." -> "pool[i] ..."
+                    error = (f"the oracle's label is refused: pool[{i}] "
+                             f"{str(exc).removeprefix('X[0] ')}")
+            if error is None:
                 done[i] = res.atoms
                 if ckpt is not None:  # what a resumed run will read: use the same bytes now
                     self._write_label(ckpt, i, res.atoms)
                     done[i] = self._read_label(ckpt, i)
             else:
-                new_failed[i] = res.error
-                logger.warning("labelling pool structure %d failed: %s", i, res.error)
+                new_failed[i] = error
+                logger.warning("labelling pool structure %d failed: %s", i, error)
                 if ckpt is not None:
-                    _atomic_text(ckpt / "labels" / f"{i}.failed", res.error)
+                    _atomic_text(ckpt / "labels" / f"{i}.failed", error)
         timings["label"] += time.perf_counter() - t0
         labels.update(done)
         return [i for i in picks if i in done], new_failed

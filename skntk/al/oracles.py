@@ -29,7 +29,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from skntk.atoms import as_atoms_list
-from skntk.io import FORCES_KEYS, get_labels
+from skntk.io import FORCES_KEYS, get_labels, label_problem
 
 logger = logging.getLogger(__name__)
 
@@ -76,25 +76,22 @@ def _describe(atoms: Atoms, i: int) -> str:
 
 def _strip_index(message: str) -> str:
     """``message`` of :func:`skntk.io.get_labels` on a one-structure list, without its prefix."""
-    return re.sub(r"^structure 0 (\([^)]*\) )?", "", message)
+    return re.sub(r"^X\[0\] (\([^)]*\) )?", "", message)
 
 
 def _labelled_copy(atoms: Atoms, energy, forces) -> Atoms:
     """A copy of ``atoms`` (info, arrays, constraints kept) with a single-point calculator.
 
-    Raises ``ValueError`` for a non-finite energy or forces of the wrong shape / non-finite.
+    Raises ``ValueError`` for a label :func:`skntk.io.label_problem` refuses (a non-finite
+    energy, forces of the wrong shape or non-finite) or missing forces.
     """
-    energy = float(np.asarray(energy).reshape(()))
-    if not np.isfinite(energy):
-        raise ValueError(f"non-finite energy {energy}")
     if forces is None:
         raise ValueError("no forces")
+    problem = label_problem(atoms, energy, forces)
+    if problem is not None:
+        raise ValueError(problem.removeprefix("has "))
+    energy = float(np.asarray(energy).reshape(()))
     forces = np.array(forces, dtype=np.float64)
-    if forces.shape != (len(atoms), 3):
-        raise ValueError(f"forces of shape {forces.shape}; expected ({len(atoms)}, 3)")
-    if not np.all(np.isfinite(forces)):
-        bad = int(np.flatnonzero(~np.isfinite(forces).all(axis=1))[0])
-        raise ValueError(f"non-finite forces (first at atom {bad})")
     out = atoms.copy()  # deep copies of info/arrays/constraints; drops the calculator
     out.calc = SinglePointCalculator(out, energy=energy, forces=forces)
     return out

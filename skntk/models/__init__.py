@@ -82,6 +82,7 @@ def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
     """
     if isinstance(name_or_model, MLIP):
         return name_or_model
+    _resolve_device(device)  # the device is named before any file is read
     if isinstance(name_or_model, torch.nn.Module):
         return _wrap_module(name_or_model, device=device, dtype=dtype)
     if isinstance(name_or_model, (str, os.PathLike)):
@@ -117,6 +118,8 @@ def _load_spec(key: str, device, dtype) -> MLIP:
         return MACEMLIP.from_file(key, device=device, dtype=dtype)
     if os.path.isfile(key):
         kind = _sniff(key)
+        if kind is None:
+            _check_torch_file(key)
         if kind == "sevennet":
             from skntk.models.sevennet import SevenNetMLIP
 
@@ -134,11 +137,25 @@ def _load_spec(key: str, device, dtype) -> MLIP:
 
         return BuiltinMLIP.load(key, device=_resolve_device(device))
     known = sorted(set(_SEVENNET_NAMES) | set(_CHGNET_NAMES))
+    if os.path.splitext(key)[1] or os.sep in key or os.path.exists(key):
+        if os.path.isdir(key):
+            raise IsADirectoryError(f"model {key!r} is a directory, not a model file.")
+        raise FileNotFoundError(f"no model file at {key!r} (and it is not a model name: "
+                                f"{known}).")
     raise ValueError(
         f"Unknown model {key!r}: expected one of {known}, a path to a model file (MACE "
         ".model, SevenNet checkpoint, CHGNet state file, built-in), an MLIP handle or a "
         "torch.nn.Module."
     )
+
+
+def _check_torch_file(path) -> None:
+    """Refuse a file that is neither a zip-format torch file nor a pickle (e.g. a text file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ValueError(f"model {path!r} is not a model file: it is neither a torch zip archive "
+                         f"nor a pickle (it starts with {head[:12]!r}).")
 
 
 def _sniff(path) -> str | None:

@@ -46,7 +46,11 @@ def resolve_device(device) -> torch.device:
     """
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device={device!r} is not a device: expected 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:<index>' (a torch device).") from err
 
 
 def atom_ptr(atoms: Sequence, device=None) -> torch.Tensor:

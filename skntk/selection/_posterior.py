@@ -23,7 +23,16 @@ import numpy as np
 from scipy import linalg as sla
 
 from skntk.blocks import as_blocks
-from skntk.linalg import DeviceProduct, chunk_n_rows, gen_structure_chunks, robust_cholesky
+from skntk.linalg import (
+    DeviceProduct,
+    InsufficientMemoryError,
+    available_host_memory,
+    chunk_n_rows,
+    format_bytes,
+    gen_structure_chunks,
+    memory_check_skipped,
+    robust_cholesky,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,36 @@ def _chunk_rows(blocks, sl):
     lo, hi = blocks.offsets[sl.start], blocks.offsets[sl.stop]
     rows = np.asarray(blocks.rows[lo:hi], dtype=np.float64)
     return rows, blocks.offsets[sl.start:sl.stop + 1] - lo
+
+
+def posterior_bytes(n_features: int) -> int:
+    """Bytes of the d x d float64 matrices :class:`FeaturePosterior` holds at once (the Gram
+    matrix, ``A_``, ``L_`` and the whitener: four)."""
+    return 4 * 8 * int(n_features) ** 2
+
+
+def check_posterior_memory(n_features: int, *, name: str = "n_features") -> None:
+    """Refuse a feature dimension whose posterior cannot fit, before any work.
+
+    Raises
+    ------
+    skntk.linalg.InsufficientMemoryError
+        ``n_features=100000: the posterior needs about 320.0 GB (four 100000 x 100000 float64
+        matrices); 12.3 GB available; use fewer features ...`` (``name`` names the option,
+        e.g. ``--n-features``).
+    """
+    if memory_check_skipped():
+        return
+    available = available_host_memory()
+    need = posterior_bytes(n_features)
+    if available is None or need <= available:
+        return
+    sep = " " if name.startswith("-") else "="
+    raise InsufficientMemoryError(
+        f"{name}{sep}{n_features}: the posterior needs about {format_bytes(need)} (four "
+        f"{n_features} x {n_features} float64 matrices); {format_bytes(available)} available "
+        f"(the smaller of free memory and the address-space limit); use fewer features "
+        f"(SKNTK_SKIP_MEMORY_CHECK=1 skips this check).")
 
 
 class FeaturePosterior:
@@ -112,6 +151,7 @@ class FeaturePosterior:
             raise ValueError(f"sigma2 must be > 0; got {self.sigma2!r}.")
         X = as_blocks(X)
         d = X.n_features
+        check_posterior_memory(d)
         if y is not None:
             y = np.asarray(y, dtype=np.float64).reshape(-1)
             if y.shape[0] != X.n_rows:

@@ -83,6 +83,13 @@ def pv_max_atom(psi, offsets, *, kind="force", sigma2=None):
         keep[offsets[:-1][np.diff(offsets) > 0]] = False
         sq = sq[keep]
         offsets = offsets - np.arange(n + 1)
+    elif kind == "plain":
+        raise ValueError(
+            "reduction='max_atom' needs force or joint blocks; got kind='plain' (rows with no "
+            "per-atom layout). ForceNTKTransformer's probe rows (force_rows='probes', or 'auto' "
+            "when it picks probes) are 'plain' even for kind='joint' or 'force': each probe row "
+            "mixes the forces of all atoms, so probe rows are not per atom. Use "
+            "force_rows='exact' for per-atom rows (3 per atom), or reduction='trace'.")
     elif kind != "force":
         raise ValueError(f"reduction='max_atom' needs force or joint blocks; got kind={kind!r}.")
     per_atom = sq.reshape(-1, 3).sum(axis=1)
