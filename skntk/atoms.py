@@ -35,6 +35,8 @@ import torch
 from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 
+from skntk.io import _label
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomsBatch", "as_atoms_list", "validate_structures", "neighbor_pairs", "collate",
@@ -99,11 +101,6 @@ def as_atoms_list(X, *, name: str = "X") -> list[Atoms]:
         if not isinstance(a, Atoms):
             raise TypeError(f"{name}[{i}] is a {type(a).__name__}, not an ase.Atoms.")
     return out
-
-
-def _label(atoms: Atoms, i: int, name: str) -> str:
-    formula = atoms.get_chemical_formula() if len(atoms) else "empty"
-    return f"{name}[{i}] ({formula})"
 
 
 def validate_structures(atoms_list, *, species=None, name: str = "X",

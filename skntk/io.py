@@ -368,8 +368,13 @@ def label_problem(atoms: Atoms, energy, forces, *, finite: bool = True) -> str |
     return None
 
 
+def _label(atoms: Atoms, i: int, name: str) -> str:
+    """How errors name a structure: ``X[4] (C2H6O)`` (0-based index and formula)."""
+    formula = atoms.get_chemical_formula() if len(atoms) else "empty"
+    return f"{name}[{i}] ({formula})"
+
+
 def _label_error(atoms: Atoms, i: int, name: str, problem: str) -> str:
-    from skntk.atoms import _label
 
     tail = "; labels must be finite numbers: fix or drop this structure." if "non-finite" in \
         problem else "."
@@ -407,7 +412,6 @@ def get_labels(structures, *, energy_key=None, forces_key=None, require_forces=F
         Naming the structure (``X[i] (formula)``): no energy label, no forces label with
         ``require_forces``, forces of the wrong shape, a non-finite energy or force.
     """
-    from skntk.atoms import _label
 
     energies, forces = [], []
     for i, atoms in enumerate(structures):
