@@ -195,9 +195,10 @@ class DuplicateIndex:
     """Structures seen so far, found again up to wrapping and translation.
 
     Two structures are duplicates when their :func:`duplicate_signature` has the same exact part
-    and projections that agree within ``tol · sqrt(6 n_atoms)`` (``tol`` = 2e-7: about 1e-5 Å
-    for one atom of a 10 Å cell, far above float and file rounding, far below a real change).
-    Lookups are O(1): projections are bucketed by the first one.
+    and projections that agree within ``tol · sqrt(6 n_atoms)`` (``tol`` = 2e-7: one atom moved
+    by ~1e-6 Å in a small molecule, ~1e-5 Å in a 100-atom cell, is a different structure; float
+    and extended-XYZ rounding, ~1e-8 Å, is not). Lookups are O(1): projections are bucketed by
+    the first one, and the neighbouring buckets are searched too.
 
     Examples
     --------
