@@ -45,8 +45,8 @@ def add_parser(sub) -> None:
 def _true_errors(model, frames):
     """Per-structure force MAE of ``model`` over free atoms where ``frames`` carry forces,
     NaN elsewhere."""
-    from skntk.finetune import predict_energies_forces
     from skntk.io import free_atoms, get_labels
+    from skntk.models.predict import predict_energies_forces
 
     out = np.full(len(frames), np.nan)
     labelled = []

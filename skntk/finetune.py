@@ -26,81 +26,15 @@ from tqdm.auto import tqdm
 from skntk._sklearn_compat import Interval, _fit_context
 from skntk.io import free_atoms, get_labels
 from skntk.models.base import MLIP
+from skntk.models.predict import predict_energies, predict_energies_forces  # re-exported
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MLIPRegressor", "predict_energies", "predict_energies_forces",
-           "refit_reference_energies"]
+           "refit_reference_energies", "train_builtin"]
 
 #: Ridge of the reference-energy refit, relative to the mean diagonal of ``CᵀC`` (C: counts).
 REFIT_RIDGE = 1e-6
-
-
-def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16, device=None):
-    """Energies and forces of ``model`` for each structure.
-
-    Parameters
-    ----------
-    model : MLIP
-    atoms : list of ase.Atoms of length n_structures
-    batch_size : int, default=16
-        Structures per graph.
-    device : str or torch.device or None, default=None
-        Where batches are collated (``None``: the handle's device).
-
-    Returns
-    -------
-    energies : ndarray of shape (n_structures,)
-        Total energies in eV (float64).
-    forces : list of ndarray of shape (n_atoms_i, 3)
-        Forces in eV/Å (float64).
-    """
-    energies, forces = [], []
-    for s, chunk, batch in _batches(model, atoms, batch_size, device):
-        with torch.enable_grad():  # forces by autograd, even when called under no_grad
-            e, f = model.energy_and_forces(batch, create_graph=False)
-        energies.append(_finite_energies(e, s, chunk))
-        f = f.detach().to("cpu", torch.float64).numpy()
-        ptr = batch.ptr.to("cpu").numpy()
-        forces.extend(f[ptr[i]:ptr[i + 1]] for i in range(len(chunk)))
-    return (np.concatenate(energies) if energies else np.zeros(0)), forces
-
-
-def _batches(model: MLIP, atoms, batch_size: int, device):
-    """``(start, structures, collated batch)`` of consecutive chunks of ``atoms``."""
-    for s in range(0, len(atoms), batch_size):
-        chunk = list(atoms[s:s + batch_size])
-        yield s, chunk, (model.collate(chunk) if device is None else model.collate(chunk, device))
-
-
-def _finite_energies(e, start: int, chunk) -> np.ndarray:
-    """``e`` as float64 on the host; a non-finite one is refused, naming its structure."""
-    e = e.detach().to("cpu", torch.float64).numpy().reshape(-1)
-    bad = ~np.isfinite(e)
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        raise FloatingPointError(
-            f"the model predicted a non-finite energy for structure {start + k} "
-            f"({chunk[k].get_chemical_formula()}).")
-    return e
-
-
-def predict_energies(model: MLIP, atoms, *, batch_size: int = 16, device=None) -> np.ndarray:
-    """Energies of ``model`` for each structure, without forces (no backward pass).
-
-    Parameters and units as :func:`predict_energies_forces`; about a third of its cost where the
-    forces need a backward pass (SevenNet, CHGNet, MACE, the built-in model).
-
-    Returns
-    -------
-    energies : ndarray of shape (n_structures,)
-        Total energies in eV (float64).
-    """
-    energies = []
-    for s, chunk, batch in _batches(model, atoms, batch_size, device):
-        with torch.no_grad():
-            energies.append(_finite_energies(model.energy(batch), s, chunk))
-    return np.concatenate(energies) if energies else np.zeros(0)
 
 
 def composition_matrix(atoms, elements) -> np.ndarray:
@@ -301,10 +235,11 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         -------
         self : MLIPRegressor
         """
-        from skntk.transformers import _resolve_device, _resolve_model
+        from skntk.models import resolve_model
+        from skntk.models._util import resolve_device
 
         t_start = time.perf_counter()
-        base = _resolve_model(self.model, type(self).__name__)
+        base = resolve_model(self.model, type(self).__name__)
         X = base.validate(X)
         energies, forces, free = _labels(X)
         rng = check_random_state(self.random_state)
@@ -316,7 +251,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
         model = base.copy()
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device, cuda_fallback=True)
         _move(model, device)
         _check_copy(base, model, X[:1])
         self.elements_ = frozenset(int(z) for a in X for z in a.numbers)
@@ -507,3 +442,70 @@ def _move(model: MLIP, device: torch.device) -> None:
     model.module.to(device)
     if "device" in vars(model):
         model.device = device
+
+
+def train_builtin(model, X, energies=None, forces=None, *, validation=0.1, energy_weight=1.0,
+                  force_weight=10.0, max_epochs=300, batch_size=16, lr=3e-3, patience=20,
+                  random_state=0, refit_shifts=True):
+    """Train a :class:`~skntk.models.builtin.BuiltinMLIP` in place on energies and forces.
+
+    A thin call of :class:`MLIPRegressor` (the one trainer of skntk) on all parameters, whose
+    weights are then written back into ``model.module``. With ``refit_shifts`` the energy scale
+    is first set to the RMS of the label forces (the network starts from random weights) and the
+    per-element shifts are refitted. (It was ``BuiltinMLIP.fit`` until 0.1.0.dev0: a handle no longer
+    trains itself, so that the models never import the trainer.)
+
+    Parameters
+    ----------
+    model : BuiltinMLIP
+        Trained in place.
+    X : list of ase.Atoms of length n_structures, or a structure file path
+    energies : array-like of shape (n_structures,) or None, default=None
+        Total energies in eV; ``None`` reads the labels stored with ``X``.
+    forces : list of array-like of shape (n_atoms_i, 3) or None, default=None
+        Forces in eV/Å; ``None`` reads them from ``X``.
+    validation : float, default=0.1
+        Fraction of ``X`` held out for early stopping.
+    energy_weight, force_weight : float
+        Loss weights (per-atom energy and force mean squared errors).
+    max_epochs, batch_size, lr, patience, random_state
+        ``epochs``, ``batch_size``, ``learning_rate``, ``patience`` and ``random_state`` of
+        the regressor.
+    refit_shifts : bool, default=True
+
+    Returns
+    -------
+    regressor : MLIPRegressor
+        The fitted regressor (``history_``: per-epoch losses); ``model`` holds its weights.
+    """
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    X = model.validate(X)
+    if energies is None or forces is None:
+        e_lab, f_lab = get_labels(X, require_forces=forces is None)
+        energies = e_lab if energies is None else energies
+        forces = f_lab if forces is None else forces
+    energies = np.asarray(energies, dtype=np.float64)
+    if energies.shape != (len(X),):
+        raise ValueError(f"energies has shape {energies.shape}; X has {len(X)} structures.")
+    forces = [np.asarray(f, dtype=np.float64) for f in forces]
+    labelled = []
+    for i, (a, e, f) in enumerate(zip(X, energies, forces, strict=True)):
+        if f.shape != (len(a), 3):
+            raise ValueError(f"forces[{i}] has shape {f.shape}; X[{i}] has {len(a)} atoms.")
+        b = a.copy()
+        b.calc = SinglePointCalculator(b, energy=float(e), forces=f)
+        labelled.append(b)
+    if refit_shifts:
+        fall = np.concatenate([f.ravel() for f in forces])
+        with torch.no_grad():
+            model.module.scale.fill_(max(float(np.sqrt(np.mean(fall ** 2))), 1e-3))
+    reg = MLIPRegressor(model, parameters="all", epochs=max_epochs, learning_rate=lr,
+                        batch_size=batch_size, energy_weight=energy_weight,
+                        force_weight=force_weight, validation_fraction=validation,
+                        patience=patience, refit_shifts=refit_shifts,
+                        device=str(model.device), random_state=random_state).fit(labelled)
+    with torch.no_grad():
+        for name, t in model.module.state_dict().items():
+            t.copy_(reg.model_.module.state_dict()[name])
+    return reg

@@ -20,8 +20,8 @@ __all__ = ["evaluate", "error_metrics"]
 
 def _predict(model, atoms):
     """``(energies, forces)`` of an MLIP handle, a fitted regressor or an ASE calculator."""
-    from skntk.finetune import predict_energies_forces
     from skntk.models.base import MLIP
+    from skntk.models.predict import predict_energies_forces
 
     if hasattr(model, "model_"):  # a fitted MLIPRegressor (or anything exposing its handle)
         model = model.model_

@@ -118,9 +118,9 @@ def _local_device(transformer):
 
     if getattr(transformer, "device", None) != "auto" or not hasattr(transformer, "device_"):
         return transformer
-    from skntk.transformers import _resolve_device
+    from skntk.models._util import resolve_device
 
-    device = _resolve_device("auto")
+    device = resolve_device("auto", cuda_fallback=True)
     if device == transformer.device_:
         return transformer
     out = copy.copy(transformer)

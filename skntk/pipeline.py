@@ -509,8 +509,8 @@ def _model_predictions(model, atoms, *, device="cpu", batch_size=16):
     energies : ndarray of shape (n_structures,)
     forces : list of ndarray of shape (n_atoms_i, 3)
     """
-    from skntk.finetune import predict_energies_forces
     from skntk.models.base import module_state
+    from skntk.models.predict import predict_energies_forces
 
     with module_state(model.module, device=device, train=False):
         return predict_energies_forces(model, list(atoms), batch_size=batch_size, device=device)

@@ -26,6 +26,8 @@ from skntk import linalg, ntk
 from skntk._sklearn_compat import Interval, StrOptions, _fit_context
 from skntk.atoms import as_atoms_list, neighbor_pairs
 from skntk.blocks import FeatureBlocks
+from skntk.models import resolve_model
+from skntk.models._util import resolve_device
 from skntk.models.base import MLIP, module_state
 
 logger = logging.getLogger(__name__)
@@ -72,50 +74,6 @@ _gb = linalg.format_bytes
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _resolve_device(device) -> torch.device:
-    from skntk.models._util import resolve_device
-
-    dev = resolve_device(device)  # a ValueError naming the device when it is not one
-    if device != "auto" and dev.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"device={device!r} requested but CUDA is not available; using the CPU.",
-                      RuntimeWarning, stacklevel=3)
-        return torch.device("cpu")
-    return dev
-
-
-def _resolve_model(model, owner: str) -> MLIP:
-    """The MLIP handle behind the ``model`` parameter.
-
-    A handle passes through; a string or path goes through :func:`skntk.models.load` (a name
-    such as ``"sevennet-0"``, a MACE ``.model`` file or a :meth:`BuiltinMLIP.save` file, loaded
-    in each ``fit``); a raw ``torch.nn.Module`` is refused (it has no collate/energy protocol,
-    and scikit-learn's ``clone`` would deep-copy it).
-    """
-    if isinstance(model, MLIP):
-        return model
-    if model is None:
-        raise ValueError(f"{owner} needs a model: an MLIP handle (e.g. BuiltinMLIP) or the path of "
-                         f"a saved built-in model; got None.")
-    if isinstance(model, (str, os.PathLike)):
-        from skntk.models import load
-
-        try:  # "sevennet-0", "chgnet-0.3.0", a MACE .model file or a BuiltinMLIP.save file
-            return load(model, device="cpu")
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"The 'model' parameter of {owner} is the string {str(model)!r}, "
-                             f"which is neither a known model name nor a saved model file: "
-                             f"{err}") from err
-    if isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"The 'model' parameter of {owner} is a raw {type(model).__name__} (torch.nn.Module); "
-            f"wrap it in an MLIP handle (skntk.models.base.MLIP subclass, e.g. "
-            f"BuiltinMLIP(module=net)) so features know how to batch structures and so clone() "
-            f"does not deep-copy the network."
-        )
-    raise TypeError(f"The 'model' parameter of {owner} must be an MLIP handle or a path; got "
-                    f"{type(model).__name__}.")
 
 
 #: Shared graphs of exact and probe force rows cost (rows x graph size): structures share a graph
@@ -344,8 +302,8 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         -------
         self : ForceNTKTransformer
         """
-        model = _resolve_model(self.model, type(self).__name__)
-        self.device_ = _resolve_device(self.device)
+        model = resolve_model(self.model, type(self).__name__)
+        self.device_ = resolve_device(self.device, cuda_fallback=True)
         named = model.parameters(self.parameters)
         self.parameter_names_ = [n for n, _ in named]
         self.n_params_ = int(sum(p.numel() for _, p in named))
@@ -676,13 +634,13 @@ class EmbeddingTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimat
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None):
         """Resolve model and device (cheap); checks ``X``'s elements when given."""
-        model = _resolve_model(self.model, type(self).__name__)
+        model = resolve_model(self.model, type(self).__name__)
         if "embeddings" not in model.implemented_properties:
             raise ValueError(f"{type(model).__name__} does not implement embeddings "
                              f"(implemented_properties={model.implemented_properties}).")
         if X is not None:
             model.validate(X)
-        self.device_ = _resolve_device(self.device)
+        self.device_ = resolve_device(self.device, cuda_fallback=True)
         self.model_ = model
         n_out = getattr(model, "n_embedding", None)
         if n_out is None:  # ask the model: a dimer well inside its cutoff

@@ -27,9 +27,9 @@ from sklearn.utils.validation import check_is_fitted
 from skntk._sklearn_compat import HasMethods, Interval, StrOptions, _fit_context
 from skntk.atoms import as_atoms_list
 from skntk.blocks import as_blocks
-from skntk.finetune import predict_energies_forces
 from skntk.io import free_atoms, get_labels
 from skntk.models.base import MLIP
+from skntk.models.predict import predict_energies_forces
 from skntk.selection._posterior import FeaturePosterior
 from skntk.selection.pv import pv_mean
 
@@ -295,14 +295,15 @@ class ForceUncertainty(BaseEstimator):
     def _resolve(self):
         """The judged model and an unfitted featuriser of it; refuses a featuriser of another
         model."""
-        from skntk.transformers import ForceNTKTransformer, _resolve_model
+        from skntk.models import resolve_model
+        from skntk.transformers import ForceNTKTransformer
 
         name = type(self).__name__
         feat_model = None if self.featurizer is None else _featurizer_model(self.featurizer)
         if self.model is None and feat_model is None:
             raise ValueError(f"{name} needs the model being judged: pass model=<MLIP handle> "
                              f"(or a featuriser with a model parameter).")
-        model = _resolve_model(self.model if self.model is not None else feat_model, name)
+        model = resolve_model(self.model if self.model is not None else feat_model, name)
         if self.featurizer is None:
             featurizer = ForceNTKTransformer(model, **DEFAULT_FEATURIZER_PARAMS)
         else:
@@ -310,7 +311,7 @@ class ForceUncertainty(BaseEstimator):
             if feat_model is None and "model" in featurizer.get_params(deep=False):
                 featurizer.set_params(model=model)  # a featuriser waiting for its model
             elif feat_model is not None and self.model is not None:
-                other = _resolve_model(feat_model, name)
+                other = resolve_model(feat_model, name)
                 if other is not model:
                     mine, theirs = _model_digest(model), _model_digest(other)
                     if mine != theirs:

@@ -586,9 +586,9 @@ class ActiveLearningLoop(BaseEstimator):
                 fh.write(json.dumps(h) + "\n")
 
     def _load_model(self, ckpt):
-        from skntk.transformers import _resolve_model
+        from skntk.models import resolve_model
 
-        base = _resolve_model(self.regressor.model, "ActiveLearningLoop")
+        base = resolve_model(self.regressor.model, "ActiveLearningLoop")
         model = base.copy()
         state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
         model.module.load_state_dict(state)
@@ -601,8 +601,8 @@ def _error_bars(template, reg, train, tests):
     when the regressor's validation split is too small to calibrate it."""
     from scipy.stats import spearmanr
 
-    from skntk.finetune import predict_energies_forces
     from skntk.io import free_atoms, get_labels
+    from skntk.models.predict import predict_energies_forces
     from skntk.uncertainty import ForceUncertainty
 
     params = {k: v for k, v in clone(template).get_params(deep=False).items() if k != "model"}

@@ -286,7 +286,7 @@ class OnTheFlyLearner(BaseEstimator):
         from tqdm.auto import tqdm
 
         from skntk.atoms import as_atoms_list
-        from skntk.transformers import _resolve_model
+        from skntk.models import resolve_model
 
         self._check_params()
         if not isinstance(atoms, Atoms):
@@ -294,7 +294,7 @@ class OnTheFlyLearner(BaseEstimator):
                             f"{type(atoms).__name__}.")
         if not isinstance(n_steps, Integral) or n_steps < 1:
             raise ValueError(f"n_steps must be an integer >= 1; got {n_steps!r}.")
-        pretrained = _resolve_model(self.model, type(self).__name__)
+        pretrained = resolve_model(self.model, type(self).__name__)
         try:
             pretrained.validate([atoms])
         except ValueError as err:

@@ -34,7 +34,7 @@ from skntk.models._util import require as _require  # noqa: F401
 from skntk.models._util import resolve_device as _resolve_device
 from skntk.models.base import MLIP, BackendBatch
 
-__all__ = ["BackendBatch", "MLIP", "load"]
+__all__ = ["BackendBatch", "MLIP", "load", "resolve_model"]
 
 _SEVENNET_NAMES = {"sevennet-0": "7net-0", "7net-0": "7net-0", "sevennet": "7net-0"}
 _CHGNET_NAMES = {"chgnet-0.3.0": "0.3.0", "chgnet": "0.3.0", "chgnet-0.2.0": "0.2.0"}
@@ -223,3 +223,34 @@ def _wrap_module(module: torch.nn.Module, *, device, dtype) -> MLIP:
         f"Do not know how to wrap a {cls.__module__}.{cls.__name__}: pass an MLIP handle, "
         "a SevenNet, CHGNet or MACE network, or the built-in model (BuiltinNet)."
     )
+
+
+def resolve_model(model, owner: str) -> MLIP:
+    """The MLIP handle behind the ``model`` parameter.
+
+    A handle passes through; a string or path goes through :func:`skntk.models.load` (a name
+    such as ``"sevennet-0"``, a MACE ``.model`` file or a :meth:`BuiltinMLIP.save` file, loaded
+    in each ``fit``); a raw ``torch.nn.Module`` is refused (it has no collate/energy protocol,
+    and scikit-learn's ``clone`` would deep-copy it).
+    """
+    if isinstance(model, MLIP):
+        return model
+    if model is None:
+        raise ValueError(f"{owner} needs a model: an MLIP handle (e.g. BuiltinMLIP) or the path of "
+                         f"a saved built-in model; got None.")
+    if isinstance(model, (str, os.PathLike)):
+        try:  # "sevennet-0", "chgnet-0.3.0", a MACE .model file or a BuiltinMLIP.save file
+            return load(model, device="cpu")
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"The 'model' parameter of {owner} is the string {str(model)!r}, "
+                             f"which is neither a known model name nor a saved model file: "
+                             f"{err}") from err
+    if isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"The 'model' parameter of {owner} is a raw {type(model).__name__} (torch.nn.Module); "
+            f"wrap it in an MLIP handle (skntk.models.base.MLIP subclass, e.g. "
+            f"BuiltinMLIP(module=net)) so features know how to batch structures and so clone() "
+            f"does not deep-copy the network."
+        )
+    raise TypeError(f"The 'model' parameter of {owner} must be an MLIP handle or a path; got "
+                    f"{type(model).__name__}.")

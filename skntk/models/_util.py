@@ -35,9 +35,12 @@ def require(module: str, extra: str):
         ) from exc
 
 
-def resolve_device(device) -> torch.device:
+def resolve_device(device, *, cuda_fallback=False) -> torch.device:
     """``"auto"`` (or ``None``) -> the first CUDA device when present, else CPU; anything else
-    as given.
+    as given (a ``ValueError`` naming it when it is not a device).
+
+    With ``cuda_fallback``, a CUDA device asked for on a machine without CUDA becomes the CPU with
+    a ``RuntimeWarning`` (what estimators do with their ``device`` parameter).
 
     Examples
     --------
@@ -47,10 +50,17 @@ def resolve_device(device) -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"device={device!r} is not a device: expected 'auto', 'cpu', 'cuda' or "
                          f"'cuda:<index>' (a torch device).") from err
+    if cuda_fallback and dev.type == "cuda" and not torch.cuda.is_available():
+        import warnings
+
+        warnings.warn(f"device={device!r} requested but CUDA is not available; using the CPU.",
+                      RuntimeWarning, stacklevel=3)
+        return torch.device("cpu")
+    return dev
 
 
 def atom_ptr(atoms: Sequence, device=None) -> torch.Tensor:

@@ -16,8 +16,9 @@ The network (:class:`BuiltinNet`) is an invariant SchNet-style model:
 It depends on interatomic distances only, so energies are invariant to rotations, translations and
 permutations of like atoms and forces are equivariant. :class:`BuiltinMLIP` is the handle the rest
 of
-skntk uses (the MLIP protocol of :mod:`skntk.models.base`), with :meth:`BuiltinMLIP.fit` (Adam on
-energies and forces with early stopping), :meth:`BuiltinMLIP.save` and :meth:`BuiltinMLIP.load`.
+skntk uses (the MLIP protocol of :mod:`skntk.models.base`), with :meth:`BuiltinMLIP.save` and
+:meth:`BuiltinMLIP.load`; :func:`skntk.finetune.train_builtin` trains it from scratch (Adam on
+energies and forces with early stopping, through ``MLIPRegressor``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -253,71 +253,3 @@ class BuiltinMLIP(MLIP):
         net = BuiltinNet(**data["config"]).to(getattr(torch, data["dtype"]))
         net.load_state_dict(data["state_dict"])
         return cls(module=net.to(device))
-
-    # -- training ------------------------------------------------------------------------------
-    def fit(self, X, energies=None, forces=None, *, validation=0.1, energy_weight=1.0,
-            force_weight=10.0, max_epochs=300, batch_size=16, lr=3e-3, patience=20,
-            random_state=0, refit_shifts=True) -> BuiltinMLIP:
-        """Train this network in place on energies (eV) and forces (eV/Å).
-
-        A thin call of :class:`skntk.finetune.MLIPRegressor` (the one trainer of skntk) on all
-        parameters, whose weights are then written back into :attr:`module`. With
-        ``refit_shifts`` the energy scale is first set to the RMS of the label forces (the
-        network starts from random weights) and the per-element shifts are refitted.
-
-        Parameters
-        ----------
-        X : list of ase.Atoms of length n_structures, or a structure file path
-        energies : array-like of shape (n_structures,) or None, default=None
-            Total energies in eV; ``None`` reads the labels stored with ``X``.
-        forces : list of array-like of shape (n_atoms_i, 3) or None, default=None
-            Forces in eV/Å; ``None`` reads them from ``X``.
-        validation : float, default=0.1
-            Fraction of ``X`` held out for early stopping.
-        energy_weight, force_weight : float
-            Loss weights (per-atom energy and force mean squared errors).
-        max_epochs, batch_size, lr, patience, random_state
-            ``epochs``, ``batch_size``, ``learning_rate``, ``patience`` and ``random_state`` of
-            the regressor.
-        refit_shifts : bool, default=True
-
-        Returns
-        -------
-        self : BuiltinMLIP
-            Fitted in place; ``history_`` holds the regressor's per-epoch losses.
-        """
-        from ase.calculators.singlepoint import SinglePointCalculator
-
-        from skntk.finetune import MLIPRegressor
-        from skntk.io import get_labels
-
-        X = self.validate(X)
-        if energies is None or forces is None:
-            e_lab, f_lab = get_labels(X, require_forces=forces is None)
-            energies = e_lab if energies is None else energies
-            forces = f_lab if forces is None else forces
-        energies = np.asarray(energies, dtype=np.float64)
-        if energies.shape != (len(X),):
-            raise ValueError(f"energies has shape {energies.shape}; X has {len(X)} structures.")
-        forces = [np.asarray(f, dtype=np.float64) for f in forces]
-        labelled = []
-        for i, (a, e, f) in enumerate(zip(X, energies, forces, strict=True)):
-            if f.shape != (len(a), 3):
-                raise ValueError(f"forces[{i}] has shape {f.shape}; X[{i}] has {len(a)} atoms.")
-            b = a.copy()
-            b.calc = SinglePointCalculator(b, energy=float(e), forces=f)
-            labelled.append(b)
-        if refit_shifts:
-            fall = np.concatenate([f.ravel() for f in forces])
-            with torch.no_grad():
-                self.module.scale.fill_(max(float(np.sqrt(np.mean(fall ** 2))), 1e-3))
-        reg = MLIPRegressor(self, parameters="all", epochs=max_epochs, learning_rate=lr,
-                            batch_size=batch_size, energy_weight=energy_weight,
-                            force_weight=force_weight, validation_fraction=validation,
-                            patience=patience, refit_shifts=refit_shifts,
-                            device=str(self.device), random_state=random_state).fit(labelled)
-        with torch.no_grad():
-            for name, t in self.module.state_dict().items():
-                t.copy_(reg.model_.module.state_dict()[name])
-        self.history_ = reg.history_
-        return self

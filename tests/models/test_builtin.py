@@ -8,6 +8,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.calculators.lj import LennardJones
 
+from skntk.finetune import train_builtin
 from skntk.models.builtin import BuiltinMLIP, BuiltinNet
 from skntk.testing import check_mlip
 
@@ -115,10 +116,11 @@ def test_fit_learns_lennard_jones_forces():
 
     before = mae()
     m.module.eval()
-    m.fit(train, [a.info["energy"] for a in train], [a.arrays["forces_ref"] for a in train],
-          max_epochs=60, batch_size=8, lr=5e-3, patience=60)
+    reg = train_builtin(m, train, [a.info["energy"] for a in train],
+                        [a.arrays["forces_ref"] for a in train], max_epochs=60, batch_size=8,
+                        lr=5e-3, patience=60)
     after = mae()
-    assert len(m.history_) >= 10
+    assert len(reg.history_) >= 10
     assert after < 0.5 * before
     assert after < 0.5 * np.abs(f_test).mean()
     assert not m.module.training  # fit restores the caller's mode
@@ -128,7 +130,7 @@ def test_fit_bad_labels():
     train = lj_clusters(4, 0)
     m = BuiltinMLIP([18], n_hidden=4, n_blocks=1)
     with pytest.raises(ValueError, match=r"energies has shape \(3,\); X has 4"):
-        m.fit(train, [0.0] * 3, [a.arrays["forces_ref"] for a in train])
+        train_builtin(m, train, [0.0] * 3, [a.arrays["forces_ref"] for a in train])
     with pytest.raises(ValueError, match=r"forces\[1\] has shape \(3, 3\); X\[1\] has 4 atoms"):
-        m.fit(train, [0.0] * 4, [np.zeros((4, 3)), np.zeros((3, 3)), np.zeros((4, 3)),
-                                 np.zeros((4, 3))])
+        train_builtin(m, train, [0.0] * 4, [np.zeros((4, 3)), np.zeros((3, 3)),
+                                            np.zeros((4, 3)), np.zeros((4, 3))])
