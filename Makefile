@@ -4,7 +4,7 @@ VENV   ?= .venv
 PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
 EXTRAS ?= test,plot,sevennet,chgnet,oracles,dask
 
-.PHONY: demo test test-core test-mace test-sklearn-latest docs lint bench clean gpu-wheels
+.PHONY: demo demo-smoke test test-core test-mace test-sklearn-latest docs lint bench clean gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/skntk demo --out demo_out
+
+# The main job end to end on a small pool (CI runs it, so a regression in `skntk demo` cannot land).
+demo-smoke: $(VENV)/.installed
+	$(VENV)/bin/skntk demo --out demo_out --max-pool 40 --no-plot
 
 test: test-core test-mace
 
