@@ -56,8 +56,8 @@ for _ in range(6 if fast else 30):
 model = load("sevennet-0")
 learner = OnTheFlyLearner(
     model, CalculatorOracle(EMT()),
-    threshold=0.08,                  # eV/Å: label a frame whose predicted force MAE is larger
-    every=10, budget=7 if fast else 20, refit_every=2,
+    threshold=0.11,                  # eV/Å: label a frame whose predicted force MAE is larger
+    every=10, budget=8 if fast else 20, refit_every=2,
     n_initial=1 if fast else 2,      # cold start: labels before the first fine-tuning
     temperature_K=800, timestep_fs=2.0,
     regressor=MLIPRegressor(model, epochs=3 if fast else 20, progress_bar=False),
