@@ -452,8 +452,8 @@ def train_builtin(model, X, energies=None, forces=None, *, validation=0.1, energ
     A thin call of :class:`MLIPRegressor` (the one trainer of skntk) on all parameters, whose
     weights are then written back into ``model.module``. With ``refit_shifts`` the energy scale
     is first set to the RMS of the label forces (the network starts from random weights) and the
-    per-element shifts are refitted. (It was ``BuiltinMLIP.fit`` until 0.1.0.dev0: a handle no longer
-    trains itself, so that the models never import the trainer.)
+    per-element shifts are refitted. (It was ``BuiltinMLIP.fit`` until 0.1.0.dev0: a handle no
+    longer trains itself, so that the models never import the trainer.)
 
     Parameters
     ----------

@@ -44,8 +44,9 @@ __all__ = ["ForceNTKTransformer", "EmbeddingTransformer", "InsufficientMemoryErr
 #: - ``BuiltinMLIP`` (n_hidden=64, n_blocks=2, float64, peak RSS growth on 108- and 500-atom Cu
 #:   cells): 1.4–2.0e4 bytes per edge → 2.5e4.
 #:
-#: Backends not listed (CHGNet, MACE, your own) use :data:`DEFAULT_FORCE_ROW_BYTES_PER_EDGE`
-#: (SevenNet-0's value; not measured for them). ``SKNTK_SKIP_MEMORY_CHECK=1`` skips the check.
+#: Each backend states its value as ``MLIP.force_row_bytes_per_edge`` (SevenNet-0's for CHGNet,
+#: MACE and your own, not measured for them); these names are kept for code that read them.
+#: ``SKNTK_SKIP_MEMORY_CHECK=1`` skips the check.
 FORCE_ROW_BYTES_PER_EDGE = {"SevenNetMLIP": 3.0e5, "BuiltinMLIP": 2.5e4}
 DEFAULT_FORCE_ROW_BYTES_PER_EDGE = 3.0e5
 
@@ -432,9 +433,10 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
     def estimate_memory(self, X, *, validate=True) -> np.ndarray:
         """Estimated peak bytes of featurising each structure of ``X`` on its own.
 
-        Force and joint rows: :data:`FORCE_ROW_BYTES_PER_EDGE` of the model's backend class times
-        the structure's edges (neighbour pairs within ``model_.cutoff``, counted with ASE's
-        neighbour list). Energy rows: 0 (one single backward; not estimated).
+        Force and joint rows: the model's ``force_row_bytes_per_edge``
+        (:class:`~skntk.models.base.MLIP`) times the structure's edges (neighbour pairs within
+        ``model_.cutoff``, counted with ASE's neighbour list). Energy rows: 0 (one single
+        backward; not estimated).
 
         Returns
         -------
@@ -444,8 +446,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         X = self.model_.validate(X) if validate else as_atoms_list(X)
         if self.kind == "energy":
             return np.zeros(len(X))
-        per_edge = FORCE_ROW_BYTES_PER_EDGE.get(type(self.model_).__name__,
-                                                DEFAULT_FORCE_ROW_BYTES_PER_EDGE)
+        per_edge = self.model_.force_row_bytes_per_edge
         return per_edge * self._edge_counts(X)
 
     def _edge_counts(self, X) -> np.ndarray:
@@ -477,8 +478,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         if not len(need) or need.max() <= available:
             return
         i = int(np.argmax(need > available))
-        per_edge = FORCE_ROW_BYTES_PER_EDGE.get(type(self.model_).__name__,
-                                                DEFAULT_FORCE_ROW_BYTES_PER_EDGE)
+        per_edge = self.model_.force_row_bytes_per_edge
         edges = int(round(need[i] / per_edge))
         raise InsufficientMemoryError(
             f"X[{i}] ({X[i].get_chemical_formula()}) has {len(X[i])} atoms and ~{edges} edges; "

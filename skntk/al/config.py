@@ -370,6 +370,4 @@ def _check_keys(section: str, table: dict, valid: set) -> None:
 
 
 def _model_filename(model) -> str:
-    name = type(model).__name__
-    return {"MACEMLIP": "model.model", "SevenNetMLIP": "model.pth",
-            "CHGNetMLIP": "model.pth.tar"}.get(name, "model.pt")
+    return model.model_filename

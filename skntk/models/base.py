@@ -249,6 +249,12 @@ class MLIP(ABC):
     batched_double_backward: bool = False
     #: fnmatch patterns of parameter names for each named subset; backends fill this in.
     subset_patterns: dict[str, tuple[str, ...]] = {"all": ("*",)}
+    #: Peak working memory of exact/forward force rows per neighbour edge, in bytes: what
+    #: :class:`~skntk.transformers.ForceNTKTransformer` checks before featurising. SevenNet-0's
+    #: measured value (docs/backends.md) unless a backend measured its own.
+    force_row_bytes_per_edge: float = 3.0e5
+    #: File name :func:`skntk.al.config.run_config` saves a fine-tuned handle under (its format).
+    model_filename: str = "model.pt"
 
     module: torch.nn.Module
     cutoff: float

@@ -123,6 +123,7 @@ class CHGNetMLIP(MLIP):
     """
 
     implemented_properties = ("energy", "forces", "embeddings")
+    model_filename = "model.pth.tar"
     #: Subset with the highest effective rank of energy-gradient features on 300 real frames
     #: (OC20 + 3BPA; docs/backends.md).
     default_subset = "all"

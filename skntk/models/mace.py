@@ -88,6 +88,7 @@ class MACEMLIP(MLIP):
     """
 
     implemented_properties = ("energy", "forces", "embeddings")
+    model_filename = "model.model"
     #: Not measured (no pretrained MACE is available offline); the cheapest subset.
     default_subset = "readout"
     #: Not declared: forward-over-reverse through MACE (mace-torch 0.3.16) runs but gives wrong

@@ -91,6 +91,8 @@ class SevenNetMLIP(MLIP):
     """
 
     implemented_properties = ("energy", "forces", "embeddings")
+    force_row_bytes_per_edge = 3.0e5  # measured: 500-atom Cu cell, 6.2 GB
+    model_filename = "model.pth"
     #: Subset with the highest effective rank of energy-gradient features on 300 real frames
     #: (OC20 + 3BPA; docs/backends.md): 3-4x the readout's.
     default_subset = "last_block"
