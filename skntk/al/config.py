@@ -236,7 +236,6 @@ def run_onthefly_config(cfg, *, progress_bar=False):
     -------
     result : OnTheFlyResult
     """
-    import ase.io
 
     from skntk.al.onthefly import OnTheFlyLearner
     from skntk.finetune import MLIPRegressor
@@ -269,8 +268,17 @@ def run_onthefly_config(cfg, *, progress_bar=False):
                               test_sets=tests, checkpoint_dir=out / "checkpoint",
                               progress_bar=progress_bar, **otf)
     result = learner.run(start, n_steps)
-    (out / "history.json").write_text(json.dumps(result.history, indent=1))
     (out / "checks.json").write_text(json.dumps(result.checks, indent=1))
+    _write_outputs(out, result, "onthefly.png")
+    return result
+
+
+def _write_outputs(out, result, plot_name):
+    """``history.json``, ``labelled.extxyz``, the model in its own format and ``result.plot()``
+    (``plot_name``; with matplotlib) of a finished run in ``out``."""
+    import ase.io
+
+    (out / "history.json").write_text(json.dumps(result.history, indent=1))
     if result.labelled:
         ase.io.write(out / "labelled.extxyz", result.labelled, format="extxyz")
     try:
@@ -278,6 +286,8 @@ def run_onthefly_config(cfg, *, progress_bar=False):
     except (NotImplementedError, ValueError) as err:
         logger.warning("the model could not be saved in its own format (%s); its weights are in "
                        "checkpoint/", err)
+    if plot_name is None:
+        return
     try:
         import matplotlib
 
@@ -286,11 +296,10 @@ def run_onthefly_config(cfg, *, progress_bar=False):
 
         ax = result.plot()
         ax.figure.tight_layout()
-        ax.figure.savefig(out / "onthefly.png", dpi=120)
+        ax.figure.savefig(out / plot_name, dpi=120)
         plt.close(ax.figure)
     except ImportError:
         logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
-    return result
 
 
 def run_config(cfg, *, progress_bar=False):
@@ -304,7 +313,6 @@ def run_config(cfg, *, progress_bar=False):
     -------
     result : ActiveLearningResult
     """
-    import ase.io
 
     if "onthefly" in cfg:
         return run_onthefly_config(cfg, progress_bar=progress_bar)
@@ -338,26 +346,7 @@ def run_config(cfg, *, progress_bar=False):
                               checkpoint_dir=out / "checkpoint", progress_bar=progress_bar,
                               **loop_cfg)
     result = loop.run(labelled, pool)
-    (out / "history.json").write_text(json.dumps(result.history, indent=1))
-    ase.io.write(out / "labelled.extxyz", result.labelled, format="extxyz")
-    try:
-        result.model.save(out / _model_filename(result.model))
-    except (NotImplementedError, ValueError) as err:
-        logger.warning("the fine-tuned model could not be saved in its own format (%s); "
-                       "its weights are in checkpoint/model.pt", err)
-    if tests:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            ax = result.plot()
-            ax.figure.tight_layout()
-            ax.figure.savefig(out / "learning_curve.png", dpi=120)
-            plt.close(ax.figure)
-        except ImportError:
-            logger.warning("matplotlib is not installed (pip install skntk[plot]): no plot.")
+    _write_outputs(out, result, "learning_curve.png" if tests else None)
     return result
 
 
