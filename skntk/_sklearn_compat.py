@@ -17,9 +17,13 @@ The names:
     ``sklearn.base._fit_context``: decorator of ``fit`` that validates
     ``_parameter_constraints`` once (skipping nested estimators with
     ``prefer_skip_nested_validation=True``) and applies the global config.
-``Interval``, ``StrOptions``, ``HasMethods``, ``RealNotInt``
+``Interval``, ``StrOptions``, ``HasMethods``, ``RealNotInt``, ``InvalidParameterError``
     ``sklearn.utils._param_validation``: the constraint types of ``_parameter_constraints``
-    (e.g. ``Interval(Integral, 1, None, closed="left")``, ``StrOptions({"trace", "max"})``).
+    (e.g. ``Interval(Integral, 1, None, closed="left")``, ``StrOptions({"trace", "max"})``) and
+    the error their check raises (tests match it).
+``_safe_indexing``
+    ``sklearn.utils._safe_indexing``, how scikit-learn's splitters index ``X`` (tests check that
+    skntk's containers survive it).
 :func:`validate_params`
     ``BaseEstimator._validate_params()``: the same check outside ``fit`` (``select``,
     ``score_samples`` of selectors that may run unfitted).
@@ -41,10 +45,18 @@ Examples
 from __future__ import annotations
 
 from sklearn.base import _fit_context
-from sklearn.utils._param_validation import HasMethods, Interval, RealNotInt, StrOptions
+from sklearn.utils import _safe_indexing
+from sklearn.utils._param_validation import (
+    HasMethods,
+    Interval,
+    InvalidParameterError,
+    RealNotInt,
+    StrOptions,
+)
 
-__all__ = ["_fit_context", "HasMethods", "Interval", "RealNotInt", "StrOptions",
-           "validate_params", "pipeline_steps", "row_key", "TESTED_RANGE"]
+__all__ = ["_fit_context", "_safe_indexing", "HasMethods", "Interval", "InvalidParameterError",
+           "RealNotInt", "StrOptions", "validate_params", "pipeline_steps", "row_key",
+           "TESTED_RANGE"]
 
 #: The scikit-learn versions ``pyproject.toml`` allows and CI tests: (lowest, first excluded).
 TESTED_RANGE = ("1.6", "1.10")

@@ -4,8 +4,8 @@ import pickle
 
 import numpy as np
 import pytest
-from sklearn.utils import _safe_indexing
 
+from skntk._sklearn_compat import _safe_indexing
 from skntk.blocks import FeatureBlocks, as_blocks
 
 

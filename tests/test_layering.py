@@ -84,3 +84,16 @@ def test_no_importlib_detour():
         text = path.read_text()
         if "import_module(" in text:
             assert path.name == "_util.py" and path.parent.name == "models", path
+
+
+def test_tests_reach_private_sklearn_names_only_through_the_shim():
+    """``skntk/_sklearn_compat.py`` is the one place that imports scikit-learn's private API."""
+    import re
+
+    private = re.compile(r"from sklearn[\w.]*\._\w+ import|from sklearn[\w.]* import .*\b_\w+|"
+                         r"import sklearn[\w.]*\._")
+    roots = [PACKAGE, PACKAGE.parent / "tests"]
+    offenders = [f"{p}:{n}" for root in roots for p in root.rglob("*.py")
+                 if p.name != "_sklearn_compat.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert not offenders, offenders

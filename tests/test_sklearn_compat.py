@@ -6,7 +6,6 @@ import sklearn
 from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils import _safe_indexing
 
 from skntk import _sklearn_compat as compat
 from skntk._sklearn_compat import (  # noqa: F401 - every name of the shim must import
@@ -16,6 +15,7 @@ from skntk._sklearn_compat import (  # noqa: F401 - every name of the shim must 
     RealNotInt,
     StrOptions,
     _fit_context,
+    _safe_indexing,
     pipeline_steps,
     row_key,
     validate_params,

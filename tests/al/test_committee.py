@@ -8,8 +8,8 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
-from sklearn.utils._param_validation import InvalidParameterError
 
+from skntk._sklearn_compat import InvalidParameterError
 from skntk.al.committee import CommitteeSelector
 from skntk.blocks import FeatureBlocks
 from skntk.selection.baselines import RandomSelector

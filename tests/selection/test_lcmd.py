@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
-from sklearn.utils._param_validation import InvalidParameterError
 
+from skntk._sklearn_compat import InvalidParameterError
 from skntk.blocks import FeatureBlocks
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import ortho_group
 from sklearn.base import clone
-from sklearn.utils._param_validation import InvalidParameterError
 
+from skntk._sklearn_compat import InvalidParameterError
 from skntk.blocks import FeatureBlocks
 from skntk.selection.pv import (
     ChunkedPosteriorVarianceSelector,
