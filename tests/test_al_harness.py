@@ -309,3 +309,20 @@ def test_formula_filters_of_a_files_split(harness, tmp_path):
     assert {a.info["group"] for a in pool} == {"C2H6O", "CH4O"}
     assert len(tests["methanol"]) == 4
     assert {a.get_chemical_formula() for a in tests["methanol"]} == {"CH4O"}
+
+
+def test_rounds_of_the_evidence_are_never_pooled(harness, tmp_path):
+    for seed in (0, 1):
+        a = _write_result(tmp_path, "exp_a", "m1", "random", seed, 1.0)
+        _write_result(tmp_path, "exp_a", "m1", "pv", seed, 0.5)  # round 1: -50 %
+        b = _write_result(tmp_path, "exp_b", "m1", "random", seed, 1.0)
+        p = _write_result(tmp_path, "exp_b", "m1", "pv", seed, 1.5)  # round 2: +50 %
+    for f in p.glob("*.json"):
+        rec = json.loads(f.read_text())
+        rec["config"]["round"] = 2
+        f.write_text(json.dumps(rec))
+    assert harness.evidence_round(json.loads(next(b.glob("*.json")).read_text())) == 2
+    text = "\n".join(harness.summary_markdown([a, b]))
+    r1, r2 = text.split("#### Round 2")
+    assert "| `pv` | 2 | 2 | 0.500 | -50.00" in r1 and "exp_b" not in r1
+    assert "| `pv` | 2 | 0 | 1.500 | +50.00" in r2 and "exp_a" not in r2

@@ -682,28 +682,47 @@ def paired_stats(pairs):
         float(stats.binomtest(wins, n, 0.5).pvalue)
 
 
+def evidence_round(record) -> int:
+    """The round of the evidence a result belongs to: its config's ``round`` (round 2 is
+    pre-registered, PREREGISTRATION.md), else that of the experiment's config file in
+    ``configs/`` (results written before the key existed), else 1."""
+    if "round" in record["config"]:
+        return int(record["config"]["round"])
+    path = CONFIGS / f"{record['experiment']}.toml"
+    if path.exists():
+        import tomllib
+
+        return int(tomllib.loads(path.read_text()).get("round", 1))
+    return 1
+
+
 def summary_markdown(directories, metric="force_mae"):
-    """The evidence in two tables per model (the config's ``model``) and per variant of an
-    experiment of the same model (see :func:`variant_of`), which are never pooled with each other:
-    per method and experiment (its :func:`target_tests`), the last-round ``metric`` mean ± std
-    over seeds with the paired Δ % to random and the wins; then every paired run of the group
-    pooled (the first target test set of each experiment), with the mean Δ %, its 95 % interval
-    and a sign test."""
+    """The evidence in two tables per round (:func:`evidence_round`), model (the config's
+    ``model``) and variant of an experiment of the same model (see :func:`variant_of`), which are
+    never pooled with each other: per method and experiment (its :func:`target_tests`), the
+    last-round ``metric`` mean ± std over seeds with the paired Δ % to random and the wins; then
+    every paired run of the group pooled (the first target test set of each experiment), with
+    the mean Δ %, its 95 % interval and a sign test."""
     runs = [(d, r) for d in directories if (r := load_results(d))]
     models = {Path(d).name: r[0]["config"]["model"] for d, r in runs}
+    rounds = {Path(d).name: evidence_round(r[0]) for d, r in runs}
     groups = {}
     for d, records in runs:
-        model = models[Path(d).name]
-        same = {n for n, m in models.items() if m == model}
-        base = variant_of(Path(d).name, same)
-        key = (model, None) if base is None else (model, (base, Path(d).name))
+        name = Path(d).name
+        model, rnd = models[name], rounds[name]
+        same = {n for n, m in models.items() if m == model and rounds[n] == rnd}
+        base = variant_of(name, same)
+        key = (rnd, model, None) if base is None else (rnd, model, (base, name))
         groups.setdefault(key, []).append((d, records))
     if len(groups) == 1:
         return _summary_one(next(iter(groups.values())), metric)
     lines = []
-    for (model, base), runs in sorted(groups.items(), key=lambda kv: (kv[0][1] is not None,
-                                                                        kv[0])):
+    for (rnd, model, base), runs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][2] is not None, kv[0][1:])):
         head = f"#### Model `{model}`"
+        if rnd > 1:
+            head = (f"#### Round {rnd} (pre-registered, PREREGISTRATION.md; interim until the "
+                    f"primary comparison has its seeds): model `{model}`")
         if base is not None:
             head += f": variant `{base[1]}` of `{base[0]}`"
         lines += [head, ""] + _summary_one(runs, metric)
