@@ -42,26 +42,19 @@ def add_parser(sub) -> None:
                    help="log progress and show tracebacks of errors")
 
 
-def _true_errors(model, frames):
-    """Per-structure force MAE of ``model`` over free atoms where ``frames`` carry forces,
-    NaN elsewhere."""
-    from skntk.io import free_atoms, get_labels
-    from skntk.models.predict import predict_energies_forces
+def _true_errors(frames, pred_forces, free):
+    """Per-structure force MAE over free atoms of the model's ``pred_forces`` where ``frames``
+    carry finite force labels, NaN elsewhere."""
+    from skntk.io import get_labels
 
     out = np.full(len(frames), np.nan)
-    labelled = []
     for i, a in enumerate(frames):
         try:
             _, (f,) = get_labels([a])
         except ValueError:
             continue
         if f is not None and np.all(np.isfinite(f)):
-            labelled.append((i, f))
-    if labelled:
-        idx = [i for i, _ in labelled]
-        _, pred = predict_energies_forces(model, [frames[i] for i in idx])
-        for (i, f), pf in zip(labelled, pred, strict=True):
-            out[i] = float(np.abs(pf - f)[free_atoms(frames[i])].mean())
+            out[i] = float(np.abs(pred_forces[i] - f)[free[i]].mean())
     return out
 
 
@@ -105,10 +98,17 @@ def run(args, read, check_output, load_model) -> int:
             read(args.train, "--train"), read(args.calibration, "--calibration"))
         if args.save:
             joblib.dump(est, args.save)
-    frames = read(args.structures, "--structures")
-    pred = est.predict(frames)
-    upper = est.predict_interval(frames, coverage=args.coverage)
-    true = _true_errors(est.model_, frames)
+    from skntk.uncertainty import conformal_quantile
+
+    frames = est._checked(read(args.structures, "--structures"))
+    inputs = est._inputs(frames)  # the model and the featuriser run once per structure
+    pred = est._predict_from(inputs)
+    q = conformal_quantile(est.calibration_scores_, args.coverage)
+    if not np.isfinite(q):
+        print(f"warning: --coverage {args.coverage} needs more than the {est.n_calibration_} "
+              f"calibration structures: the upper bounds are infinite", file=sys.stderr)
+    upper = q * pred
+    true = _true_errors(frames, inputs["forces"], inputs["free"])
     for a, p, u, t in zip(frames, pred, upper, true, strict=True):
         a.info["force_uncertainty"] = float(p)
         a.info[f"force_uncertainty_upper_{round(100 * args.coverage)}"] = float(u)

@@ -601,8 +601,7 @@ def _error_bars(template, reg, train, tests):
     when the regressor's validation split is too small to calibrate it."""
     from scipy.stats import spearmanr
 
-    from skntk.io import free_atoms, get_labels
-    from skntk.models.predict import predict_energies_forces
+    from skntk.io import get_labels
     from skntk.uncertainty import ForceUncertainty
 
     params = {k: v for k, v in clone(template).get_params(deep=False).items() if k != "model"}
@@ -613,13 +612,14 @@ def _error_bars(template, reg, train, tests):
     out = {}
     for name, atoms in tests.items():
         _, forces = get_labels(atoms)
-        _, pred_f = predict_energies_forces(reg.model_, atoms)
         keep = [i for i, f in enumerate(forces) if f is not None]
         if len(keep) < 2:
             continue
-        true = np.array([np.abs(pred_f[i] - forces[i])[free_atoms(atoms[i])].mean()
-                         for i in keep])
-        pred = est.predict([atoms[i] for i in keep])
+        X = est._checked([atoms[i] for i in keep])
+        inputs = est._inputs(X)  # the model's forces and the features, computed once
+        pred = est._predict_from(inputs)
+        true = np.array([np.abs(f_hat - forces[i])[free].mean() for i, f_hat, free in
+                         zip(keep, inputs["forces"], inputs["free"], strict=True)])
         out[name] = {"predicted": float(pred.mean()), "true": float(true.mean()),
                      "spearman": float(spearmanr(pred, true).statistic)}
     return out
