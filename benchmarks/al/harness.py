@@ -454,10 +454,10 @@ def labels_to_target_markdown(records, metrics=("force_mae", "force_q95")):
     lines = []
     tests = sorted({t for r in records for t in r["rounds"][-1]["metrics"]})
     for metric in metrics:
+        summ = summarise(records, metric)
         for test in tests:
             ltt = labels_to_target(records, test, metric)
-            if not ltt or all(np.isnan(summarise(records, metric)[test][m]["rounds"][-1][1])
-                              for m in ltt):
+            if not ltt or all(np.isnan(summ[test][m]["rounds"][-1][1]) for m in ltt):
                 continue
             if not lines:
                 lines = ["**Labels to target** — the labels a random batch needs to reach each "
