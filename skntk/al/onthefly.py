@@ -317,7 +317,7 @@ class OnTheFlyLearner(BaseEstimator):
 
 #: What a checkpoint holds of a run besides the labels, the models and the MD state.
 _STATE = ("step", "generation", "n_oracle", "failed", "checks", "history", "pairs", "seconds",
-          "since_refit", "consecutive_failures", "trusted", "frames")
+          "since_refit", "consecutive_failures", "trusted", "written")
 
 
 class _Run:
@@ -331,7 +331,8 @@ class _Run:
         self.ckpt = None if est.checkpoint_dir is None else Path(est.checkpoint_dir)
         self.step, self.generation, self.n_oracle = 0, 0, 0
         self.labelled, self.failed, self.checks, self.history = [], [], [], []
-        self.frames = []  # the trajectory at the checks (model geometry, no labels)
+        self.frames = []  # frames of the checks since the last commit (model geometry, no labels)
+        self.written = {"trajectory.extxyz": 0, "log.jsonl": 0, "n_checks": 0}  # what is on disk
         self.pairs = {"log_pv": [], "log_f": [], "error": [], "atom_log_pv": [],
                       "atom_log_f": [], "atom_error": []}
         self.seconds = dict.fromkeys(("md", "uncertainty", "oracle", "refit"), 0.0)
@@ -379,28 +380,41 @@ class _Run:
     def _commit(self):
         if self.ckpt is None:
             return
-        import ase.io
-
         a = self.atoms.copy()
         a.calc = None
+        self._append()  # first the trajectory and log, then the state that counts them
         state = {k: getattr(self, k) for k in _STATE}
         state.update(n_labelled=len(self.labelled), atoms=a, rng=self.rng.get_state())
         tmp = self.ckpt / "state.pkl.tmp"
         tmp.write_bytes(pickle.dumps(state))
         os.replace(tmp, self.ckpt / "state.pkl")
         _atomic_json(self.ckpt / "history.json", self.history)
-        with open(self.ckpt / "log.jsonl", "w") as fh:  # rewritten from the state
-            for c in self.checks:
-                fh.write(json.dumps(c) + "\n")
-        tmp = self.ckpt / "trajectory.extxyz.tmp"
-        ase.io.write(tmp, self.frames or [a], format="extxyz")
-        os.replace(tmp, self.ckpt / "trajectory.extxyz")
+
+    def _append(self):
+        """Append the checks since the last commit to ``trajectory.extxyz`` (their frames) and
+        ``log.jsonl``, and note the files' sizes (a resume cuts what came after)."""
+        import ase.io
+
+        new = self.checks[self.written["n_checks"]:]
+        with open(self.ckpt / "trajectory.extxyz", "a") as fh:
+            if self.frames:
+                ase.io.write(fh, self.frames, format="extxyz")
+        with open(self.ckpt / "log.jsonl", "a") as fh:
+            fh.writelines(json.dumps(c) + "\n" for c in new)
+        self.frames = []
+        self.written = {name: (self.ckpt / name).stat().st_size
+                        for name in ("trajectory.extxyz", "log.jsonl")}
+        self.written["n_checks"] = len(self.checks)
 
     def _restore(self, state):
         import ase.io
 
         for k in _STATE:
             setattr(self, k, state[k])
+        for name in ("trajectory.extxyz", "log.jsonl"):  # checks after the state: replayed
+            path = self.ckpt / name
+            if path.exists() and path.stat().st_size > self.written[name]:
+                os.truncate(path, self.written[name])
         self.labelled = [ase.io.read(self.ckpt / "labels" / f"{k}.extxyz", format="extxyz")
                          for k in range(state["n_labelled"])]
         self.atoms = state["atoms"]
@@ -485,7 +499,8 @@ class _Run:
         if label:
             check["labelled"] = self._label(frame, inputs)
         self.checks.append(check)
-        self.frames.append(frame)
+        if self.ckpt is not None:
+            self.frames.append(frame)
         return check
 
     def _label(self, frame, inputs):

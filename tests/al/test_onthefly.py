@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
 from ase.build import fcc111
@@ -177,6 +178,13 @@ def test_resumes_after_sigkill_without_labelling_twice(tmp_path):
                 for h in json.loads(path.read_text())]
 
     assert fits(tmp_path / "b" / "history.json") == fits(tmp_path / "a" / "history.json")
+    # the appended trajectory and log hold each check once, as in the uninterrupted run
+    assert (tmp_path / "b" / "log.jsonl").read_text() == (tmp_path / "a" / "log.jsonl").read_text()
+    n_checks = len((tmp_path / "a" / "log.jsonl").read_text().splitlines())
+    ta, tb = (ase.io.read(tmp_path / d / "trajectory.extxyz", ":") for d in "ab")
+    assert len(ta) == len(tb) == n_checks
+    for x, y in zip(ta, tb, strict=True):
+        np.testing.assert_array_equal(x.positions, y.positions)
     # ... and no label was computed twice: the 4th, on disk before the kill, was reused
     log = (tmp_path / "b.log").read_text().splitlines()
     done = [line.split()[1] for line in log if line.startswith("done")]
