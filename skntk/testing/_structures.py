@@ -1,8 +1,8 @@
 """Small test structures and the hypothesis strategies of :mod:`skntk.testing`.
 
-:func:`random_structures` and :func:`tiny_structures` build a few small structures (positions in
-Å); :func:`atoms`, :func:`rigid_motions` and :func:`permutations` are hypothesis strategies (need the
-``test`` extra), whose motions ``apply`` to any ``ase.Atoms``.
+:func:`random_structures` and :func:`tiny_structures` build a few small structures (positions
+in Å); :func:`atoms`, :func:`rigid_motions` and :func:`permutations` are hypothesis strategies
+(they need the ``test`` extra), whose motions ``apply`` to any ``ase.Atoms``.
 """
 
 from __future__ import annotations
