@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from skntk.models.builtin import BuiltinMLIP
+from tests.builders import tiny_builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "ethanol_40.extxyz"
@@ -22,7 +22,7 @@ def harness():
 
 
 def _config(tmp_path):
-    model = BuiltinMLIP([1, 6, 8], n_hidden=8, n_blocks=1, random_state=0).save(tmp_path / "m.pt")
+    model = tiny_builtin().save(tmp_path / "m.pt")
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(f"""
 experiment = "tiny"
