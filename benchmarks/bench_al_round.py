@@ -24,7 +24,7 @@ from skntk.finetune import MLIPRegressor
 from skntk.io import read_structures
 from skntk.models import load
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _data import SHARED_DATA as DATA
 OUT = Path(__file__).resolve().parent / "results" / "bench_al_round.json"
 
 

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from ase.io import read
 
+from _data import SHARED_DATA as DATA
+
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
 OC20 = DATA / "oc20" / "oc20_s2ef_relax_24sys.extxyz"
 BPA = DATA / "molecules" / "3bpa_train_300K.xyz"
 RESULTS = HERE / "results"

@@ -25,7 +25,7 @@ import torch
 from skntk.models.builtin import BuiltinMLIP
 from skntk.transformers import ForceNTKTransformer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _data import SHARED_DATA as DATA
 OUT = Path(__file__).resolve().parent / "results"
 
 ROUTES = {

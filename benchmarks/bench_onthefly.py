@@ -37,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _data import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "onthefly"
-DATA = ROOT.parent / "shared" / "data" / "molecules"
+DATA = SHARED_DATA / "molecules"
 SYSTEMS = ("acac_300", "acac_900", "cu_emt")
 STRATEGIES = ("triggered", "periodic", "committee", "random")
 

@@ -46,11 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _data import SHARED_DATA as DATA
+
 RESULTS = Path(__file__).resolve().parent / "results"
-DATA = Path(os.environ.get("SKNTK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared"
-                           / "data"))
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
 SIGMA2 = 1e-3
 D = 256
 

@@ -36,7 +36,7 @@ import torch
 from skntk.models.base import module_state
 from skntk.transformers import ForceNTKTransformer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _data import SHARED_DATA as DATA
 OUT = Path(__file__).resolve().parent / "results"
 
 CONFIGS = {

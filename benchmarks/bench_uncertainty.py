@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from _data import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent.parent / "shared" / "data" / "molecules"
-if not DATA.exists():  # a worktree next to /work/shared
-    DATA = Path("/work/shared/data/molecules")
+DATA = SHARED_DATA / "molecules"
 RESULTS = ROOT / "results" / "uncertainty"
 
 FULL = {"n_train": 24, "n_calibration": 30, "n_test": 150, "epochs": 3}

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk, fcc111
-from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from sklearn.base import clone
@@ -19,33 +18,13 @@ from skntk.finetune import (
     refit_reference_energies,
 )
 from skntk.models.builtin import BuiltinMLIP
+from tests.builders import cu_slabs, emt_label, tiny_builtin
 
 CU, PT = 29, 78
 
 
 def small_model(species=(CU,)):
-    return BuiltinMLIP(list(species), n_hidden=16, n_blocks=1, random_state=0)
-
-
-def emt_label(a):
-    """A copy of ``a`` carrying EMT energy and forces in a SinglePointCalculator."""
-    b = a.copy()
-    calc = EMT()
-    b.calc = calc
-    e = b.get_potential_energy()
-    f = b.get_forces(apply_constraint=False)
-    out = a.copy()
-    out.calc = SinglePointCalculator(out, energy=e, forces=f)
-    return out
-
-
-def cu_slabs(n, seed, amp=0.1):
-    frames = []
-    for k in range(n):
-        a = fcc111("Cu", (2, 2, 2), vacuum=4.0)
-        a.rattle(amp, seed=seed * 1000 + k)
-        frames.append(emt_label(a))
-    return frames
+    return tiny_builtin(species, n_hidden=16)
 
 
 def cupt_slabs(n, seed, n_pt=None):

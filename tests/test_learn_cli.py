@@ -10,7 +10,7 @@ from ase.build import fcc111
 from ase.calculators.emt import EMT
 
 from skntk.models import load
-from skntk.models.builtin import BuiltinMLIP
+from tests.builders import tiny_builtin
 
 
 def _frames(n, seed, amp, label):
@@ -37,7 +37,7 @@ def workdir(tmp_path_factory):
     ase.io.write(d / "train.extxyz", _frames(4, 0, 0.05, True))
     ase.io.write(d / "pool.extxyz", _frames(12, 100, 0.15, False))
     ase.io.write(d / "test.extxyz", _frames(4, 1000, 0.1, True))
-    BuiltinMLIP([29], n_hidden=8, n_blocks=1).save(d / "cu.pt")
+    tiny_builtin((29,)).save(d / "cu.pt")
     (d / "run.toml").write_text("""
 output = "out"
 [model]

@@ -10,7 +10,7 @@ from ase.constraints import FixAtoms
 
 from skntk.finetune import MLIPRegressor
 from skntk.metrics import error_metrics, evaluate
-from skntk.models.builtin import BuiltinMLIP
+from tests.builders import tiny_builtin
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -195,12 +195,12 @@ def test_evaluate_exact_model_is_zero_and_energy_only_labels():
     with pytest.raises(ValueError, match="at least one"):
         evaluate(EMT(), [])
     with pytest.raises(TypeError, match="MLIPRegressor"):
-        evaluate(MLIPRegressor(BuiltinMLIP([29], n_hidden=8, n_blocks=1)), exact)
+        evaluate(MLIPRegressor(tiny_builtin((29,))), exact)
 
 
 def test_evaluate_mlip_handle_and_regressor_match_calculator_predictions():
     frames = labelled_with_noise(structures(), seed=2)
-    model = BuiltinMLIP([29], n_hidden=16, n_blocks=1, random_state=0)
+    model = tiny_builtin((29,), n_hidden=16)
     pred_e, pred_f = [], []
     for a in frames:  # one structure at a time through the handle's ASE calculator
         b = a.copy()

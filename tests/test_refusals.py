@@ -23,28 +23,15 @@ from skntk import transformers
 from skntk.atoms import MIN_DISTANCE, validate_structures
 from skntk.cli import main
 from skntk.io import structure_hash, unique_structures
-from skntk.models.builtin import BuiltinMLIP
 from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 from skntk.transformers import ForceNTKTransformer, InsufficientMemoryError
-
-NAMES = ["H2O", "CH4", "C2H6", "CH3OH", "C2H4", "CO2", "HCOOH", "H2CO"]
-
-
-def molecules(n, seed=0):
-    """``n`` distinct small H/C/O molecules (rattled copies of NAMES)."""
-    out = []
-    for k in range(n):
-        a = molecule(NAMES[k % len(NAMES)])
-        a.rattle(0.02, seed=seed + k)
-        out.append(a)
-    return out
+from tests.builders import molecules, tiny_builtin
 
 
-def tiny_model(species=(1, 6, 8)):
-    return BuiltinMLIP(list(species), n_hidden=8, n_blocks=1, random_state=0)
-
+def chon_model():
+    return tiny_builtin((1, 6, 7, 8), n_hidden=16)
 
 # -- 4. overlapping atoms; non-finite model output ---------------------------------------------
 def test_overlapping_atoms_are_refused_naming_structure_and_pair():
@@ -52,7 +39,7 @@ def test_overlapping_atoms_are_refused_naming_structure_and_pair():
     bad = X[6].copy()
     bad.positions[3] = bad.positions[1] + [0.0, 0.0, 0.5 * MIN_DISTANCE]
     X[6] = bad
-    ntk = ForceNTKTransformer(tiny_model(), n_features=8, random_state=0).fit(X[:2])
+    ntk = ForceNTKTransformer(tiny_builtin(), n_features=8, random_state=0).fit(X[:2])
     formula = bad.get_chemical_formula()
     with pytest.raises(ValueError, match=rf"X\[6\] \({formula}\): atoms 1 and 3 are 0.05 Å apart, "
                                          r"closer than skntk.atoms.MIN_DISTANCE = 0.1 Å"):
@@ -66,7 +53,7 @@ def test_overlapping_atoms_are_refused_naming_structure_and_pair():
 
 
 def test_non_finite_rows_name_the_structure_in_X_not_the_batch_position():
-    model = tiny_model()
+    model = tiny_builtin()
     X = [molecule(n) for n in ["CH4", "C2H6", "CH4", "C2H6", "C2H4", "H2O", "CH4"]]
     ntk = ForceNTKTransformer(model, n_features=8, batch_size=2, random_state=0).fit(X[:1])
     with torch.no_grad():  # oxygen's embedding is NaN: only X[5] (H2O, batch position 1) is bad
@@ -86,7 +73,7 @@ def test_duplicates_are_candidates_once_and_warned_about_once():
     rng = np.random.default_rng(0)
     order = rng.permutation(24)
     pool = [distinct[k % 6].copy() for k in order]  # 6 structures x 4 copies, shuffled
-    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_model(), n_features=16),
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_builtin(), n_features=16),
                                  shortlist_size=6, n_to_select=5, random_state=0)
     pipe.fit(molecules(3, seed=50))
     message = (r"pool has 18 duplicate structures \(same numbers, cell and pbc, positions up to "
@@ -101,7 +88,7 @@ def test_duplicates_are_candidates_once_and_warned_about_once():
 
 
 def test_adding_duplicates_never_repeats_a_structure_in_a_batch():
-    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_model(), n_features=16),
+    pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(tiny_builtin(), n_features=16),
                                  shortlist_size=8, n_to_select=4, random_state=0)
     pipe.fit(molecules(3, seed=50))
     distinct = molecules(8, seed=20)
@@ -121,7 +108,7 @@ def test_adding_duplicates_never_repeats_a_structure_in_a_batch():
 
 # -- 6. memory -----------------------------------------------------------------------------------
 def test_too_big_structure_is_refused_before_any_featurisation(monkeypatch):
-    model = tiny_model((1, 6, 8, 29))
+    model = tiny_builtin((1, 6, 8, 29))
     cu = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
     X = [molecule("H2O"), cu, molecule("CH4")]
     ntk = ForceNTKTransformer(model, kind="force", force_rows="probes", n_probes=2,
@@ -148,7 +135,7 @@ def test_too_big_structure_is_refused_before_any_featurisation(monkeypatch):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    tiny_model().save(d / "model.pt")
+    tiny_builtin().save(d / "model.pt")
     ase.io.write(d / "train.extxyz", molecules(3, seed=50))
     ase.io.write(d / "pool.extxyz", molecules(8, seed=0))
     lines = (d / "pool.extxyz").read_text().splitlines()
@@ -311,10 +298,6 @@ def ethanol(n=6):
     return ase.io.read(Path(__file__).parent / "data" / "ethanol_40.extxyz", f":{n}")
 
 
-def chon_model():
-    return BuiltinMLIP([1, 6, 7, 8], n_hidden=16, n_blocks=1, random_state=0)
-
-
 def _set_label(atoms, energy=None, forces=None):
     """Replace ``atoms``' stored label (calculator results) in place."""
     if energy is not None:
@@ -474,7 +457,7 @@ def test_duplicate_index_sees_wrapped_and_translated_copies_only(tmp_path):
 
 def test_periodic_copies_are_candidates_once_in_the_pipeline_and_the_cli(tmp_path, capsys):
     pool = periodic_copies()
-    model = tiny_model((29,))
+    model = tiny_builtin((29,))
     pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(model, n_features=16, random_state=0),
                                  shortlist_size=3, n_to_select=3, random_state=0)
     pipe.fit(periodic_copies(2, 1, seed=50))
@@ -495,7 +478,7 @@ def test_periodic_copies_are_candidates_once_in_the_pipeline_and_the_cli(tmp_pat
 
 def test_copies_of_labelled_structures_are_never_picked():
     labelled = periodic_copies(3, 1, seed=0)
-    model = tiny_model((29,))
+    model = tiny_builtin((29,))
     pipe = make_pv_lcmd_pipeline(ForceNTKTransformer(model, n_features=16, random_state=0),
                                  shortlist_size=4, n_to_select=2, random_state=0)
     pipe.fit(labelled)
@@ -583,7 +566,7 @@ def test_a_checkpoint_with_more_rounds_than_asked_is_refused(tmp_path):
 # -- 10. probe rows and reduction="max_atom" -----------------------------------------------------
 def test_max_atom_on_probe_rows_says_probe_rows_are_not_per_atom():
     X = molecules(4)
-    ntk = ForceNTKTransformer(tiny_model(), kind="joint", force_rows="probes", n_probes=2,
+    ntk = ForceNTKTransformer(tiny_builtin(), kind="joint", force_rows="probes", n_probes=2,
                               n_features=8, random_state=0).fit(X[:2])
     pv = ChunkedPosteriorVarianceSelector(reduction="max_atom", n_to_select=1)
     with pytest.raises(ValueError, match=re.escape(
@@ -639,7 +622,7 @@ def test_library_errors_name_the_parameter_or_the_structure(tmp_path):
             "X[1] (Cu4) has a periodic cell vector of length 3.61e+12 Å, beyond "
             "skntk.atoms.MAX_LENGTH = 1e+06 Å; check the units of its cell and positions.")):
         validate_structures([X[0], huge])
-    ntk = ForceNTKTransformer(tiny_model(), n_features=8, random_state=0).fit(X[:2])
+    ntk = ForceNTKTransformer(tiny_builtin(), n_features=8, random_state=0).fit(X[:2])
     pipe = make_pv_lcmd_pipeline(ntk, n_to_select=1, shortlist_size=2).fit(X[:2])
     with pytest.raises(TypeError, match=re.escape("X[1] is a str, not an ase.Atoms.")):
         pipe.select([X[2], "CH4", X[3]])

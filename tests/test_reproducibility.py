@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from skntk.blocks import FeatureBlocks
 from skntk.io import example_path, read_structures, split_by
-from skntk.models.builtin import BuiltinMLIP
 from skntk.pipeline import make_pv_lcmd_pipeline
 from skntk.transformers import ForceNTKTransformer
+from tests.builders import tiny_builtin
 
 # The README sample on small molecules with the built-in model (shortlist and batch scaled down).
 README_SCRIPT = textwrap.dedent("""
@@ -116,7 +116,7 @@ def cli_files(tmp_path_factory):
     frames = read_structures(example_path())
     species = sorted({int(z) for a in frames for z in a.numbers})
     d = tmp_path_factory.mktemp("cli_seed")
-    BuiltinMLIP(species, cutoff=4.0, n_hidden=8, n_blocks=1, random_state=0).save(d / "m.pt")
+    tiny_builtin(species, cutoff=4.0).save(d / "m.pt")
     sids = sorted({a.info["sid"] for a in frames})
     train_idx, pool_idx = split_by(frames, "sid", sids[:1])
     ase.io.write(d / "train.extxyz", [frames[i] for i in train_idx[:6]])

@@ -14,12 +14,12 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from sklearn.model_selection import GridSearchCV, KFold
 
 from skntk.blocks import FeatureBlocks
-from skntk.models.builtin import BuiltinMLIP
 from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
 from skntk.selection._scoring import fit_composition_offsets, ridge_rmse
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 from skntk.transformers import ForceNTKTransformer
+from tests.builders import tiny_builtin
 
 DATA = Path(__file__).parent / "data" / "ethanol_40.extxyz"
 GRID = {"pv__sigma2": [1e-6, 1e-4, 1e-2, 1.0]}
@@ -52,7 +52,7 @@ def frames():
 
 @pytest.fixture(scope="module")
 def model():
-    return BuiltinMLIP([1, 6, 8], n_hidden=16, n_blocks=1, random_state=0)
+    return tiny_builtin(n_hidden=16)
 
 
 def make_pipe(model, **kw):

@@ -23,7 +23,6 @@ from sklearn.utils import estimator_checks as ec
 
 import skntk
 from skntk.finetune import MLIPRegressor, predict_energies_forces
-from skntk.models.builtin import BuiltinMLIP
 from skntk.transformers import ForceNTKTransformer
 from skntk.uncertainty import (
     ForceUncertainty,
@@ -32,6 +31,7 @@ from skntk.uncertainty import (
     UncertaintyThresholdExceeded,
     conformal_quantile,
 )
+from tests.builders import emt_label, tiny_builtin
 
 SIGMA2 = 1e-3
 FIXTURES = [HealthCheck.function_scoped_fixture]
@@ -46,18 +46,8 @@ def _one_torch_thread():
 
 
 def make_model(seed=0):
-    return BuiltinMLIP([1, 6, 7, 8], cutoff=3.0, n_hidden=8, n_basis=4, n_blocks=1, n_readout=4,
-                       dtype=torch.float64, random_state=seed)
-
-
-def labelled(a):
-    """A copy of ``a`` carrying EMT energy and forces."""
-    b = a.copy()
-    b.calc = EMT()
-    e, f = b.get_potential_energy(), b.get_forces()
-    out = a.copy()
-    out.calc = SinglePointCalculator(out, energy=e, forces=f)
-    return out
+    return tiny_builtin((1, 6, 7, 8), cutoff=3.0, n_basis=4, n_readout=4, dtype=torch.float64,
+                        random_state=seed)
 
 
 def frames(n, seed, name="CH3OH", amp=(0.02, 0.12)):
@@ -66,7 +56,7 @@ def frames(n, seed, name="CH3OH", amp=(0.02, 0.12)):
     for k, s in enumerate(np.linspace(*amp, n)):
         a = molecule(name)
         a.rattle(float(s), seed=seed * 1000 + k)
-        out.append(labelled(a))
+        out.append(emt_label(a))
     return out
 
 
@@ -309,11 +299,11 @@ def test_refuses_a_featurizer_of_another_model(model, data):
 
 
 def test_refuses_elements_the_posterior_never_saw(fitted, model, data):
-    X = data["test"][:2] + [labelled(molecule("NH3"))]
+    X = data["test"][:2] + [emt_label(molecule("NH3"))]
     with pytest.raises(ValueError, match=r"X\[2\] \(H3N\) contains N \(Z=7\), which the "
                        r"posterior never saw \(its training structures contain Z=\[1, 6, 8\]\)"):
         fitted.predict(X)
-    cal = data["cal"][:11] + [labelled(molecule("NH3"))]
+    cal = data["cal"][:11] + [emt_label(molecule("NH3"))]
     with pytest.raises(ValueError, match=r"calibration_atoms\[11\] \(H3N\) contains N"):
         ForceUncertainty(energy_feat(model)).fit(data["train"], cal)
 

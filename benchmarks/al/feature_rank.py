@@ -26,6 +26,9 @@ OUT = HERE.parents[0] / "results" / "al" / "feature_rank.json"
 
 
 def _load(name, path):
+    """The script at ``path`` as a module, with its folder on ``sys.path`` as when it runs."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

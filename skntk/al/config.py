@@ -33,7 +33,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "build_selector", "build_oracle", "load_config", "run_config"]
+__all__ = ["METHODS", "build_selector", "build_oracle", "load_config", "run_config", "read_toml",
+           "config_path"]
 
 #: Selection methods by name (docs/design.md, "The paper's pipeline and the baselines").
 METHODS = {
@@ -172,8 +173,12 @@ def build_oracle(spec):
     raise ValueError(f"unknown oracle type {kind!r}; expected 'pool', 'emt' or 'tblite'.")
 
 
-def load_config(path) -> dict:
-    """Read and check a run config (TOML); paths are resolved against the file's folder."""
+def read_toml(path) -> dict:
+    """The table of the TOML file ``path``; a missing file or invalid TOML is named in the error.
+
+    The one TOML reader of ``skntk learn`` configs and of the benchmark harness's configs
+    (``benchmarks/al/configs/*.toml``).
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -183,9 +188,22 @@ def load_config(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist.")
     try:
-        cfg = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+
+
+def config_path(p, base) -> Path:
+    """A path named in a config: ``p`` as is when absolute, else relative to the folder ``base``
+    (the config file's folder)."""
+    q = Path(p)
+    return q if q.is_absolute() else Path(base) / q
+
+
+def load_config(path) -> dict:
+    """Read and check a run config (TOML); paths are resolved against the file's folder."""
+    path = Path(path)
+    cfg = read_toml(path)
     unknown = sorted(set(cfg) - _SECTIONS)
     if unknown:
         raise ValueError(f"config {str(path)!r} has unknown section(s) {unknown}; expected "
@@ -204,8 +222,7 @@ def load_config(path) -> dict:
     base = path.parent
 
     def resolve(p):
-        q = Path(p)
-        q = q if q.is_absolute() else base / q
+        q = config_path(p, base)
         if not q.is_file():
             raise FileNotFoundError(f"data file {str(q)!r} (from {str(path)!r}) does not exist.")
         return q
@@ -218,8 +235,7 @@ def load_config(path) -> dict:
     data["test"] = {"test": resolve(test)} if isinstance(test, str) else \
         {k: resolve(v) for k, v in test.items()}
     cfg["data"] = data
-    out = Path(cfg.get("output", "al_out"))
-    cfg["output"] = out if out.is_absolute() else base / out
+    cfg["output"] = config_path(cfg.get("output", "al_out"), base)
     cfg.setdefault("model", {}).setdefault("name", "sevennet-0")
     return cfg
 

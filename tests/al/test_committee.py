@@ -13,6 +13,7 @@ from skntk._sklearn_compat import InvalidParameterError
 from skntk.al.committee import CommitteeSelector
 from skntk.blocks import FeatureBlocks
 from skntk.selection.baselines import RandomSelector
+from tests.builders import tiny_builtin
 
 
 class FakeRegressor(BaseEstimator):
@@ -253,9 +254,8 @@ def test_committee_with_mlip_regressor():
         from skntk.finetune import MLIPRegressor
     except ImportError as exc:  # pragma: no cover - depends on the finetune module
         pytest.skip(f"skntk.finetune.MLIPRegressor not importable: {exc}")
-    from skntk.models.builtin import BuiltinMLIP
 
-    reg = MLIPRegressor(BuiltinMLIP([29], n_hidden=16, n_blocks=1), epochs=2, random_state=0)
+    reg = MLIPRegressor(tiny_builtin((29,), n_hidden=16), epochs=2, random_state=0)
     train, pool = emt_frames(6, 0), emt_frames(5, 1)
     sel = CommitteeSelector(reg, n_members=3, random_state=0).fit(train)
     assert sel.fit_time_ > 0

@@ -16,7 +16,7 @@ from ase.calculators.emt import EMT
 
 from skntk import CalculatorOracle, MLIPRegressor, OnTheFlyLearner
 from skntk.al.onthefly import trigger
-from skntk.models.builtin import BuiltinMLIP
+from tests.builders import tiny_builtin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def reference_labels(checks, budget):
 
 @pytest.fixture
 def model():
-    return BuiltinMLIP([29], n_hidden=8, n_blocks=1, random_state=0)
+    return tiny_builtin((29,))
 
 
 def test_end_to_end_labels_refits_and_stops_at_the_budget(model, one_torch_thread):

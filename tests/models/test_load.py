@@ -8,6 +8,7 @@ import torch
 
 from skntk.models import _resolve_device, load
 from skntk.models.base import MLIP
+from tests.builders import tiny_builtin
 
 has = {name: importlib.util.find_spec(name) is not None for name in ("sevenn", "chgnet", "mace")}
 
@@ -24,16 +25,14 @@ def test_wrong_type_is_named(bad):
 
 
 def test_handle_is_returned_as_is():
-    from skntk.models.builtin import BuiltinMLIP
-
-    handle = BuiltinMLIP([1, 8], n_hidden=8, n_blocks=1)
+    handle = tiny_builtin((1, 8))
     assert load(handle) is handle
 
 
 def test_builtin_network_is_wrapped_without_copy():
     from skntk.models.builtin import BuiltinMLIP, BuiltinNet
 
-    net = BuiltinMLIP([1, 8], n_hidden=8, n_blocks=1).module
+    net = tiny_builtin((1, 8)).module
     assert isinstance(net, BuiltinNet)
     handle = load(net, device="cpu")
     assert isinstance(handle, BuiltinMLIP) and handle.module is net
@@ -42,10 +41,10 @@ def test_builtin_network_is_wrapped_without_copy():
 def test_builtin_file_is_loaded(tmp_path):
     from skntk.models.builtin import BuiltinMLIP
 
-    path = BuiltinMLIP([1, 8], n_hidden=8, n_blocks=1, random_state=3).save(tmp_path / "m.pt")
+    path = tiny_builtin((1, 8), random_state=3).save(tmp_path / "m.pt")
     handle = load(str(path), device="cpu")
     assert isinstance(handle, BuiltinMLIP)
-    ref = BuiltinMLIP([1, 8], n_hidden=8, n_blocks=1, random_state=3)
+    ref = tiny_builtin((1, 8), random_state=3)
     pairs = zip(handle.module.named_parameters(), ref.module.named_parameters(), strict=True)
     for (n, a), (_, b) in pairs:
         assert torch.equal(a, b), n
