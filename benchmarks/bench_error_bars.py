@@ -52,9 +52,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent.parent / "shared" / "data"
+DATA = SHARED_DATA
 RESULTS = ROOT / "results" / "error_bars"
 
 FULL = {"n_calibration": 30, "n_test": 60, "epochs": 3, "n_members": 4}
