@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from skntk.blocks import FeatureBlocks
 from skntk.models.base import replaced_parameters
 
 logger = logging.getLogger(__name__)
@@ -577,10 +578,11 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
 
     Returns
     -------
-    rows : Tensor of shape (n_rows, d)
-        Structure ``b``'s block is ``rows[offsets[b]:offsets[b + 1]]``: its energy row (energy,
-        joint), then its ``3N`` atom-major force rows (exact, forward) or ``n_probes`` probe rows.
-    offsets : ndarray of int64 of shape (n_structures + 1,)
+    G : FeatureBlocks
+        Float64 rows of shape (n_rows, d) on the host. Structure ``b``'s block ``G.block(b)``
+        is its energy row (energy, joint), then its ``3N`` atom-major force rows (exact,
+        forward) or ``n_probes`` probe rows; ``G.kind`` is ``kind``, or ``"plain"`` for probe
+        rows (no per-atom layout).
     """
     if kind not in ("energy", "force", "joint"):
         raise ValueError(f"kind must be 'energy', 'force' or 'joint'; got {kind!r}.")
@@ -622,13 +624,14 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     offsets = np.concatenate([[0], np.cumsum(m_e + m_f)]).astype(np.int64)
     we, wf = (float(w) for w in weights)
     if f_rows is None:
-        return we * e_rows.detach(), offsets
-    f_rows = wf * f_rows.detach()
-    if e_rows is None:
-        return f_rows, offsets
-    # structure b's block: its energy row, then its force rows
-    e_rows = we * e_rows.detach().to(f_rows.dtype)
-    f_off = np.concatenate([[0], np.cumsum(m_f)])
-    rows = torch.cat([part for b in range(len(n_atoms))
-                      for part in (e_rows[b:b + 1], f_rows[f_off[b]:f_off[b + 1]])])
-    return rows, offsets
+        rows = we * e_rows.detach()
+    elif e_rows is None:
+        rows = wf * f_rows.detach()
+    else:  # structure b's block: its energy row, then its force rows
+        f_rows = wf * f_rows.detach()
+        e_rows = we * e_rows.detach().to(f_rows.dtype)
+        f_off = np.concatenate([[0], np.cumsum(m_f)])
+        rows = torch.cat([part for b in range(len(n_atoms))
+                          for part in (e_rows[b:b + 1], f_rows[f_off[b]:f_off[b + 1]])])
+    layout = "plain" if kind != "energy" and route == "probes" else kind
+    return FeatureBlocks(rows.cpu().double().numpy(), offsets, kind=layout)
