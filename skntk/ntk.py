@@ -443,7 +443,17 @@ def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
         meter = GraphMeter()
     with _recording(meter):
         energy, forces = model.energy_and_forces(batch, create_graph=True)  # [B], [n_atoms, 3]
-    outs = forces.reshape(-1)
+    rows, e_rows = _output_rows(model, batch, params, sketch, forces.reshape(-1), energy,
+                                with_energy, per_atom, chunk_size, meter, memory_budget)
+    return (rows, e_rows) if with_energy else rows
+
+
+def _output_rows(model, batch, params, sketch, outs, energy, with_energy, per_atom, chunk_size,
+                 meter, memory_budget):
+    """Sketched gradients of the force outputs ``outs`` (n_outs,) of a graph built with
+    ``create_graph``, and of the energies (n_structures,) with ``with_energy`` (per atom with
+    ``per_atom``), in one vectorised double backward: ``(rows (n_outs, d), energy rows
+    (n_structures, d) or None)``."""
     if with_energy:
         e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
         outs = torch.cat([e.to(outs.dtype), outs])
@@ -453,7 +463,7 @@ def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
     if with_energy:
         n_s = energy.shape[0]
         return rows[n_s:], rows[:n_s]
-    return rows
+    return rows, None
 
 
 def force_rows_forward(model, batch, params, sketch: ParameterSketch, *, names: Sequence[str],
@@ -526,16 +536,9 @@ def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: tor
     n_s = batch.ptr.shape[0] - 1
     proj = (forces.unsqueeze(0) * probes.to(forces.dtype)).sum(-1).T  # [n_atoms, s]
     u = torch.zeros(n_s, s, dtype=forces.dtype, device=forces.device).index_add(0, idx, proj)
-    outs = u.reshape(-1)
-    if with_energy:
-        e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
-        outs = torch.cat([e.to(outs.dtype), outs])
-    vec = _vectorize_double_backward(model, outs)
-    rows = per_output_gradients(outs, params, vectorize=vec, reduce=sketch.apply,
-                                chunk_size=_budget_chunk(chunk_size, meter, memory_budget, vec))
-    if with_energy:
-        return rows[n_s:] / math.sqrt(s), rows[:n_s]
-    return rows / math.sqrt(s)
+    rows, e_rows = _output_rows(model, batch, params, sketch, u.reshape(-1), energy, with_energy,
+                                per_atom, chunk_size, meter, memory_budget)
+    return (rows / math.sqrt(s), e_rows) if with_energy else rows / math.sqrt(s)
 
 
 def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, route: str,
