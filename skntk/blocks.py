@@ -1,4 +1,4 @@
-"""Ragged container for per-structure observation rows.
+"""Feature data: per-structure observation rows, in memory or streamed.
 
 A structure ``x`` contributes a block ``G_x`` of ``m_x`` rows of ``n_features`` columns
 (docs/design.md, "Observation rows"): one energy row, ``3 N`` force rows, ``1 + 3 N`` joint rows,
@@ -6,11 +6,15 @@ or one row of any plain feature array.
 :class:`FeatureBlocks` stores all rows of all structures in one 2-D array and the block boundaries
 in ``offsets`` (the layout of MACE's ``ptr``): rows of structure ``i`` are
 ``rows[offsets[i]:offsets[i + 1]]``.
+:class:`FeatureData` is what every holder of such blocks offers the selectors (bmdal_reg's
+``FeatureData``): :class:`FeatureBlocks` in memory, :class:`skntk.cache.PoolFeatures` streamed from
+the feature cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from numbers import Integral
 
 import numpy as np
@@ -23,7 +27,53 @@ from skntk._sklearn_compat import row_key
 KINDS = ("plain", "energy", "force", "joint")
 
 
-class FeatureBlocks:
+class FeatureData(ABC):
+    """Per-structure feature blocks, however they are held: the protocol selectors read.
+
+    A subclass implements ``__len__``, :meth:`iter_chunks` and :meth:`take` and sets ``kind``,
+    ``n_features`` and ``dtype``; :meth:`to_blocks` loads everything.
+
+    Attributes
+    ----------
+    kind : {"plain", "energy", "force", "joint"}
+        Row layout of every block (see :data:`KINDS`).
+    n_features : int
+        Columns of every row.
+    dtype : numpy dtype
+        Of the rows.
+    """
+
+    kind: str
+    n_features: int
+    dtype: np.dtype
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of structures."""
+
+    @property
+    def n_structures(self) -> int:
+        return len(self)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_structures, n_features)``: one structure is one sample to scikit-learn."""
+        return (len(self), self.n_features)
+
+    @abstractmethod
+    def iter_chunks(self) -> Iterator[tuple[int, FeatureBlocks]]:
+        """Yield ``(start, blocks)``: runs of consecutive structures, in order, covering all."""
+
+    @abstractmethod
+    def take(self, idx) -> FeatureBlocks:
+        """Structures ``idx`` (array-like of int of shape (k,)), in that order, in memory."""
+
+    def to_blocks(self) -> FeatureBlocks:
+        """All structures in memory."""
+        return self.take(np.arange(len(self)))
+
+
+class FeatureBlocks(FeatureData):
     """Rows of a ragged set of per-structure feature blocks.
 
     Parameters
@@ -99,10 +149,6 @@ class FeatureBlocks:
         return self.rows.shape[0]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self), self.n_features)
-
-    @property
     def ndim(self) -> int:
         return 2
 
@@ -169,6 +215,18 @@ class FeatureBlocks:
             row_idx = np.repeat(starts - new_offsets[:-1], m) + np.arange(new_offsets[-1])
             rows = self.rows[row_idx]
         return FeatureBlocks(rows, new_offsets, kind=self.kind)
+
+    # -- the FeatureData protocol -----------------------------------------------------------------
+    def iter_chunks(self):
+        """Yield ``(0, self)``: the blocks are in memory."""
+        yield 0, self
+
+    def take(self, idx) -> FeatureBlocks:
+        """Structures ``idx`` (array-like of int of shape (k,)), as ``self[idx]``."""
+        return self[np.asarray(idx, dtype=np.int64).reshape(-1)]
+
+    def to_blocks(self) -> FeatureBlocks:
+        return self
 
     def __repr__(self) -> str:
         return (f"FeatureBlocks(n_structures={len(self)}, n_rows={self.n_rows}, "

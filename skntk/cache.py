@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skntk.blocks import FeatureBlocks
+from skntk.blocks import FeatureBlocks, FeatureData
 
 logger = logging.getLogger(__name__)
 
@@ -577,7 +577,7 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
 
 
 # -- a pool held in the cache: streamed shard by shard ------------------------------------------
-class PoolFeatures:
+class PoolFeatures(FeatureData):
     """The feature blocks of a pool held in a feature cache, read shard by shard on demand.
 
     Made by :func:`skntk.parallel.featurize`. Selectors stream it (:meth:`iter_chunks`: one
@@ -629,10 +629,6 @@ class PoolFeatures:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self), self.n_features)
 
     def __repr__(self) -> str:
         return (f"PoolFeatures(n_structures={len(self)}, n_pool={self.n_pool}, "

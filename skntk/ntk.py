@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from skntk.blocks import FeatureBlocks
 from skntk.models.base import replaced_parameters
 
 logger = logging.getLogger(__name__)
@@ -442,7 +443,17 @@ def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
         meter = GraphMeter()
     with _recording(meter):
         energy, forces = model.energy_and_forces(batch, create_graph=True)  # [B], [n_atoms, 3]
-    outs = forces.reshape(-1)
+    rows, e_rows = _output_rows(model, batch, params, sketch, forces.reshape(-1), energy,
+                                with_energy, per_atom, chunk_size, meter, memory_budget)
+    return (rows, e_rows) if with_energy else rows
+
+
+def _output_rows(model, batch, params, sketch, outs, energy, with_energy, per_atom, chunk_size,
+                 meter, memory_budget):
+    """Sketched gradients of the force outputs ``outs`` (n_outs,) of a graph built with
+    ``create_graph``, and of the energies (n_structures,) with ``with_energy`` (per atom with
+    ``per_atom``), in one vectorised double backward: ``(rows (n_outs, d), energy rows
+    (n_structures, d) or None)``."""
     if with_energy:
         e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
         outs = torch.cat([e.to(outs.dtype), outs])
@@ -452,7 +463,7 @@ def force_rows_exact(model, batch, params, sketch: ParameterSketch, *,
     if with_energy:
         n_s = energy.shape[0]
         return rows[n_s:], rows[:n_s]
-    return rows
+    return rows, None
 
 
 def force_rows_forward(model, batch, params, sketch: ParameterSketch, *, names: Sequence[str],
@@ -525,16 +536,9 @@ def force_rows_probes(model, batch, params, sketch: ParameterSketch, probes: tor
     n_s = batch.ptr.shape[0] - 1
     proj = (forces.unsqueeze(0) * probes.to(forces.dtype)).sum(-1).T  # [n_atoms, s]
     u = torch.zeros(n_s, s, dtype=forces.dtype, device=forces.device).index_add(0, idx, proj)
-    outs = u.reshape(-1)
-    if with_energy:
-        e = energy / (batch.ptr[1:] - batch.ptr[:-1]).to(energy.dtype) if per_atom else energy
-        outs = torch.cat([e.to(outs.dtype), outs])
-    vec = _vectorize_double_backward(model, outs)
-    rows = per_output_gradients(outs, params, vectorize=vec, reduce=sketch.apply,
-                                chunk_size=_budget_chunk(chunk_size, meter, memory_budget, vec))
-    if with_energy:
-        return rows[n_s:] / math.sqrt(s), rows[:n_s]
-    return rows / math.sqrt(s)
+    rows, e_rows = _output_rows(model, batch, params, sketch, u.reshape(-1), energy, with_energy,
+                                per_atom, chunk_size, meter, memory_budget)
+    return (rows / math.sqrt(s), e_rows) if with_energy else rows / math.sqrt(s)
 
 
 def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, route: str,
@@ -577,10 +581,11 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
 
     Returns
     -------
-    rows : Tensor of shape (n_rows, d)
-        Structure ``b``'s block is ``rows[offsets[b]:offsets[b + 1]]``: its energy row (energy,
-        joint), then its ``3N`` atom-major force rows (exact, forward) or ``n_probes`` probe rows.
-    offsets : ndarray of int64 of shape (n_structures + 1,)
+    G : FeatureBlocks
+        Float64 rows of shape (n_rows, d) on the host. Structure ``b``'s block ``G.block(b)``
+        is its energy row (energy, joint), then its ``3N`` atom-major force rows (exact,
+        forward) or ``n_probes`` probe rows; ``G.kind`` is ``kind``, or ``"plain"`` for probe
+        rows (no per-atom layout).
     """
     if kind not in ("energy", "force", "joint"):
         raise ValueError(f"kind must be 'energy', 'force' or 'joint'; got {kind!r}.")
@@ -622,13 +627,14 @@ def observation_rows(model, batch, params, sketch: ParameterSketch, kind: str, r
     offsets = np.concatenate([[0], np.cumsum(m_e + m_f)]).astype(np.int64)
     we, wf = (float(w) for w in weights)
     if f_rows is None:
-        return we * e_rows.detach(), offsets
-    f_rows = wf * f_rows.detach()
-    if e_rows is None:
-        return f_rows, offsets
-    # structure b's block: its energy row, then its force rows
-    e_rows = we * e_rows.detach().to(f_rows.dtype)
-    f_off = np.concatenate([[0], np.cumsum(m_f)])
-    rows = torch.cat([part for b in range(len(n_atoms))
-                      for part in (e_rows[b:b + 1], f_rows[f_off[b]:f_off[b + 1]])])
-    return rows, offsets
+        rows = we * e_rows.detach()
+    elif e_rows is None:
+        rows = wf * f_rows.detach()
+    else:  # structure b's block: its energy row, then its force rows
+        f_rows = wf * f_rows.detach()
+        e_rows = we * e_rows.detach().to(f_rows.dtype)
+        f_off = np.concatenate([[0], np.cumsum(m_f)])
+        rows = torch.cat([part for b in range(len(n_atoms))
+                          for part in (e_rows[b:b + 1], f_rows[f_off[b]:f_off[b + 1]])])
+    layout = "plain" if kind != "energy" and route == "probes" else kind
+    return FeatureBlocks(rows.cpu().double().numpy(), offsets, kind=layout)

@@ -22,7 +22,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.metaestimators import available_if
 
 from skntk._sklearn_compat import pipeline_steps
-from skntk.blocks import FeatureBlocks, as_blocks
+from skntk.blocks import FeatureBlocks, FeatureData, as_blocks
 from skntk.selection._base import BaseSelector, resolve_n_to_select, selection_score
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
@@ -307,8 +307,7 @@ class SelectionPipeline(Pipeline):
         upstream_steps = self._upstream_steps()
         model_step = self._model_step()
         is_source = isinstance(X, (str, os.PathLike)) or _is_atoms_input(X) or (
-            model_step is not None and not isinstance(X, (np.ndarray, FeatureBlocks))
-            and not hasattr(X, "iter_chunks"))
+            model_step is not None and not isinstance(X, (np.ndarray, FeatureData)))
         if self.feature_cache is not None and upstream_steps and is_source:
             if len(upstream_steps) != 1:
                 raise ValueError("feature_cache needs the featuriser to be the only step before "
@@ -348,15 +347,15 @@ class SelectionPipeline(Pipeline):
                 if not (local.size == len(Xt) and np.array_equal(local, np.arange(len(Xt)))):
                     cand = local if cand is None else cand[local]
                     narrowed_by = name
-                    Xt = Xt.take(local) if hasattr(Xt, "iter_chunks") else _index(Xt, local)
-            if hasattr(Xt, "iter_chunks"):  # a lazy pool that no selector narrowed
-                Xt = Xt.take(np.arange(len(Xt)))
+                    Xt = Xt.take(local) if isinstance(Xt, FeatureData) else _index(Xt, local)
+            if isinstance(Xt, FeatureData):  # in memory (a cached pool no selector narrowed)
+                Xt = Xt.to_blocks()
             Xt = step.transform(Xt)
             timings[name] = time.perf_counter() - t
         final_name = self.steps[-1][0]
         t = time.perf_counter()
-        if hasattr(Xt, "iter_chunks") and not hasattr(self._final_estimator, "shortlist"):
-            Xt = Xt.take(np.arange(len(Xt)))  # a lazy pool into a selector that cannot stream
+        if isinstance(Xt, FeatureData) and not hasattr(self._final_estimator, "shortlist"):
+            Xt = Xt.to_blocks()  # a lazy pool into a selector that cannot stream
         if cand is not None:  # a budget above the shortlist: say where the candidates went
             budget = self._final_estimator.n_to_select if n_to_select is None else n_to_select
             resolve_n_to_select(budget, len(cand), what=(
@@ -439,8 +438,8 @@ class SelectionPipeline(Pipeline):
             train = (lab or []) + [X[i] for i in idx]
             return float(self.scoring(train, [X[i] for i in rest]))
         idx, upstream = self._select_chain(X)
-        if hasattr(upstream, "iter_chunks"):  # features streamed from the cache: the yardstick
-            upstream = upstream.take(np.arange(len(upstream)))  # needs them all
+        if isinstance(upstream, FeatureData):  # features streamed from the cache: the yardstick
+            upstream = upstream.to_blocks()  # needs them all
         if self.pool_index_ is not None:  # duplicates set aside: score on the distinct ones
             X = [X[i] for i in self.pool_index_] if atoms_in else _index(X, self.pool_index_)
             y = None if y is None else _index_targets(y, self.pool_index_)

@@ -334,13 +334,6 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                           f"set n_features to sketch them.", UserWarning, stacklevel=2)
         return self
 
-    def _rows_kind(self) -> str:
-        if self.kind == "energy":
-            return "energy"
-        if self.force_rows_ == "probes":
-            return "plain"  # s probe rows (+1 energy row) carry no per-atom layout
-        return self.kind
-
     def transform(self, X) -> FeatureBlocks:
         """NTK rows of every structure.
 
@@ -383,7 +376,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             params = [p for n, p in model.module.named_parameters() if n in set(names)]
             while groups:
                 start, stop = groups.pop(0)
-                blocks.extend(self._transform_batch(model, X[start:stop], params, names, start,
+                blocks.append(self._transform_batch(model, X[start:stop], params, names, start,
                                                     meter))
                 bar.update(stop - start)
                 if not sized and groups:
@@ -391,10 +384,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                     sized = True
                     groups = self._resize_groups(X, groups, meter.bytes,
                                                  sum(len(a) for a in X[start:stop]))
-        rows = np.concatenate(blocks) if blocks else np.zeros((0, self.n_features_out_))
-        m = np.array([b.shape[0] for b in blocks], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(m)])
-        return FeatureBlocks(rows, offsets, kind=self._rows_kind())
+        return FeatureBlocks.concatenate(blocks)
 
     def _rows_per_structure(self, n_atoms: int) -> int:
         """Rows of one structure of ``n_atoms`` atoms (energy, force or joint; probes)."""
@@ -488,7 +478,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
             f"this check)."
         )
 
-    def _transform_batch(self, model, atoms, params, names, start, meter=None):
+    def _transform_batch(self, model, atoms, params, names, start, meter=None) -> FeatureBlocks:
         out = self._batch_rows(model, atoms, params, names, meter)
         bad = [b for b, rows in enumerate(out) if not np.all(np.isfinite(rows))]
         if not bad:
@@ -496,14 +486,14 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         if len(atoms) > 1:
             # a NaN in one structure of a shared graph can reach every structure's rows: find the
             # culprit by featurising the affected structures one by one
+            parts = [out[b] for b in range(len(out))]
             for b in bad:
-                alone = self._batch_rows(model, atoms[b:b + 1], params, names)[0]
-                if not np.all(np.isfinite(alone)):
+                parts[b] = self._batch_rows(model, atoms[b:b + 1], params, names)
+                if not np.all(np.isfinite(parts[b].rows)):
                     self._raise_non_finite(atoms[b], start + b)
-                out[b] = alone
             logger.warning("structures %s gave non-finite rows only in a shared graph; "
                            "recomputed one by one.", [start + b for b in bad])
-            return out
+            return FeatureBlocks.concatenate(parts)
         self._raise_non_finite(atoms[0], start)
 
     def _raise_non_finite(self, atoms, i):
@@ -557,19 +547,17 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
                     "graph from now on", n_atoms, graph_bytes / 2 ** 20, cap)
         return [(start + a, start + b) for a, b in self._graph_groups(None, X[start:], cap)]
 
-    def _batch_rows(self, model, atoms, params, names, meter=None):
+    def _batch_rows(self, model, atoms, params, names, meter=None) -> FeatureBlocks:
         batch = model.collate(atoms, self.device_)
         # Common random numbers: probes are keyed by atom count, not by position in X, so
         # near-identical structures (frames of one trajectory) get near-identical rows and a
         # structure's rows do not depend on where it sits in X.
-        rows, offsets = ntk.observation_rows(
+        return ntk.observation_rows(
             model, batch, params, self.sketch_, self.kind, self.force_rows_,
             (self.energy_weight, self.force_weight), names=names, n_probes=self.n_probes,
             probe_seed=self.seed_, per_atom=self.normalize == "atoms",
             max_unsketched=min(256, self._max_unsketched()),
             memory_budget=self._memory_budget(), meter=meter)
-        rows = rows.cpu().double().numpy()
-        return [rows[offsets[b]:offsets[b + 1]] for b in range(len(atoms))]
 
     def get_feature_names_out(self, input_features=None):
         """Names ``forcentk<kind>0 .. forcentk<kind>{d-1}`` of the feature columns.

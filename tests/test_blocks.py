@@ -1,4 +1,4 @@
-"""Tests of skntk.blocks.FeatureBlocks."""
+"""Tests of skntk.blocks: FeatureBlocks and the FeatureData protocol."""
 
 import pickle
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from skntk._sklearn_compat import _safe_indexing
-from skntk.blocks import FeatureBlocks, as_blocks
+from skntk.blocks import FeatureBlocks, FeatureData, as_blocks
+from skntk.cache import PoolFeatures
 
 
 def _blocks(kind="plain"):
@@ -89,3 +90,19 @@ def test_pickle_round_trip():
     np.testing.assert_array_equal(c.rows, b.rows)
     np.testing.assert_array_equal(c.offsets, b.offsets)
     assert c.kind == "force"
+
+
+def test_feature_blocks_are_feature_data_in_one_chunk():
+    """In memory: one chunk (itself), take(idx) is self[idx], to_blocks is itself; the cached
+    pool implements the same protocol."""
+    b = _blocks()
+    assert isinstance(b, FeatureData) and issubclass(PoolFeatures, FeatureData)
+    assert b.n_structures == len(b) == 3 and b.shape == (3, 2)
+    [(start, chunk)] = list(b.iter_chunks())
+    assert start == 0 and chunk is b and b.to_blocks() is b
+    idx = np.array([2, 0, 0])
+    np.testing.assert_array_equal(b.take(idx).rows, b[idx].rows)
+    np.testing.assert_array_equal(b.take(idx).offsets, b[idx].offsets)
+    assert b.take([]).shape == (0, 2)
+    with pytest.raises(TypeError, match="abstract"):
+        FeatureData()

@@ -380,6 +380,12 @@ def test_sketches_are_unbiased_with_the_documented_variance(method):
 
 # -- observation_rows: the one entry point --------------------------------------------------------
 
+def rows_offsets(*args, **kwargs):
+    """``(rows as a Tensor, offsets)`` of :func:`ntk.observation_rows`'s FeatureBlocks."""
+    G = ntk.observation_rows(*args, **kwargs)
+    return torch.from_numpy(G.rows), G.offsets
+
+
 @pytest.mark.parametrize("kind,route", [("energy", "exact"), ("force", "exact"),
                                         ("joint", "exact"), ("force", "forward"),
                                         ("joint", "forward"), ("force", "probes"),
@@ -391,8 +397,10 @@ def test_observation_rows_layout_equals_the_reference_routes(model, kind, route)
     names, params = subset(model)
     sk = ntk.ParameterSketch([p.shape for p in params], 9, seed=2, method="countsketch")
     batch = model.collate(X)
-    rows, offsets = ntk.observation_rows(model, batch, params, sk, kind, route, (2.0, 0.5),
-                                         names=names, n_probes=3, probe_seed=7)
+    G = ntk.observation_rows(model, batch, params, sk, kind, route, (2.0, 0.5), names=names,
+                             n_probes=3, probe_seed=7)
+    rows, offsets = torch.from_numpy(G.rows), G.offsets
+    assert G.kind == ("plain" if route == "probes" and kind != "energy" else kind)
     n = [len(a) for a in X]
     m_f = [0] * 2 if kind == "energy" else ([3] * 2 if route == "probes" else [3 * k for k in n])
     m_e = 0 if kind == "force" else 1
@@ -421,7 +429,7 @@ def test_observation_rows_finite_differences_and_probe_projection(model):
     X = structures()
     names, params = subset(model)
     sk = exact_sketch(params)
-    rows, off = ntk.observation_rows(model, model.collate(X), params, sk, "joint", "exact")
+    rows, off = rows_offsets(model, model.collate(X), params, sk, "joint", "exact")
     gen = torch.Generator().manual_seed(3)
     n = torch.tensor([len(a) for a in X], dtype=torch.float64)
     for _ in range(2):
@@ -438,8 +446,8 @@ def test_observation_rows_finite_differences_and_probe_projection(model):
             torch.testing.assert_close(blk[1:], dF[f_at:f_at + blk.numel() - 1], rtol=1e-5,
                                        atol=1e-7)
             f_at += blk.numel() - 1
-    probe_rows, poff = ntk.observation_rows(model, model.collate(X), params, sk, "force",
-                                            "probes", n_probes=4, probe_seed=5)
+    probe_rows, poff = rows_offsets(model, model.collate(X), params, sk, "force", "probes",
+                                    n_probes=4, probe_seed=5)
     nn_ = [len(a) for a in X]
     Z = ntk.rademacher_probes(nn_, 4, 5, nn_)  # (s, n_atoms, 3)
     f_at = 0
@@ -514,8 +522,7 @@ def test_memory_budget_bounds_vectorised_rows_and_keeps_rows(model, kind, route,
     X = structures()
     names, params = subset(model)
     sk = ntk.ParameterSketch([p.shape for p in params], 6, seed=1)
-    ref, off = ntk.observation_rows(model, model.collate(X), params, sk, kind, route,
-                                    n_probes=3)
+    ref, off = rows_offsets(model, model.collate(X), params, sk, kind, route, n_probes=3)
     meter = ntk.GraphMeter()
     ntk.observation_rows(model, model.collate(X), params, sk, kind, route, n_probes=3,
                          meter=meter)
@@ -528,8 +535,8 @@ def test_memory_budget_bounds_vectorised_rows_and_keeps_rows(model, kind, route,
         return real(outputs, params, **kw)
 
     monkeypatch.setattr(ntk, "per_output_gradients", spy)
-    rows, off2 = ntk.observation_rows(model, model.collate(X), params, sk, kind, route,
-                                      n_probes=3, memory_budget=int(2.5 * meter.bytes))
+    rows, off2 = rows_offsets(model, model.collate(X), params, sk, kind, route, n_probes=3,
+                              memory_budget=int(2.5 * meter.bytes))
     assert chunks and max(chunks) == 2
     np.testing.assert_array_equal(off, off2)
     torch.testing.assert_close(rows, ref, rtol=1e-10, atol=1e-12)

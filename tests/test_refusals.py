@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from skntk import transformers
 from skntk.atoms import MIN_DISTANCE, validate_structures
+from skntk.blocks import FeatureBlocks
 from skntk.cli import main
 from skntk.io import structure_hash, unique_structures
 from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
@@ -113,9 +114,9 @@ def test_too_big_structure_is_refused_before_any_featurisation(monkeypatch):
     X = [molecule("H2O"), cu, molecule("CH4")]
     ntk = ForceNTKTransformer(model, kind="force", force_rows="probes", n_probes=2,
                               n_features=8, random_state=0).fit(X[:1])
-    calls = []
+    calls, no_rows = [], FeatureBlocks(np.zeros((0, 8)), [0])
     monkeypatch.setattr(ForceNTKTransformer, "_batch_rows",
-                        lambda self, *a, **k: calls.append(1) or [])
+                        lambda self, *a, **k: calls.append(1) or no_rows)
     monkeypatch.setattr(transformers, "_available_memory", lambda device: 5e6)
     with pytest.raises(InsufficientMemoryError,
                        match=r"X\[1\] \(Cu27\) has 27 atoms and ~\d+ edges; force rows by "

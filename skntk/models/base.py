@@ -255,6 +255,9 @@ class MLIP(ABC):
     force_row_bytes_per_edge: float = 3.0e5
     #: File name :func:`skntk.al.config.run_config` saves a fine-tuned handle under (its format).
     model_filename: str = "model.pt"
+    #: Why the backend's network runs only in float32 (``None``: any dtype); :meth:`_wrap`
+    #: refuses another dtype with it.
+    float32_only: str | None = None
 
     module: torch.nn.Module
     cutoff: float
@@ -398,6 +401,23 @@ class MLIP(ABC):
         return self.energy_and_forces(batch, create_graph=False)[0]
 
     # -- the borrowed network ------------------------------------------------------------------
+    def _wrap(self, module: torch.nn.Module, *, name: str, device, dtype, cutoff: float,
+              species) -> None:
+        """What a backend's ``__init__`` around a borrowed network shares: refuse a dtype other
+        than float32 where :attr:`float32_only` says why, set ``name``, ``device`` (resolved),
+        ``dtype`` (``None``: the network's), ``cutoff`` (Å) and ``species`` (atomic numbers),
+        then :meth:`_adopt` the network there."""
+        if self.float32_only is not None and dtype != torch.float32:
+            backend = type(self).__name__.removesuffix("MLIP")
+            raise ValueError(f"dtype={dtype} is not supported by the {backend} backend: "
+                             f"{self.float32_only}; use dtype=torch.float32.")
+        self.name = name
+        self.device = resolve_device(device)
+        self.dtype = next(module.parameters()).dtype if dtype is None else dtype
+        self.cutoff = float(cutoff)
+        self.species = frozenset(int(z) for z in species)
+        self._adopt(module, device=self.device, dtype=self.dtype)
+
     def _adopt(self, module: torch.nn.Module, *, device=None, dtype=None,
                eval: bool = True) -> None:
         """Make ``module`` this handle's network: record its placement (devices, dtypes,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skntk.models._util import require, resolve_device
+from skntk.models._util import require
 from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class CHGNetMLIP(MLIP):
 
     implemented_properties = ("energy", "forces", "embeddings")
     model_filename = "model.pth.tar"
+    float32_only = "CHGNet builds its graph and composition features in float32"
     #: Subset with the highest effective rank of energy-gradient features on 300 real frames
     #: (OC20 + 3BPA; docs/backends.md).
     default_subset = "all"
@@ -133,19 +134,10 @@ class CHGNetMLIP(MLIP):
 
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="chgnet"):
         require("chgnet", "chgnet")
-        if dtype != torch.float32:
-            raise ValueError(
-                f"dtype={dtype} is not supported by the CHGNet backend: CHGNet builds its graph "
-                "and composition features in float32; use dtype=torch.float32."
-            )
-        self.name = name
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.cutoff = float(module.graph_converter.atom_graph_cutoff)
         n_z = int(module.atom_embedding.embedding.num_embeddings) \
             if hasattr(module.atom_embedding, "embedding") else 94
-        self.species = frozenset(range(1, n_z + 1))
-        self._adopt(module, device=self.device, dtype=dtype)
+        self._wrap(module, name=name, device=device, dtype=dtype,
+                   cutoff=module.graph_converter.atom_graph_cutoff, species=range(1, n_z + 1))
         last = len(module.atom_conv_layers) - 1
         readout = ("mlp.*",)
         skip = {"site_wise", "composition_model"}

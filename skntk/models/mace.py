@@ -98,14 +98,8 @@ class MACEMLIP(MLIP):
 
     def __init__(self, module, *, device="auto", dtype=None, name="mace"):
         _import_mace()
-        self.name = name
-        self.device = resolve_device(device)
-        if dtype is None:
-            dtype = next(module.parameters()).dtype
-        self.dtype = dtype
-        self.cutoff = float(module.r_max)
-        self.species = frozenset(int(z) for z in module.atomic_numbers)
-        self._adopt(module, device=self.device, dtype=dtype)
+        self._wrap(module, name=name, device=device, dtype=dtype, cutoff=module.r_max,
+                   species=module.atomic_numbers)
         n_layers = int(module.num_interactions)
         self.subset_patterns = {
             "readout": ("readouts.*",),

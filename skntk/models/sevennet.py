@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from skntk.models._util import require, resolve_device
+from skntk.models._util import require
 from skntk.models.base import MLIP, BackendBatch
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class SevenNetMLIP(MLIP):
     implemented_properties = ("energy", "forces", "embeddings")
     force_row_bytes_per_edge = 3.0e5  # measured: 500-atom Cu cell, 6.2 GB
     model_filename = "model.pth"
+    float32_only = "SevenNet builds its one-hot node inputs in float32"
     #: Subset with the highest effective rank of energy-gradient features on 300 real frames
     #: (OC20 + 3BPA; docs/backends.md): 3-4x the readout's.
     default_subset = "last_block"
@@ -103,20 +104,11 @@ class SevenNetMLIP(MLIP):
     def __init__(self, module, *, device="auto", dtype=torch.float32, name="sevennet",
                  config=None):
         require("sevenn", "sevennet")
-        if dtype != torch.float32:
-            raise ValueError(
-                f"dtype={dtype} is not supported by the SevenNet backend: SevenNet builds its "
-                "one-hot node inputs in float32; use dtype=torch.float32."
-            )
         if module.type_map is None or not module.cutoff:
             raise ValueError("The SevenNet network has no type_map or cutoff; cannot use it.")
-        self.name = name
+        self._wrap(module, name=name, device=device, dtype=dtype, cutoff=module.cutoff,
+                   species=module.type_map)
         self.config = config
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.cutoff = float(module.cutoff)
-        self.species = frozenset(int(z) for z in module.type_map)
-        self._adopt(module, device=self.device, dtype=dtype)
         self._was_batch_data = bool(getattr(module, "is_batch_data", True))
         module.set_is_batch_data(True)
         blocks = sorted({int(m.group(1)) for n in module._modules

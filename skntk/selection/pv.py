@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from skntk._sklearn_compat import Interval, StrOptions, validate_params
-from skntk.blocks import FeatureBlocks
+from skntk.blocks import FeatureBlocks, FeatureData
 from skntk.linalg import StreamingTopK, array_device, segment_sum
 from skntk.selection._base import BaseSelector
 from skntk.selection._kernel import KernelDensity
@@ -332,11 +332,9 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
         return s
 
     def _chunks(self, X):
-        """``(start, FeatureBlocks)`` pieces of ``X`` in order: validated blocks whole, a lazy
-        pool (:class:`~skntk.cache.PoolFeatures`) shard by shard."""
-        if not _is_lazy(X):
-            yield 0, X
-            return
+        """``(start, FeatureBlocks)`` pieces of ``X`` in order (:meth:`FeatureData.iter_chunks`):
+        validated blocks whole, a cached pool (:class:`~skntk.cache.PoolFeatures`) shard by
+        shard."""
         if X.n_features != self.n_features_in_:
             raise ValueError(f"X has {X.n_features} features, but {type(self).__name__} is "
                              f"expecting {self.n_features_in_} features as input.")
@@ -357,7 +355,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
                 return np.zeros(0)
             ref = np.unique(np.linspace(0, n - 1, min(self.n_density_reference, n))
                             .round().astype(np.int64))
-            density = KernelDensity(working_memory=self.working_memory).fit(_take(X, ref))
+            density = KernelDensity(working_memory=self.working_memory).fit(X.take(ref))
             position = np.full(n, -1, dtype=np.int64)
             position[ref] = np.arange(ref.size)
             rho = np.empty(n)
@@ -401,7 +399,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
             return scores, None, N
         idx = top.indices()
         if dtype == np.float32:  # the ranking that counts: float64 scores of the finalists
-            sub = _take(X, idx)
+            sub = X.take(idx)
             exact = np.concatenate([self._reduce(psi, off, sub.kind, N, idx[sl])
                                     for sl, psi, off in post.iter_transform(sub)])
             _check_scores(exact, sub, 0, post, index=idx)
@@ -503,8 +501,8 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
 
     # -- selection -----------------------------------------------------------------------------
     def _check_X(self, X, *, reset):
-        if _is_lazy(X):
-            return X
+        if isinstance(X, FeatureData) and not isinstance(X, FeatureBlocks):
+            return X  # a cached pool: its width is checked as it streams (:meth:`_chunks`)
         return super()._check_X(X, reset=reset)
 
     def _n_candidates(self, n_candidates):
@@ -533,7 +531,7 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
 
     def _greedy(self, X, candidates, n_to_select, N):
         """Sequential picks, each followed by the rank-m conditioning of the candidates' Ψ."""
-        sub = _take(X, candidates)
+        sub = X.take(candidates)
         offsets = sub.offsets
         psi = self.posterior_.transform(sub).rows
         chosen = np.zeros(len(candidates), dtype=bool)
@@ -552,16 +550,6 @@ class ChunkedPosteriorVarianceSelector(TransformerMixin, BaseSelector):
                 if self.criterion == "pool_variance_reduction":
                     N = Q @ N @ Q
         return candidates[np.asarray(picks, dtype=np.int64)]
-
-
-def _is_lazy(X):
-    """Whether ``X`` is a lazy pool of feature shards (``iter_chunks`` / ``take``)."""
-    return hasattr(X, "iter_chunks") and hasattr(X, "take")
-
-
-def _take(X, idx):
-    """Structures ``idx`` of blocks or of a lazy pool, as FeatureBlocks."""
-    return X.take(idx) if _is_lazy(X) else X[idx]
 
 
 #: Extra finalists rescored in float64 after a float32 screening pass (at least).
