@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _data import SHARED_DATA as DATA
 
 from skntk.al import ActiveLearningLoop, PoolOracle
 from skntk.al.config import build_selector
@@ -24,7 +25,6 @@ from skntk.finetune import MLIPRegressor
 from skntk.io import read_structures
 from skntk.models import load
 
-from _data import SHARED_DATA as DATA
 OUT = Path(__file__).resolve().parent / "results" / "bench_al_round.json"
 
 

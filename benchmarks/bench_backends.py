@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase.io import read
-
 from _data import SHARED_DATA as DATA
+from ase.io import read
 
 HERE = Path(__file__).resolve().parent
 OC20 = DATA / "oc20" / "oc20_s2ef_relax_24sys.extxyz"

@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _data import SHARED_DATA as DATA
 
 RESULTS = Path(__file__).resolve().parent / "results"

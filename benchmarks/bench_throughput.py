@@ -32,11 +32,11 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import torch
+from _data import SHARED_DATA as DATA
 
 from skntk.models.base import module_state
 from skntk.transformers import ForceNTKTransformer
 
-from _data import SHARED_DATA as DATA
 OUT = Path(__file__).resolve().parent / "results"
 
 CONFIGS = {

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from harness_run import CONFIGS, EXTENDED, make_split
 
 #: Where ``docs`` puts the generated summary tables inside FINDINGS.md.
