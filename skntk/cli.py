@@ -21,49 +21,33 @@ import numpy as np
 logger = logging.getLogger("skntk")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
+def _checked(convert, expected, valid, refusal):
+    """An argparse type: ``convert(text)``, refused unless ``valid(value)``.
+
+    ``expected`` names what an unparsable text should have been; ``refusal`` is the message for
+    a parsed value that is not valid, formatted with ``value`` and ``text``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(refusal.format(value=value, text=text))
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not (value > 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """argparse type: a seed, an integer in 0..2**32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**32 - 1}; got {value}")
-    return value
-
-
-def _n_jobs(text: str) -> int:
-    """argparse type: a number of workers, >= 1, or negative (-1: all cores)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be a number of workers >= 1, or -1 for all "
-                                         "cores; got 0")
-    return value
+#: argparse types: an integer >= 1; a finite float > 0; a seed in 0..2**32 - 1; a number of
+#: workers, >= 1 or negative (-1: all cores).
+_positive_int = _checked(int, "a positive integer", lambda v: v >= 1, "must be >= 1; got {value}")
+_positive_float = _checked(float, "a positive number", lambda v: v > 0 and np.isfinite(v),
+                           "must be a finite number > 0; got {text}")
+_seed = _checked(int, "an integer seed", lambda v: 0 <= v < 2**32,
+                 f"must be an integer in 0..{2**32 - 1}; got {{value}}")
+_n_jobs = _checked(int, "an integer", lambda v: v != 0,
+                   "must be a number of workers >= 1, or -1 for all cores; got 0")
 
 
 #: Errors that mean bad input: one line on stderr and exit code 2 (``-v`` shows the traceback).
