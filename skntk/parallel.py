@@ -169,7 +169,7 @@ def _chunks(source, shard_size, check, label):
 
 def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT_SHARD_SIZE,
               scheduler_address=None, dtype=None, pre_dispatch="2*n_jobs", progress_bar=False,
-              validate=True) -> PoolFeatures:
+              validate=True, error_prefix=None) -> PoolFeatures:
     """Featurise the pool ``source`` into the cache ``directory``, resumably and in parallel.
 
     Parameters
@@ -203,13 +203,15 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         Check every structure (:func:`skntk.atoms.validate_structures`, against the model's
         species) and, for force rows, its memory estimate before it is featurised; errors name
         the file and the frame.
+    error_prefix : str or None, default=None
+        Prefixed to every ValueError and OSError (``"--pool: ..."``: the command line's option).
 
     Notes
     -----
     Processes featurising into one cache share the work: each chunk is claimed before it is
-    computed (:meth:`skntk.cache.FeatureStore.claim`: a file created with ``O_CREAT | O_EXCL`` holding
-    the pid), a chunk another live process holds is put aside and taken from the cache once its
-    shard appears, and the claim of a killed process is taken over.
+    computed (:meth:`skntk.cache.FeatureStore.claim`: a file created with ``O_CREAT | O_EXCL``
+    holding the pid), a chunk another live process holds is put aside and taken from the cache
+    once its shard appears, and the claim of a killed process is taken over.
 
     Returns
     -------
@@ -225,6 +227,16 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         A bad structure, naming ``<file>: frame <k>`` (truncated file, unknown element, atoms on
         top of each other); an empty pool.
     """
+    if error_prefix is not None:
+        try:
+            return featurize(transformer, source, directory, n_jobs=n_jobs,
+                             shard_size=shard_size, scheduler_address=scheduler_address,
+                             dtype=dtype, pre_dispatch=pre_dispatch, progress_bar=progress_bar,
+                             validate=validate)
+        except (ValueError, OSError) as err:
+            kind = type(err) if isinstance(err, (FileNotFoundError, IsADirectoryError)) else (
+                OSError if isinstance(err, OSError) else ValueError)
+            raise kind(f"{error_prefix}: {err}") from err
     from joblib import Parallel, delayed
     from sklearn.utils.validation import check_is_fitted
 
