@@ -51,8 +51,8 @@ from skntk.blocks import FeatureBlocks, FeatureData
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["transform_cached", "transformer_key", "structure_key", "CorruptCacheWarning",
-           "PoolFeatures"]
+__all__ = ["transform_cached", "transformer_key", "structure_key", "model_digest",
+           "transform_blocks", "CorruptCacheWarning", "FeatureStore", "PoolFeatures"]
 
 #: Bump when the key ingredients or the container layout change (old entries then just miss).
 FORMAT_VERSION = 1
@@ -109,7 +109,8 @@ def _module_digest(module) -> dict:
     return {"module": _qualname(module), "state_sha256": h.hexdigest()}
 
 
-def _model_digest(model) -> dict:
+def model_digest(model) -> dict:
+    """Class, cutoff, species and the digest of every tensor of an MLIP handle (JSON-able)."""
     species = getattr(model, "species", None)
     cutoff = getattr(model, "cutoff", None)
     return {"handle": _qualname(model),
@@ -144,7 +145,7 @@ def _canonical(v):
     if isinstance(v, (torch.dtype, torch.device, os.PathLike)):
         return {_qualname(v): str(v)}
     if isinstance(v, MLIP):
-        return {"model": _model_digest(v)}
+        return {"model": model_digest(v)}
     if isinstance(v, torch.nn.Module):
         return _module_digest(v)
     if hasattr(v, "get_params"):  # a nested estimator
@@ -167,7 +168,7 @@ def _transformer_description(transformer) -> dict:
             "fitted": {a: _canonical(getattr(transformer, a)) for a in _FITTED_ATTRS
                        if hasattr(transformer, a)}}
     if model is not None:
-        desc["model"] = _model_digest(model) if hasattr(model, "module") else _canonical(model)
+        desc["model"] = model_digest(model) if hasattr(model, "module") else _canonical(model)
     return desc
 
 
@@ -291,8 +292,28 @@ def _stale(path: Path) -> bool:
 
 
 # -- the store of one transformer key ------------------------------------------------------------
-class _Store:
-    """Shards and index of one transformer key."""
+class FeatureStore:
+    """Shards and index of one transformer key: the one writer of the feature cache.
+
+    :func:`transform_cached` and :func:`skntk.parallel.featurize` both open it with
+    :meth:`for_transformer`, read verified shards (:meth:`load`), write each computed chunk as a
+    shard (:meth:`write`), check that every block has one layout (:meth:`admit`) and write the
+    index last (:meth:`close`).
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        The cache directory; the store lives in its sub-directory ``key[:32]``.
+    key : str of 64 hex digits
+        The transformer key (:func:`transformer_key`).
+
+    Attributes
+    ----------
+    where : dict of bytes to (str, int)
+        Structure key → (shard name, position in it), as far as known.
+    layout : tuple of (str, int, numpy dtype) or None
+        ``(kind, n_features, row dtype)`` of the blocks admitted so far.
+    """
 
     def __init__(self, directory: Path, key: str):
         self.dir = directory / key[:32]
@@ -300,6 +321,56 @@ class _Store:
         self.index_path = self.dir / "index.bin"
         self.where: dict[bytes, tuple[str, int]] = {}  # structure key -> (shard name, position)
         self.dirty = False
+        self.layout = None
+
+    @classmethod
+    def for_transformer(cls, transformer, directory, *, dtype=None) -> FeatureStore:
+        """The opened store of the fitted ``transformer`` in the cache ``directory`` (created).
+
+        Parameters
+        ----------
+        transformer : fitted transformer
+            Keyed by :func:`transformer_key`.
+        directory : str or os.PathLike
+        dtype : numpy dtype or None, default=None
+            The dtype the rows are stored in, when not the transformer's own (part of the key).
+        """
+        description = _transformer_description(transformer)
+        if dtype is not None:
+            description = {**description, "stored_dtype": np.dtype(dtype).str}
+        key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is "
+                                     f"not a directory.")
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in ("manifest.json", "shard-000000000-*.npz"):
+            if next(directory.glob(old), None) is not None:
+                logger.warning("feature cache %s holds files of an older cache format (%s); they "
+                               "are no longer read and may be deleted.", directory, old)
+                break
+        store = cls(directory, key)
+        store.open(description)
+        return store
+
+    def admit(self, blocks: FeatureBlocks) -> None:
+        """Record the layout of the first blocks; refuse blocks of another kind or width."""
+        if self.layout is None:
+            self.layout = (blocks.kind, blocks.n_features, blocks.rows.dtype)
+            return
+        kind, n_features, _ = self.layout
+        if (blocks.kind, blocks.n_features) != (kind, n_features):
+            raise ValueError(f"cached blocks of kind={blocks.kind!r}, n_features="
+                             f"{blocks.n_features} next to kind={kind!r}, n_features={n_features}; "
+                             f"the transformer's rows depend on something its key misses.")
+
+    def close(self) -> None:
+        """Write the index; an OSError is logged (the shards are safe: the next run rebuilds
+        the index from them)."""
+        try:
+            self.save_index()
+        except OSError as err:
+            logger.warning("could not write the feature cache index %s: %s", self.index_path, err)
 
     # index ---------------------------------------------------------------------------------
     def open(self, description: dict) -> None:
@@ -451,11 +522,28 @@ class _Store:
                       CorruptCacheWarning, stacklevel=4)
 
 
-def _as_blocks(out, n: int) -> FeatureBlocks:
+#: The name the benchmarks (and older code) import.
+_Store = FeatureStore
+
+
+def transform_blocks(transformer, structures) -> FeatureBlocks:
+    """``transformer.transform(structures)`` as FeatureBlocks, one block per structure.
+
+    Parameters
+    ----------
+    transformer : fitted transformer returning FeatureBlocks (or a 2-D array, one row each)
+    structures : list of ase.Atoms of length n_structures
+
+    Returns
+    -------
+    blocks : FeatureBlocks of length n_structures
+    """
+    out = transformer.transform(structures)
     if not isinstance(out, FeatureBlocks):
         out = FeatureBlocks.from_array(np.asarray(out))
-    if len(out) != n:
-        raise ValueError(f"the transformer returned {len(out)} blocks for {n} structures.")
+    if len(out) != len(structures):
+        raise ValueError(f"the transformer returned {len(out)} blocks for {len(structures)} "
+                         f"structures.")
     return out
 
 
@@ -507,33 +595,12 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
         from sklearn.utils.validation import check_is_fitted
 
         check_is_fitted(transformer)
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is not a "
-                                 f"directory.")
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in ("manifest.json", "shard-000000000-*.npz"):
-        if next(directory.glob(old), None) is not None:
-            logger.warning("feature cache %s holds files of an older cache format (%s); they are "
-                           "no longer read and may be deleted.", directory, old)
-            break
-    description = _transformer_description(transformer)
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    store = FeatureStore.for_transformer(transformer, directory)
     skeys = [structure_key(a) for a in structures]
-    store = _Store(directory, key)
-    store.open(description)
-
     found: dict[bytes, np.ndarray] = {}
-    kind = n_features = None
 
     def take(entries, blocks):
-        nonlocal kind, n_features
-        if kind is None:
-            kind, n_features = blocks.kind, blocks.n_features
-        elif (blocks.kind, blocks.n_features) != (kind, n_features):
-            raise ValueError(f"cached blocks of kind={blocks.kind!r}, n_features="
-                             f"{blocks.n_features} next to kind={kind!r}, n_features={n_features}; "
-                             f"the transformer's rows depend on something its key misses.")
+        store.admit(blocks)
         for p, k in entries:
             found[k] = blocks.block(p)
 
@@ -557,7 +624,7 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
         while start < len(todo):
             idx = todo[start:start + chunk]
             t0 = time.perf_counter()
-            blocks = _as_blocks(transformer.transform([structures[i] for i in idx]), len(idx))
+            blocks = transform_blocks(transformer, [structures[i] for i in idx])
             elapsed = time.perf_counter() - t0
             keys = [skeys[i] for i in idx]
             store.write(keys, blocks)
@@ -567,13 +634,11 @@ def transform_cached(transformer, structures, directory, *, shard_size=8,
             fit = math.floor(flush_seconds / per) if per > 0 else shard_size
             chunk = int(max(1, min(shard_size, 2 * len(idx), fit)))
     finally:
-        try:
-            store.save_index()
-        except OSError as err:  # the shards are safe; the next run rebuilds the index
-            logger.warning("could not write the feature cache index %s: %s", store.index_path, err)
+        store.close()
     parts = [found[k] for k in skeys]
     m = np.fromiter((len(b) for b in parts), np.int64, len(parts))
-    return FeatureBlocks(np.concatenate(parts), np.concatenate([[0], np.cumsum(m)]), kind=kind)
+    return FeatureBlocks(np.concatenate(parts), np.concatenate([[0], np.cumsum(m)]),
+                         kind=store.layout[0])
 
 
 # -- a pool held in the cache: streamed shard by shard ------------------------------------------
@@ -587,7 +652,7 @@ class PoolFeatures(FeatureData):
 
     Parameters
     ----------
-    store : _Store
+    store : FeatureStore
         The opened store of the transformer key.
     keys : list of bytes of length n_structures
         Structure keys (:func:`structure_key`) of the distinct structures, in pool order.

@@ -21,49 +21,33 @@ import numpy as np
 logger = logging.getLogger("skntk")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
+def _checked(convert, expected, valid, refusal):
+    """An argparse type: ``convert(text)``, refused unless ``valid(value)``.
+
+    ``expected`` names what an unparsable text should have been; ``refusal`` is the message for
+    a parsed value that is not valid, formatted with ``value`` and ``text``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(refusal.format(value=value, text=text))
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not (value > 0 and np.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    """argparse type: a seed, an integer in 0..2**32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed; got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**32 - 1}; got {value}")
-    return value
-
-
-def _n_jobs(text: str) -> int:
-    """argparse type: a number of workers, >= 1, or negative (-1: all cores)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be a number of workers >= 1, or -1 for all "
-                                         "cores; got 0")
-    return value
+#: argparse types: an integer >= 1; a finite float > 0; a seed in 0..2**32 - 1; a number of
+#: workers, >= 1 or negative (-1: all cores).
+_positive_int = _checked(int, "a positive integer", lambda v: v >= 1, "must be >= 1; got {value}")
+_positive_float = _checked(float, "a positive number", lambda v: v > 0 and np.isfinite(v),
+                           "must be a finite number > 0; got {text}")
+_seed = _checked(int, "an integer seed", lambda v: 0 <= v < 2**32,
+                 f"must be an integer in 0..{2**32 - 1}; got {{value}}")
+_n_jobs = _checked(int, "an integer", lambda v: v != 0,
+                   "must be a number of workers >= 1, or -1 for all cores; got 0")
 
 
 #: Errors that mean bad input: one line on stderr and exit code 2 (``-v`` shows the traceback).
@@ -171,15 +155,8 @@ def _featurize_pool(ntk, pool, directory, *, n_jobs=None, scheduler_address=None
     """:func:`skntk.parallel.featurize` of ``pool``; errors prefixed with ``option``."""
     from skntk.parallel import featurize
 
-    try:
-        return featurize(ntk, pool, directory, n_jobs=n_jobs,
-                         scheduler_address=scheduler_address, progress_bar=progress_bar)
-    except (ValueError, OSError) as err:
-        if option is None:
-            raise
-        kind = type(err) if isinstance(err, (FileNotFoundError, IsADirectoryError)) else (
-            OSError if isinstance(err, OSError) else ValueError)
-        raise kind(f"{option}: {err}") from err
+    return featurize(ntk, pool, directory, n_jobs=n_jobs, scheduler_address=scheduler_address,
+                     progress_bar=progress_bar, error_prefix=option)
 
 
 @contextlib.contextmanager
@@ -204,11 +181,12 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
                   progress_bar=True, pool_option=None):
     """Featurise ``train`` and ``pool`` with one model and select with the PV → LCMD pipeline.
 
-    The pool is featurised into the feature cache (``cache``, or a temporary one) in shards
+    :func:`~skntk.pipeline.make_pv_lcmd_pipeline` is the library's one selection path: it
+    featurises the pool into the feature cache (``cache``, or a temporary one) in shards
     (:func:`skntk.parallel.featurize`: streamed, resumable, ``n_jobs`` workers or a Dask
-    cluster) and screened from the shards by
-    :func:`~skntk.pipeline.make_pv_lcmd_pipeline` — the library's one selection path: PV keeps
-    its streamed top-M, LCMD loads only those rows.
+    cluster), sets repeated structures and copies of ``train`` aside, and screens the shards:
+    PV keeps its streamed top-M, LCMD loads only those rows. This function adds what the
+    command line reports.
 
     Parameters
     ----------
@@ -218,6 +196,9 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         Candidate structures (a file is streamed, never held whole).
     n_to_select : int
         Batch size B.
+    shortlist : int or None, default=None
+        PV shortlist size M (``None``: :func:`~skntk.pipeline.default_shortlist_size`,
+        ``max(5 B, 50)``); at most the distinct candidates.
     seed : int, default=0
         Seed of every random component (NTK sketch and probes, LCMD's gram sketch): the same
         inputs and seed give the same selection in every run.
@@ -248,12 +229,7 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
     Repeated pool structures are featurised and considered once (a ``UserWarning`` counts
     them); indices and scores refer to the pool as given.
     """
-    from skntk.pipeline import (
-        _drop_labelled,
-        _labelled_index,
-        duplicates_message,
-        make_pv_lcmd_pipeline,
-    )
+    from skntk.pipeline import default_shortlist_size, make_pv_lcmd_pipeline
 
     if shortlist is not None and shortlist < n_to_select:
         raise ValueError(f"shortlist={shortlist} is smaller than n_to_select={n_to_select}: "
@@ -267,49 +243,33 @@ def run_selection(model, train, pool, *, n_to_select, kind="joint", parameters=N
         progress_bar=progress_bar)
     check_posterior_memory(ntk.n_features_out_, name="--n-features")  # before the pool
     with _cache_dir(cache) as directory:
-        t = time.perf_counter()
-        feats = _featurize_pool(ntk, pool, directory, n_jobs=n_jobs,
-                                scheduler_address=scheduler_address, progress_bar=progress_bar,
-                                option=pool_option)
-        timings["features: pool"] = time.perf_counter() - t
-        n_dup = feats.n_pool - len(feats)
-        if n_dup:
-            warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=2)
-        cands = _drop_labelled(feats, _labelled_index(train))  # never pick a labelled structure
-        if n_to_select > len(cands):
-            n_lab = len(feats) - len(cands)
-            raise ValueError(f"n_to_select={n_to_select} exceeds the {len(cands)} distinct pool "
-                             f"structures ({n_dup} of the {feats.n_pool} are duplicates"
-                             + (f", {n_lab} duplicate labelled ones" if n_lab else "") + ").")
-        t = time.perf_counter()
-        G_train = ntk.transform(train)
-        timings["features: train"] = time.perf_counter() - t
-        M = min(shortlist if shortlist is not None else max(5 * n_to_select, 50), len(cands))
-        # the seed reaches every random component: the NTK sketch and probes above, LCMD's gram
+        # the seed reaches every random component: the NTK sketch and probes (ntk), LCMD's gram
         # sketch (used only when the exact gram route does not fit in memory); PV has none
-        pipe = make_pv_lcmd_pipeline(n_to_select=n_to_select, shortlist_size=M, sigma2=sigma2,
-                                     random_state=seed, progress_bar=progress_bar,
-                                     device=_selection_device(device))
+        pipe = make_pv_lcmd_pipeline(
+            ntk, n_to_select=n_to_select,
+            shortlist_size=shortlist if shortlist is not None else default_shortlist_size(
+                n_to_select), sigma2=sigma2, random_state=seed, progress_bar=progress_bar,
+            device=_selection_device(device), feature_cache=directory, n_jobs=n_jobs,
+            scheduler_address=scheduler_address, error_prefix=pool_option)
         t = time.perf_counter()
-        pipe.fit(G_train)
-        timings["fit posterior"] = time.perf_counter() - t
-        selected = pipe.select(cands)
+        pipe.fit(train)
+        timings["features: train"] = time.perf_counter() - t  # and the posterior's fit
+        with warnings.catch_warnings():  # M above the distinct candidates: PV keeps them all
+            warnings.filterwarnings("ignore", r"shortlist_size=\d+ is greater than", UserWarning)
+            selected = pipe.select(pool)
+        timings["features: pool"] = pipe.timings_["features"]
         timings["PV screen"] = pipe.timings_["pv"]
         timings["LCMD"] = pipe.timings_["lcmd"]
-        G_pool = None
-        if feats.n_pool <= _PLOT_MAX_POOL:
-            G_pool = feats.take(feats.inverse)
-        pool_index = cands.pool_index
-        # indices into the pool as given (duplicates share their first copy's scores and rows;
-        # copies of labelled structures, never candidates, have no score: NaN)
-        pv = pipe["pv"].scores_
-        if cands is not feats:
-            pv = np.full(len(feats), np.nan)
-            pv[np.flatnonzero(np.isin(feats.pool_index, cands.pool_index))] = \
-                pipe["pv"].scores_
+        feats = pipe.pool_features_  # the pool's distinct structures, copies of train included
+        G_pool = feats.take(feats.inverse) if feats.n_pool <= _PLOT_MAX_POOL else None
+        cand_index = (np.arange(feats.n_pool) if pipe.pool_index_ is None
+                      else pipe.pool_index_)  # pool index of each candidate
+        # scores per pool position (duplicates share their first copy's; copies of labelled
+        # structures, never candidates, have none: NaN)
+        pv = np.full(len(feats), np.nan)
+        pv[feats.inverse[cand_index]] = pipe["pv"].scores_
         scores = pv[feats.inverse]
-        short = pool_index[pipe["pv"].shortlist_idx_]
-        selected = pool_index[selected]
+        short = cand_index[pipe["pv"].shortlist_idx_]
     return {"selected": selected, "pv": scores, "shortlist": short, "features": G_pool,
             "frames": _frames_at(pool, selected), "n_pool": feats.n_pool, "timings": timings}
 

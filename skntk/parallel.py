@@ -26,7 +26,6 @@ content-addressed cache (:mod:`skntk.cache`) from the calling process. It return
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from skntk.cache import PoolFeatures, _as_blocks, _Store, _transformer_description, structure_key
+from skntk.cache import FeatureStore, PoolFeatures, model_digest, structure_key, transform_blocks
 from skntk.io import DuplicateIndex, duplicate_signature
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ DEFAULT_SHARD_SIZE = 256
 class _ModelRef:
     """Stands in for a fitted transformer's ``model_`` on its way to a worker: the worker loads
     the model itself from ``spec`` (a name or a file) and checks its weights against ``digest``
-    (the parent's, :func:`skntk.cache._model_digest`)."""
+    (the parent's, :func:`skntk.cache.model_digest`)."""
 
     def __init__(self, spec, owner, digest, dtype=None):
         self.spec, self.owner, self.digest, self.dtype = spec, owner, digest, dtype
@@ -66,8 +65,6 @@ def _by_reference(transformer):
     import copy
     import os
 
-    from skntk.cache import _model_digest
-
     model = getattr(transformer, "model_", None)
     spec = getattr(transformer, "get_params", dict)().get("model")
     if not isinstance(spec, (str, os.PathLike)):
@@ -76,7 +73,7 @@ def _by_reference(transformer):
         return transformer
     dtype = getattr(model, "dtype", None)
     out = copy.copy(transformer)
-    out.model_ = _ModelRef(os.fspath(spec), type(transformer).__name__, _model_digest(model),
+    out.model_ = _ModelRef(os.fspath(spec), type(transformer).__name__, model_digest(model),
                            None if dtype is None else str(dtype).replace("torch.", ""))
     return out
 
@@ -90,7 +87,6 @@ def _resolve_reference(transformer):
         return transformer
     import torch
 
-    from skntk.cache import _model_digest
     from skntk.models import load
 
     key = (ref.spec, json.dumps(ref.digest, sort_keys=True))
@@ -98,7 +94,7 @@ def _resolve_reference(transformer):
     if model is None:
         model = load(ref.spec, device="cpu",
                      dtype=None if ref.dtype is None else getattr(torch, ref.dtype))
-        if _model_digest(model) != ref.digest:
+        if model_digest(model) != ref.digest:
             raise RuntimeError(
                 f"a worker loaded the model {ref.spec!r} with other weights than the calling "
                 f"process fitted with (the file changed, or another package version); refit "
@@ -137,7 +133,7 @@ def _transform_chunk(transformer, structures):
     sent by reference (:class:`_ModelRef`) is loaded here, once per process, and
     ``device="auto"`` means this process's device (:func:`_local_device`)."""
     transformer = _local_device(_resolve_reference(transformer))
-    return _as_blocks(transformer.transform(structures), len(structures))
+    return transform_blocks(transformer, structures)
 
 
 def _renamed(err, label, start):
@@ -173,7 +169,7 @@ def _chunks(source, shard_size, check, label):
 
 def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT_SHARD_SIZE,
               scheduler_address=None, dtype=None, pre_dispatch="2*n_jobs", progress_bar=False,
-              validate=True) -> PoolFeatures:
+              validate=True, error_prefix=None) -> PoolFeatures:
     """Featurise the pool ``source`` into the cache ``directory``, resumably and in parallel.
 
     Parameters
@@ -207,13 +203,15 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         Check every structure (:func:`skntk.atoms.validate_structures`, against the model's
         species) and, for force rows, its memory estimate before it is featurised; errors name
         the file and the frame.
+    error_prefix : str or None, default=None
+        Prefixed to every ValueError and OSError (``"--pool: ..."``: the command line's option).
 
     Notes
     -----
     Processes featurising into one cache share the work: each chunk is claimed before it is
-    computed (:meth:`skntk.cache._Store.claim`: a file created with ``O_CREAT | O_EXCL`` holding
-    the pid), a chunk another live process holds is put aside and taken from the cache once its
-    shard appears, and the claim of a killed process is taken over.
+    computed (:meth:`skntk.cache.FeatureStore.claim`: a file created with ``O_CREAT | O_EXCL``
+    holding the pid), a chunk another live process holds is put aside and taken from the cache
+    once its shard appears, and the claim of a killed process is taken over.
 
     Returns
     -------
@@ -229,6 +227,16 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         A bad structure, naming ``<file>: frame <k>`` (truncated file, unknown element, atoms on
         top of each other); an empty pool.
     """
+    if error_prefix is not None:
+        try:
+            return featurize(transformer, source, directory, n_jobs=n_jobs,
+                             shard_size=shard_size, scheduler_address=scheduler_address,
+                             dtype=dtype, pre_dispatch=pre_dispatch, progress_bar=progress_bar,
+                             validate=validate)
+        except (ValueError, OSError) as err:
+            kind = type(err) if isinstance(err, (FileNotFoundError, IsADirectoryError)) else (
+                OSError if isinstance(err, OSError) else ValueError)
+            raise kind(f"{error_prefix}: {err}") from err
     from joblib import Parallel, delayed
     from sklearn.utils.validation import check_is_fitted
 
@@ -254,24 +262,14 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
             raise _renamed(err, label, start) from err
         return chunk
 
-    description = _transformer_description(transformer)
     if dtype is not None:
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise ValueError(f"dtype must be a floating dtype or None; got {dtype}.")
-        description = {**description, "stored_dtype": dtype.str}
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"feature cache directory {str(directory)!r} exists and is not a "
-                                 f"directory.")
-    directory.mkdir(parents=True, exist_ok=True)
-    store = _Store(directory, key)
-    store.open(description)
+    store = FeatureStore.for_transformer(transformer, directory, dtype=dtype)
     verified: set[str] = set()
     seen = DuplicateIndex()  # distinct structures up to wrapping and translation
     keys, signatures, pool_index, inverse = [], [], [], []
-    kind = n_feat = row_dtype = None
     stats = {"structures": 0, "computed": 0, "cached": 0}
 
     def cached(k):
@@ -284,17 +282,8 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
             if loaded is None:
                 return False
             verified.add(entry[0])
-            note(loaded[1])
+            store.admit(loaded[1])
         return True
-
-    def note(blocks):
-        nonlocal kind, n_feat, row_dtype
-        if kind is None:
-            kind, n_feat, row_dtype = blocks.kind, blocks.n_features, blocks.rows.dtype
-        elif (blocks.kind, blocks.n_features) != (kind, n_feat):
-            raise ValueError(f"cached blocks of kind={blocks.kind!r}, n_features="
-                             f"{blocks.n_features} next to kind={kind!r}, n_features={n_feat}; "
-                             f"the transformer's rows depend on something its key misses.")
 
     held: dict[int, Path] = {}  # id of a todo-key list -> its claim file, until written
     deferred: list = []  # (keys, structures) another live process has claimed
@@ -401,7 +390,7 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
                 todo_keys = pending.pop(0)
                 if dtype is not None and blocks.rows.dtype != dtype:
                     blocks = blocks.with_rows(blocks.rows.astype(dtype))
-                note(blocks)
+                store.admit(blocks)
                 name = store.write(todo_keys, blocks)
                 store.release(held.pop(id(todo_keys), None))
                 verified.add(name)
@@ -420,16 +409,13 @@ def featurize(transformer, source, directory, *, n_jobs=None, shard_size=DEFAULT
         finally:
             for path in held.values():  # interrupted: the claims go, the shards written stay
                 store.release(path)
-            try:
-                store.save_index()
-            except OSError as err:  # the shards are safe; the next run rebuilds the index
-                logger.warning("could not write the feature cache index %s: %s",
-                               store.index_path, err)
+            store.close()
     if not keys:
         raise ValueError(f"{label} holds no structures.")
     logger.info("featurised %s: %d structures (%d distinct), %d computed, %d from the cache, "
                 "%.1f s", label, stats["structures"], len(keys), stats["computed"],
                 stats["cached"], time.perf_counter() - t0)
+    kind, n_feat, row_dtype = store.layout
     feats = PoolFeatures(store, keys, pool_index, inverse, kind=kind, n_features=n_feat,
                          dtype=row_dtype)
     feats.stats = stats

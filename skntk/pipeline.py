@@ -27,7 +27,34 @@ from skntk.selection._base import BaseSelector, resolve_n_to_select, selection_s
 from skntk.selection.lcmd import LCMDSelector
 from skntk.selection.pv import ChunkedPosteriorVarianceSelector
 
-__all__ = ["SelectionPipeline", "make_pv_lcmd_pipeline"]
+__all__ = ["SelectionPipeline", "make_pv_lcmd_pipeline", "default_shortlist_size",
+           "MIN_SHORTLIST_SIZE"]
+
+#: The least PV shortlist size M of :func:`default_shortlist_size` (and M when the batch size is
+#: not known in advance).
+MIN_SHORTLIST_SIZE = 50
+
+
+def default_shortlist_size(n_to_select=None) -> int:
+    """PV shortlist size M for a batch of ``n_to_select``: ``max(5 B, 50)``.
+
+    The command line's default (``skntk select --shortlist``). Without a batch size (the
+    active-learning configs, whose loop sets B each round) it is :data:`MIN_SHORTLIST_SIZE`.
+    :func:`make_pv_lcmd_pipeline` itself has no shortlist unless one is given: LCMD then sees
+    the whole pool.
+
+    Parameters
+    ----------
+    n_to_select : int or None, default=None
+        Batch size B.
+
+    Returns
+    -------
+    M : int
+    """
+    if n_to_select is None:
+        return MIN_SHORTLIST_SIZE
+    return max(5 * int(n_to_select), MIN_SHORTLIST_SIZE)
 
 
 def _final_estimator_has(attr):
@@ -42,6 +69,11 @@ def _is_atoms_input(X):
     if isinstance(X, Atoms):
         return True
     return isinstance(X, (list, tuple)) and len(X) > 0 and isinstance(X[0], Atoms)
+
+
+def _is_features(X):
+    """Whether ``X`` already is features: an array, FeatureBlocks or cached PoolFeatures."""
+    return isinstance(X, (np.ndarray, FeatureData))
 
 
 def _reiterable(X):
@@ -97,8 +129,7 @@ def _deduplicate(X, labelled=None):
             first.append(i)
     first = np.asarray(first, dtype=np.int64)
     n_dup = len(X) - len(first)
-    if n_dup:
-        warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=3)
+    _warn_duplicates(len(first), len(X))
     of_labelled = [] if labelled is None else [
         i for i, sig in enumerate(sigs) if labelled.find(sig) is not None]
     if of_labelled:
@@ -135,9 +166,21 @@ def _drop_labelled(feats, labelled):
 
 
 def _warn_duplicates(n_unique, n_pool):
+    """The one warning about repeated pool structures (none when there are none)."""
     n_dup = n_pool - n_unique
     if n_dup:
         warnings.warn(duplicates_message(n_dup), UserWarning, stacklevel=4)
+
+
+def _check_budget(budget, feats, cands):
+    """Refuse an int ``budget`` above the distinct candidates ``cands`` (PoolFeatures of the pool
+    ``feats`` less the copies of labelled structures), naming the copies set aside."""
+    if not isinstance(budget, Integral) or isinstance(budget, bool) or budget <= len(cands):
+        return
+    n_dup, n_lab = feats.n_pool - len(feats), len(feats) - len(cands)
+    raise ValueError(f"n_to_select={budget} exceeds the {len(cands)} distinct pool structures "
+                     f"({n_dup} of the {feats.n_pool} are duplicates"
+                     + (f", {n_lab} duplicate labelled ones" if n_lab else "") + ").")
 
 
 def _index(X, idx):
@@ -207,6 +250,13 @@ class SelectionPipeline(Pipeline):
     n_jobs : int or None, default=None
         Featurisation workers with ``feature_cache`` (joblib; inside
         ``joblib.parallel_config(backend="dask")`` they run on a Dask cluster).
+    scheduler_address : str or None, default=None
+        With ``feature_cache``: featurise on the ``dask.distributed`` scheduler at this address.
+    progress_bar : bool, default=False
+        With ``feature_cache``: a tqdm bar over the featurised pool.
+    error_prefix : str or None, default=None
+        With ``feature_cache``: prefixed to errors about the pool source (the command line's
+        ``"--pool"``).
     memory, transform_input, verbose
         As for :class:`~sklearn.pipeline.Pipeline`.
 
@@ -216,6 +266,10 @@ class SelectionPipeline(Pipeline):
         Indices into the pool of the last :meth:`select`.
     pool_index_ : ndarray of int or None
         Pool index of each candidate when duplicates were set aside (``None``: none were).
+    pool_features_ : PoolFeatures or None
+        With ``feature_cache`` and a pool of Atoms: the features of the pool's distinct
+        structures (copies of labelled ones included) in the cache, read on demand; ``None``
+        otherwise.
     timings_ : dict of str to float
         Seconds of the last :meth:`select`: ``"features"`` (the steps before the first
         selector), then one entry per later step, by name.
@@ -234,11 +288,15 @@ class SelectionPipeline(Pipeline):
     """
 
     def __init__(self, steps, *, scoring=None, feature_cache=None, n_jobs=None,
+                 scheduler_address=None, progress_bar=False, error_prefix=None,
                  transform_input=None, memory=None, verbose=False):
         super().__init__(steps, transform_input=transform_input, memory=memory, verbose=verbose)
         self.scoring = scoring
         self.feature_cache = feature_cache
         self.n_jobs = n_jobs
+        self.scheduler_address = scheduler_address
+        self.progress_bar = progress_bar
+        self.error_prefix = error_prefix
 
     def fit(self, X, y=None, **params):
         """Fit every step on the labelled ``X`` (as :meth:`Pipeline.fit`).
@@ -249,7 +307,9 @@ class SelectionPipeline(Pipeline):
         Parameters
         ----------
         X : any input the first step accepts (e.g. list of ase.Atoms, arrays, FeatureBlocks)
-            Labelled structures.
+            Labelled structures. Features (arrays, FeatureBlocks) given to a pipeline whose
+            featuriser is fitted (holds a ``model_``) fit only the selector steps: the
+            featuriser is kept as it is.
         y : array-like of shape (n_structures,) or None, default=None
             Energies (eV) or targets; ``None`` for Atoms uses their stored labels in :meth:`score`.
         **params
@@ -259,9 +319,17 @@ class SelectionPipeline(Pipeline):
         -------
         self : SelectionPipeline
         """
-        super().fit(X, y, **params)
+        n_upstream = len(self._upstream_steps()) if self._skips_featuriser(X) else 0
+        if n_upstream:
+            self[n_upstream:].fit(X, y, **params)  # the same step objects, fitted in place
+        else:
+            super().fit(X, y, **params)
         self._labelled = (X, y) if _reiterable(X) else None
         return self
+
+    def _skips_featuriser(self, X):
+        """Whether ``X`` already is the output of the fitted featuriser (so it is not applied)."""
+        return _is_features(X) and self._model_step() is not None
 
     @available_if(_final_estimator_has("select"))
     def select(self, X, n_to_select=None):
@@ -281,7 +349,8 @@ class SelectionPipeline(Pipeline):
             first) an extxyz / ASE-readable path, an ``ase.db``, a glob pattern or an iterator
             of Atoms. With ``feature_cache`` set, an Atoms pool is featurised into that cache
             shard by shard (:func:`skntk.parallel.featurize`, ``n_jobs`` workers) and streamed
-            from it: memory stays flat in the pool size.
+            from it: memory stays flat in the pool size. Features given to a pipeline whose
+            featuriser is fitted go to the selectors as they are.
         n_to_select : int, float or None, default=None
             Overrides the final selector's ``n_to_select``.
 
@@ -297,33 +366,45 @@ class SelectionPipeline(Pipeline):
         the first copy of a structure is a candidate, a ``UserWarning`` says how many copies were
         set aside, and the indices returned point into the original ``X``. A batch never holds
         two copies of one structure. Pool structures that duplicate the labelled Atoms given to
-        :meth:`fit` are never candidates (one ``UserWarning`` names them).
+        :meth:`fit` are never candidates (one ``UserWarning`` names them). With
+        ``feature_cache``, an int ``n_to_select`` above the distinct candidates is refused
+        before any selector runs, naming the copies set aside.
         """
         idx, _ = self._select_chain(X, n_to_select)
         return idx
 
-    def _featurise_pool(self, X):
+    def _featurise_pool(self, X, n_to_select=None):
         """``(upstream features, pool index of each candidate or None)`` of the pool ``X``."""
         upstream_steps = self._upstream_steps()
         model_step = self._model_step()
+        self.pool_features_ = None
         is_source = isinstance(X, (str, os.PathLike)) or _is_atoms_input(X) or (
-            model_step is not None and not isinstance(X, (np.ndarray, FeatureData)))
+            model_step is not None and not _is_features(X))
         if self.feature_cache is not None and upstream_steps and is_source:
             if len(upstream_steps) != 1:
                 raise ValueError("feature_cache needs the featuriser to be the only step before "
                                  f"the first selector; got {len(upstream_steps)} steps.")
-            from skntk.parallel import featurize
-
-            feats = featurize(upstream_steps[0], X, self.feature_cache, n_jobs=self.n_jobs)
+            feats = self._featurize_cached(upstream_steps[0], X)
             _warn_duplicates(len(feats), feats.n_pool)
-            feats = _drop_labelled(feats, self._labelled_index())
-            return feats, (None if len(feats) == feats.n_pool else feats.pool_index)
+            cands = _drop_labelled(feats, self._labelled_index())
+            _check_budget(getattr(self._final_estimator, "n_to_select", None)
+                          if n_to_select is None else n_to_select, feats, cands)
+            self.pool_features_ = feats
+            return cands, (None if len(cands) == cands.n_pool else cands.pool_index)
         if model_step is not None and is_source and not _is_atoms_input(X):
             from skntk.io import read_structures
 
             X = read_structures(X)  # a file, glob or iterator: read once, deduplicated below
         X, first = _deduplicate(X, self._labelled_index() if _is_atoms_input(X) else None)
         return self._upstream_transform(X), first
+
+    def _featurize_cached(self, featurizer, X):
+        """:func:`skntk.parallel.featurize` of the pool ``X`` into ``feature_cache``."""
+        from skntk.parallel import featurize
+
+        return featurize(featurizer, X, self.feature_cache, n_jobs=self.n_jobs,
+                         scheduler_address=self.scheduler_address,
+                         progress_bar=self.progress_bar, error_prefix=self.error_prefix)
 
     def _labelled_index(self):
         """DuplicateIndex of the labelled Atoms given to :meth:`fit` (None for features)."""
@@ -332,7 +413,7 @@ class SelectionPipeline(Pipeline):
     def _select_chain(self, X, n_to_select=None):
         """``(indices into X, upstream features)`` of a selection (see :meth:`select`)."""
         t = time.perf_counter()
-        upstream, first = self._featurise_pool(X)
+        upstream, first = self._featurise_pool(X, n_to_select)
         timings = {"features": time.perf_counter() - t}
         Xt, cand = upstream, None  # cand: indices into upstream of the rows Xt holds
         started, narrowed_by = False, None
@@ -382,6 +463,8 @@ class SelectionPipeline(Pipeline):
         return out
 
     def _upstream_transform(self, X):
+        if self._skips_featuriser(X):
+            return X
         for step in self._upstream_steps():
             X = step.transform(X)
         return X
@@ -548,7 +631,8 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
                           sigma2=1e-3, normalize=True, reduction="trace", criterion="variance",
                           kernel="auto", gram_features="auto", n_sketch_features=1024,
                           random_state=None, working_memory=None, scoring=None,
-                          progress_bar=False, device=None):
+                          progress_bar=False, device=None, feature_cache=None, n_jobs=None,
+                          scheduler_address=None, error_prefix=None):
     """The paper's selection chain: PV screen → top-M shortlist → LCMD in posterior space.
 
     Reproducible by construction: the same inputs give the same indices in every call and every
@@ -565,7 +649,8 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
     n_to_select : int, float or None, default=None
         Batch size ``B`` chosen by LCMD.
     shortlist_size : int or None, default=None
-        Size ``M`` of the PV shortlist handed to LCMD (``None``: LCMD sees the whole pool).
+        Size ``M`` of the PV shortlist handed to LCMD (``None``: LCMD sees the whole pool;
+        :func:`default_shortlist_size` gives the command line's ``max(5 B, 50)``).
     sigma2, normalize, reduction, criterion
         Of the :class:`~skntk.selection.pv.ChunkedPosteriorVarianceSelector` step ``"pv"``.
     kernel, gram_features, n_sketch_features
@@ -579,10 +664,14 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
     scoring : callable or None, default=None
         Objective of :meth:`SelectionPipeline.score` (``None``: linearised fine-tuning).
     progress_bar : bool, default=False
-        tqdm bars of both selector steps (structures scored by PV, LCMD's picks).
+        tqdm bars of both selector steps (structures scored by PV, LCMD's picks) and, with
+        ``feature_cache``, of the pool's featurisation.
     device : str or None, default=None
         Where both steps' matrix products run (``None``: NumPy on the host; ``"cuda"``; ``"auto"``:
         CUDA when there is one).
+    feature_cache, n_jobs, scheduler_address, error_prefix
+        Of :class:`SelectionPipeline`: an Atoms pool is featurised into the cache directory
+        ``feature_cache`` (``n_jobs`` workers, or a Dask cluster) and streamed from it.
 
     Returns
     -------
@@ -611,4 +700,6 @@ def make_pv_lcmd_pipeline(transformer=None, *, n_to_select=None, shortlist_size=
         n_to_select, kernel=kernel, gram_features=gram_features,
         n_sketch_features=n_sketch_features, random_state=seed,
         working_memory=working_memory, progress_bar=progress_bar, device=device)))
-    return SelectionPipeline(steps, scoring=scoring)
+    return SelectionPipeline(steps, scoring=scoring, feature_cache=feature_cache, n_jobs=n_jobs,
+                             scheduler_address=scheduler_address, progress_bar=progress_bar,
+                             error_prefix=error_prefix)

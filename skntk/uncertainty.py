@@ -125,7 +125,7 @@ def _atom_variance(psi, offsets, kind):
 
 
 def _model_digest(model):
-    from skntk.cache import _model_digest as digest
+    from skntk.cache import model_digest as digest
 
     return digest(model)
 

@@ -783,11 +783,12 @@ def test_huge_n_features_is_refused_in_fit_before_any_work(monkeypatch):
 
 def test_cli_n_features_beyond_memory_is_refused_before_the_pool(files, tmp_path, capsys,
                                                                  monkeypatch):
-    import skntk.cli
+    import skntk.parallel
     import skntk.selection._posterior as posterior
 
     monkeypatch.setattr(posterior, "available_host_memory", lambda: 8e9)
-    monkeypatch.setattr(skntk.cli, "_featurize_pool", lambda *a, **k: pytest.fail("featurised"))
+    # the pool is featurised by the pipeline through skntk.parallel.featurize: never reached
+    monkeypatch.setattr(skntk.parallel, "featurize", lambda *a, **k: pytest.fail("featurised"))
     monkeypatch.delenv("SKNTK_SKIP_MEMORY_CHECK", raising=False)
     argv = _select(files, "-o", str(tmp_path / "s.extxyz"))
     argv[argv.index("--n-features") + 1] = "100000"

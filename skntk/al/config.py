@@ -80,7 +80,8 @@ def build_selector(method, model, *, regressor=None, n_to_select=None, random_st
     sigma2 : float, default=1e-3
         Noise variance of the PV steps (normalised features).
     shortlist_size : int or None, default=None
-        PV shortlist handed to LCMD (``None``: 50).
+        PV shortlist handed to LCMD (``None``: :func:`skntk.pipeline.default_shortlist_size`
+        without a batch size, 50: the loop sets the batch each round).
     n_members : int, default=4
         Committee size.
     **ntk
@@ -92,7 +93,7 @@ def build_selector(method, model, *, regressor=None, n_to_select=None, random_st
     selector : estimator with ``fit(list[Atoms])`` and ``select(list[Atoms], n)``
     """
     from skntk.al.committee import CommitteeSelector
-    from skntk.pipeline import SelectionPipeline, make_pv_lcmd_pipeline
+    from skntk.pipeline import SelectionPipeline, default_shortlist_size, make_pv_lcmd_pipeline
     from skntk.selection.baselines import MaxDistSelector, RandomSelector
     from skntk.selection.lcmd import LCMDSelector
     from skntk.selection.pv import ChunkedPosteriorVarianceSelector
@@ -112,7 +113,7 @@ def build_selector(method, model, *, regressor=None, n_to_select=None, random_st
     def pv(**kw):
         return ChunkedPosteriorVarianceSelector(sigma2, n_to_select=n_to_select, **kw)
 
-    shortlist = shortlist_size if shortlist_size is not None else 50
+    shortlist = shortlist_size if shortlist_size is not None else default_shortlist_size()
     if method == "random":
         return RandomSelector(n_to_select, random_state=random_state)
     if method == "committee":

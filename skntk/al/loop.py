@@ -111,6 +111,10 @@ def _content_hash(structures) -> str:
     return hashlib.sha256("".join(map(structure_hash, structures)).encode()).hexdigest()[:16]
 
 
+#: Parameters that never change a result (what is shown, where the work runs, how errors read).
+_UNDESCRIBED = ("progress_bar", "verbose", "n_jobs", "scheduler_address", "error_prefix")
+
+
 def _describe(obj) -> str:
     """A description of an argument that is stable across processes (no memory addresses)."""
     from skntk.models.base import MLIP
@@ -124,7 +128,7 @@ def _describe(obj) -> str:
     if hasattr(obj, "get_params"):
         params = obj.get_params(deep=False)
         items = ", ".join(f"{k}={_describe(params[k])}" for k in sorted(params)
-                          if k not in ("progress_bar", "verbose", "n_jobs"))
+                          if k not in _UNDESCRIBED)
         return f"{type(obj).__name__}({items})"
     if isinstance(obj, (list, tuple)):
         return "[" + ", ".join(_describe(v) for v in obj) + "]"
@@ -186,17 +190,19 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _split_featurizer(selector):
-    """``(featuriser, tail)`` for a pipeline whose first step featurises, else
-    ``(None, selector)``."""
+def _featurizer_of(selector):
+    """The first step of a pipeline when it featurises (not a selector), else ``None``.
+
+    The loop computes its features (once, or each round with ``refeaturize="current"``) and hands
+    them to the pipeline, which passes features by its fitted featuriser."""
     from skntk.selection._base import BaseSelector
 
     if isinstance(selector, Pipeline) and len(selector.steps) > 1:
         first = selector.steps[0][1]
         if hasattr(first, "transform") and not isinstance(first, BaseSelector) \
                 and not hasattr(first, "select"):
-            return first, selector[1:]
-    return None, selector
+            return first
+    return None
 
 
 def _seed_all(estimator, seed: int):
@@ -215,7 +221,8 @@ class ActiveLearningLoop(BaseEstimator):
     ----------
     selector : estimator with ``fit(X_labelled)`` and ``select(X_candidates, n_to_select)``
         A :class:`~skntk.pipeline.SelectionPipeline` whose first step featurises ``ase.Atoms``
-        (features of the pool are then computed once and indexed each round), a
+        (the loop computes the pool's features once and passes each round's rows to its
+        ``fit`` and ``select``, which skip the fitted featuriser), a
         :class:`~skntk.al.committee.CommitteeSelector`, a
         :class:`~skntk.selection.baselines.RandomSelector`, or anything taking lists of Atoms.
     regressor : MLIPRegressor
@@ -361,7 +368,7 @@ class ActiveLearningLoop(BaseEstimator):
         root = np.random.SeedSequence(self.random_state)
         seeds = root.generate_state(self.n_rounds + 1)
         selector = _seed_all(clone(self.selector), int(root.spawn(1)[0].generate_state(1)[0]))
-        featurizer, tail = _split_featurizer(selector)
+        featurizer = _featurizer_of(selector)
 
         excluded = self._excluded(labelled, pool)
         history, selected, failed = [], [], {}
@@ -395,7 +402,7 @@ class ActiveLearningLoop(BaseEstimator):
                             and self.refeaturize == "pretrained":
                         features = self._featurize(featurizer, labelled + pool, labelled, ckpt,
                                                    timings)
-                    picks = self._select(selector, featurizer, tail, features, labelled, pool,
+                    picks = self._select(selector, featurizer, features, labelled, pool,
                                          labels, selected, failed, model, timings, excluded)
                     if ckpt is not None:
                         _atomic_json(ckpt / f"round-{rnd}-picks.json", picks)
@@ -481,8 +488,10 @@ class ActiveLearningLoop(BaseEstimator):
                 UserWarning, stacklevel=3)
         return copies | set(of_labelled)
 
-    def _select(self, selector, featurizer, tail, features, labelled, pool, labels, selected,
+    def _select(self, selector, featurizer, features, labelled, pool, labels, selected,
                 failed, model, timings, excluded=frozenset()):
+        """Pool indices of the round's picks: the selector fitted on the training structures
+        (their features when the loop featurises) selects among the candidates."""
         taken = set(selected) | set(failed) | set(excluded)
         candidates = np.array([i for i in range(len(pool)) if i not in taken], dtype=np.int64)
         n = min(int(self.batch_size), candidates.size)
@@ -502,12 +511,12 @@ class ActiveLearningLoop(BaseEstimator):
             train_f = features[np.concatenate([np.arange(L), L + np.asarray(selected, int)])]
             cand_f = features[L + candidates]
         else:
-            tail, train_f, cand_f = selector, train_atoms, [pool[i] for i in candidates]
+            train_f, cand_f = train_atoms, [pool[i] for i in candidates]
         t0 = time.perf_counter()
-        tail.fit(train_f)
-        idx = np.asarray(tail.select(cand_f, n), dtype=np.int64)
+        selector.fit(train_f)  # features pass the pipeline's fitted featuriser as they are
+        idx = np.asarray(selector.select(cand_f, n), dtype=np.int64)
         timings["select"] += time.perf_counter() - t0
-        fit_time = getattr(tail, "fit_time_", None)
+        fit_time = getattr(selector, "fit_time_", None)
         if fit_time is not None:
             timings["committee_finetune"] = float(fit_time)
         return [int(i) for i in candidates[idx]]
