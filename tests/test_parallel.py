@@ -1,8 +1,10 @@
 """Tests of skntk.parallel.featurize and skntk.cache.PoolFeatures: pools as sources, shards that
 resume, damaged shards recomputed, workers (joblib, a real Dask LocalCluster) equal to serial."""
 
+import os
 import re
 import warnings
+from unittest import mock
 
 import ase.db
 import ase.io
@@ -195,7 +197,9 @@ def test_dask_local_cluster_equals_serial(ntk, pool, tmp_path):
     serial = featurize(ntk, pool, tmp_path / "serial", shard_size=6)
     path = ntk.model_.save(tmp_path / "model.pt")
     by_file = ForceNTKTransformer(str(path), kind="energy", n_features=16, random_state=0).fit()
-    with warnings.catch_warnings():
+    # LocalCluster sets OMP_NUM_THREADS=1 (and more) in this process's environment: restored
+    # after, or every later subprocess of the suite would run torch on one thread
+    with warnings.catch_warnings(), mock.patch.dict(os.environ):
         warnings.simplefilter("ignore")  # dask's own port / resource notices
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                       dashboard_address=None) as cluster:

@@ -5,6 +5,7 @@ frames, structures too big for memory, bad CLI input, invalid elements / overflo
 the shortlist message.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -706,8 +707,13 @@ def test_ctrl_c_during_featurize_is_one_line_and_resumes(files, tmp_path, capsys
     argv = ["featurize", "--model", str(files / "model.pt"), "--train",
             str(files / "train.extxyz"), "--pool", str(files / "pool.extxyz"), "--kind", "energy",
             "--n-features", "8", "--cache", str(tmp_path / "c")]
+    import torch
+
+    # the interrupted run's shard is compared bit for bit with rows computed here: the same
+    # number of torch threads in both processes (float32 sums depend on it)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTIBLE, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)
