@@ -108,6 +108,17 @@ def _fit_log_map(D, errors):
     return coef, s2
 
 
+def _warn_if_flat(coef, inputs, errors, pred):
+    """Warn when every slope of a fitted map is 0: the error bar is then one constant."""
+    if coef.shape[0] > 1 and not np.any(coef[1:] > 0):
+        names = " or ".join({"pv": "log PV", "force": "log |F̂|"}[n] for n in _INPUTS[inputs])
+        warnings.warn(f"the {errors.shape[0]} calibration structures show no increase of the force "
+                      f"error with {names} (every slope of the map is 0): every structure gets "
+                      f"the same predicted error, {float(pred[0]):.3g} eV/Å, which bounds but "
+                      f"does not rank; calibrate on more, or more varied, structures.",
+                      UserWarning, stacklevel=3)
+
+
 def _apply_log_map(D, coef, s2):
     """Expected error ``exp(D β + s²/2)``, the mean of the fitted lognormal."""
     return np.exp(D @ coef + 0.5 * s2)
@@ -427,6 +438,7 @@ class ForceUncertainty(BaseEstimator):
         D = _design(log_pv, np.asarray(log_f, dtype=np.float64), self.inputs)
         self.coef_, self.residual_var_ = _fit_log_map(D, errors)
         pred = _apply_log_map(D, self.coef_, self.residual_var_)
+        _warn_if_flat(self.coef_, self.inputs, errors, pred)
         self.n_calibration_ = errors.shape[0]
         self.calibration_errors_ = errors
         self.calibration_predictions_ = pred
@@ -463,6 +475,7 @@ class ForceUncertainty(BaseEstimator):
         D = _design(inputs["log_pv"], inputs["log_f"], self.inputs)
         self.coef_, self.residual_var_ = _fit_log_map(D, errors)
         pred = _apply_log_map(D, self.coef_, self.residual_var_)
+        _warn_if_flat(self.coef_, self.inputs, errors, pred)
         self.n_calibration_ = len(cal)
         self.calibration_errors_ = errors
         self.calibration_predictions_ = pred

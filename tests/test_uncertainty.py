@@ -5,6 +5,7 @@ Tiny built-in model (float64), methanol frames labelled by EMT; everything runs 
 
 import itertools
 import math
+import warnings
 
 import joblib
 import numpy as np
@@ -178,6 +179,26 @@ def test_log_fit_clips_a_negative_slope_to_zero():
     assert s2 == pytest.approx(ref_s2)
     plain = np.linalg.lstsq(D[:, :2], np.log(e), rcond=None)[0]
     np.testing.assert_allclose(coef[:2], plain, atol=1e-9)
+
+
+def test_a_flat_map_warns_that_it_does_not_rank(fitted, data):
+    """Errors that fall as both inputs grow: every slope clips to 0, every prediction is the
+    same, and the user is told (a constant error bar bounds but does not rank)."""
+    est = clone(fitted).fit_posterior(data["train"])
+    rng = np.random.default_rng(0)
+    log_pv, log_f = rng.normal(size=20), rng.normal(size=20)
+    falling = np.exp(-0.5 - 0.7 * log_pv - 0.4 * log_f + 0.05 * rng.normal(size=20))
+    with pytest.warns(UserWarning, match=r"20 calibration structures show no increase of the "
+                      r"force error with log PV or log \|F̂\|.*does not rank"):
+        est.calibrate_pairs(log_pv, log_f, falling)
+    assert np.all(est.coef_[1:] == 0)
+    pred = est.predict(data["test"])
+    np.testing.assert_allclose(pred, pred[0])
+    rising = np.exp(-0.5 + 0.7 * log_pv + 0.05 * rng.normal(size=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a map with a positive slope ranks: no warning
+        est.calibrate_pairs(log_pv, log_f, rising)
+    assert est.coef_[1] > 0
 
 
 def test_conformal_quantile_by_hand():
