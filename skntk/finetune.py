@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from skntk._sklearn_compat import Interval, _fit_context
 from skntk.io import free_atoms, get_labels
-from skntk.models.base import MLIP
+from skntk.models.base import MLIP, deterministic_on_cpu
 from skntk.models.predict import predict_energies, predict_energies_forces  # re-exported
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         try:
             for n, p in params.items():
                 p.requires_grad_(n in names)
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), deterministic_on_cpu(device):
                 torch.manual_seed(seed)
                 history, best_epoch = self._train(model, [params[n] for n in sorted(names)],
                                                   train_batches, val_batches, rng, t_start)

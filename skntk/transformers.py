@@ -28,7 +28,7 @@ from skntk.atoms import as_atoms_list, neighbor_pairs
 from skntk.blocks import FeatureBlocks
 from skntk.models import resolve_model
 from skntk.models._util import resolve_device
-from skntk.models.base import MLIP, module_state
+from skntk.models.base import MLIP, deterministic_on_cpu, module_state
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class ForceNTKTransformer(_AtomsTransformerMixin, TransformerMixin, BaseEstimato
         dtype = self._eval_dtype(model)
         meter, sized = ntk.GraphMeter(), False
         with module_state(model.module, device=self.device_, dtype=dtype, train=False,
-                          requires_grad=set(names)), \
+                          requires_grad=set(names)), deterministic_on_cpu(self.device_), \
                 tqdm(total=len(X), desc=type(self).__name__, unit="structure",
                      disable=not self.progress_bar, leave=False) as bar:
             params = [p for n, p in model.module.named_parameters() if n in set(names)]

@@ -192,6 +192,30 @@ def module_state(module: torch.nn.Module, *, device=None, dtype=None, train: boo
                 m.training = saved_modes[name]
 
 
+@contextlib.contextmanager
+def deterministic_on_cpu(device) -> Iterator[None]:
+    """torch's deterministic algorithms for the block when ``device`` is the CPU, restored after.
+
+    With several CPU threads the accumulations of a message-passing backward (``index_put`` with
+    ``accumulate=True``, behind gather-by-edge indexing) add in an order that varies from run to
+    run: the same structures gave float32 NTK rows differing in the 7th digit in two calls of one
+    process (SevenNet-0, 24 OC20 slabs, 2 threads). Deterministic algorithms make every call
+    agree bit for bit at the same thread count. ``warn_only=True``: an operation with no
+    deterministic CPU kernel warns instead of failing. On CUDA nothing changes (it would need
+    ``CUBLAS_WORKSPACE_CONFIG``; docs/scale.md).
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=not enabled or warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @dataclass
 class BackendBatch:
     """A backend's own collated input, with the atom offsets skntk needs.

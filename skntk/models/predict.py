@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from skntk.models.base import MLIP
+from skntk.models.base import MLIP, deterministic_on_cpu
 
 __all__ = ["predict_energies", "predict_energies_forces"]
 
@@ -35,7 +35,8 @@ def predict_energies_forces(model: MLIP, atoms, *, batch_size: int = 16, device=
     """
     energies, forces = [], []
     for s, chunk, batch in _batches(model, atoms, batch_size, device):
-        with torch.enable_grad():  # forces by autograd, even when called under no_grad
+        # forces by autograd, even when called under no_grad; summed in a fixed order
+        with torch.enable_grad(), deterministic_on_cpu(batch.ptr.device):
             e, f = model.energy_and_forces(batch, create_graph=False)
         energies.append(_finite_energies(e, s, chunk))
         f = f.detach().to("cpu", torch.float64).numpy()

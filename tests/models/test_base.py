@@ -182,3 +182,54 @@ def test_module_state_restores_buffers_replaced_by_to():
         assert net.shift.dtype == torch.float32
     assert net.shift.dtype == torch.float64
     assert net.shift.item() == 1.25
+
+
+def test_deterministic_on_cpu_sets_and_restores_the_flags():
+    from skntk.models.base import deterministic_on_cpu
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with deterministic_on_cpu("cpu"):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()  # never fails a model
+            raise RuntimeError("boom")
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_on_cpu(torch.device("cuda")):  # only the device's type is read
+        assert not torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # a user's strict setting is kept, and restored
+    try:
+        with deterministic_on_cpu("cpu"):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_rows_fine_tuning_and_predictions_run_deterministically(monkeypatch):
+    """Every forward that a backward follows (NTK rows, fine-tuning, forces) runs with
+    deterministic algorithms: multi-threaded CPU accumulations in a backward otherwise vary from
+    call to call. Forwards without a graph (energies only) accumulate nothing."""
+    from skntk.finetune import MLIPRegressor
+    from skntk.models.predict import predict_energies_forces
+    from skntk.transformers import ForceNTKTransformer
+    from tests.builders import emt_label, molecules, tiny_builtin
+
+    model = tiny_builtin((1, 6, 8), dtype=torch.float64)
+    seen = []  # (deterministic, grad enabled) of every forward
+    forward = type(model)._forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.is_grad_enabled()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "_forward", spy)
+    X = [emt_label(a) for a in molecules(4)]
+    ForceNTKTransformer(model, kind="joint", n_features=8, random_state=0).fit(X).transform(X)
+    n_rows = len(seen)
+    predict_energies_forces(model, X)
+    n_pred = len(seen)
+    MLIPRegressor(model, epochs=1, batch_size=2, random_state=0).fit(X)
+    assert 0 < n_rows < n_pred < len(seen) - 4
+    with_grad = [det for det, grad in seen if grad]
+    assert len(with_grad) >= len(seen) - 2 and all(with_grad), seen
+    assert not torch.are_deterministic_algorithms_enabled()
