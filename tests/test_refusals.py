@@ -685,7 +685,9 @@ def test_learn_wrong_finetune_key_and_checkpoint_mismatch_name_the_field(tmp_pat
 
 # -- 8. Ctrl-C: one line, exit code 130, resume exact ---------------------------------------------
 _INTERRUPTIBLE = """
-import sys, time
+import signal, sys, time
+# Python installs its Ctrl-C handler only where SIGINT is not ignored: never inherit an ignore
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import skntk.parallel as p
 p.featurize.__kwdefaults__["shard_size"] = 2
 compute, calls = p._transform_chunk, []
@@ -693,7 +695,7 @@ def slow(*args):
     calls.append(1)
     if len(calls) == 2:  # the first shard is on disk: wait here for the signal
         print("ready", flush=True)
-        time.sleep(60)
+        time.sleep(300)
     return compute(*args)
 p._transform_chunk = slow
 from skntk.cli import main
@@ -717,7 +719,7 @@ def test_ctrl_c_during_featurize_is_one_line_and_resumes(files, tmp_path, capsys
     try:
         assert proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130
