@@ -33,7 +33,9 @@ relative to one batched E+F evaluation of the model.
 Datasets (``--datasets``): ``acac`` (labelled and calibration frames from 300 K MD; test 300 K
 MD in distribution, 600 K MD out of it), ``ethanol`` and ``3bpa`` (one MD file: test frames from
 the same distribution), ``oc20`` (split by system: labelled, calibration and the in-distribution
-test frames from half of the relaxations, the out-of-distribution test set from the others).
+test frames from half of the relaxations, the out-of-distribution test set from the others;
+calibration and test frames only of the labelled frames' elements, which the estimator needs;
+a test set left with fewer than 10 such frames is absent from the piece).
 
 Pieces are written as they finish and skipped when present: rerun the same command to resume::
 
@@ -101,13 +103,21 @@ def split(dataset, n_train, n_cal, n_test, seed):
         return train, cal, {"md_300K": (test, True)}
     if dataset == "oc20":
         frames = _read(DATA / "oc20" / "oc20_s2ef_relax_24sys.extxyz")
-        sids = sorted({int(a.info["sid"]) for a in frames})
+        sids = sorted({str(a.info["sid"]) for a in frames})
         seen = set(rng.permutation(sids)[:len(sids) // 2].tolist())
-        inside = [a for a in frames if int(a.info["sid"]) in seen]
-        outside = [a for a in frames if int(a.info["sid"]) not in seen]
-        train, cal, test_in = draw(inside, n_train, n_cal, n_test)
+        inside = [a for a in frames if str(a.info["sid"]) in seen]
+        outside = [a for a in frames if str(a.info["sid"]) not in seen]
+        order = rng.permutation(len(inside))
+        train = [inside[i] for i in np.sort(order[:n_train])]
+        # ForceUncertainty refuses elements its posterior never saw (by name): calibration and
+        # test frames are drawn among those made of the labelled frames' elements only
+        known = {int(z) for a in train for z in a.numbers}
+        inside = [inside[i] for i in order[n_train:] if set(inside[i].numbers) <= known]
+        outside = [a for a in outside if set(a.numbers) <= known]
+        cal, test_in = draw(inside, n_cal, n_test)
         (test_out,) = draw(outside, n_test)
-        return train, cal, {"seen_systems": (test_in, True), "unseen_systems": (test_out, False)}
+        tests = {"seen_systems": (test_in, True), "unseen_systems": (test_out, False)}
+        return train, cal, {k: v for k, v in tests.items() if len(v[0]) >= 10}  # else absent
     raise ValueError(f"unknown dataset {dataset!r}; expected acac, ethanol, 3bpa or oc20.")
 
 
