@@ -116,7 +116,7 @@ def _warn_if_flat(coef, inputs, errors, pred):
                       f"error with {names} (every slope of the map is 0): every structure gets "
                       f"the same predicted error, {float(pred[0]):.3g} eV/Å, which bounds but "
                       f"does not rank; calibrate on more, or more varied, structures.",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
 
 
 def _apply_log_map(D, coef, s2):
@@ -436,13 +436,7 @@ class ForceUncertainty(BaseEstimator):
             raise ValueError(f"{errors.shape[0]} calibration pairs; {type(self).__name__} needs "
                              f"at least min_calibration={self.min_calibration}.")
         D = _design(log_pv, np.asarray(log_f, dtype=np.float64), self.inputs)
-        self.coef_, self.residual_var_ = _fit_log_map(D, errors)
-        pred = _apply_log_map(D, self.coef_, self.residual_var_)
-        _warn_if_flat(self.coef_, self.inputs, errors, pred)
-        self.n_calibration_ = errors.shape[0]
-        self.calibration_errors_ = errors
-        self.calibration_predictions_ = pred
-        self.calibration_scores_ = np.sort(errors / pred)
+        self._fit_structure_map(D, errors)
         self.energy_coef_, self.energy_residual_var_ = None, None
         self.atom_coef_, self.atom_residual_var_ = None, None
         if self.per_atom_ and atoms is not None:
@@ -450,6 +444,17 @@ class ForceUncertainty(BaseEstimator):
             self.atom_coef_, self.atom_residual_var_ = _fit_log_map(
                 _design(a_pv, a_f, self.inputs), a_err)
         return self
+
+    def _fit_structure_map(self, D, errors):
+        """The per-structure map on design ``D`` and true errors (n,), and its conformal scores
+        (the part :meth:`_calibrate` and :meth:`calibrate_pairs` share)."""
+        self.coef_, self.residual_var_ = _fit_log_map(D, errors)
+        pred = _apply_log_map(D, self.coef_, self.residual_var_)
+        _warn_if_flat(self.coef_, self.inputs, errors, pred)
+        self.n_calibration_ = errors.shape[0]
+        self.calibration_errors_ = errors
+        self.calibration_predictions_ = pred
+        self.calibration_scores_ = np.sort(errors / pred)
 
     def _calibrate(self, inputs, cal):
         """Fit the maps (structure, atom, energy) and the conformal scores on labelled ``cal``,
@@ -473,13 +478,7 @@ class ForceUncertainty(BaseEstimator):
             atom_errors.append(err.mean(axis=1))
         errors = np.asarray(errors)
         D = _design(inputs["log_pv"], inputs["log_f"], self.inputs)
-        self.coef_, self.residual_var_ = _fit_log_map(D, errors)
-        pred = _apply_log_map(D, self.coef_, self.residual_var_)
-        _warn_if_flat(self.coef_, self.inputs, errors, pred)
-        self.n_calibration_ = len(cal)
-        self.calibration_errors_ = errors
-        self.calibration_predictions_ = pred
-        self.calibration_scores_ = np.sort(errors / pred)
+        self._fit_structure_map(D, errors)
         n_atoms = np.array([len(a) for a in cal], dtype=np.float64)
         e_err = np.abs(inputs["energies"] - energies) / n_atoms
         self.energy_coef_, self.energy_residual_var_ = _fit_log_map(D, e_err)
