@@ -201,12 +201,6 @@ def run_piece(dataset, model_name, n_train, seed, size):
     from skntk.uncertainty import ForceUncertainty, _apply_log_map, _design, _fit_log_map
 
     train, cal, tests = split(dataset, n_train, size["n_calibration"], size["n_test"], seed)
-    names = list(tests)
-    frames = cal + [a for t in names for a in tests[t][0]]
-    parts, start = {}, len(cal)
-    for t in names:
-        parts[t] = slice(start, start + len(tests[t][0]))
-        start += len(tests[t][0])
     cost, one_off = {}, {}
     pretrained = load(model_name, device="cpu")
     reg0 = MLIPRegressor(pretrained, epochs=size["epochs"], patience=2, device="cpu",
@@ -218,6 +212,21 @@ def run_piece(dataset, model_name, n_train, seed, size):
         one_off["finetune" if k == 0 else f"finetune_member{k}"] = time.perf_counter() - t0
     reg = members[0]
     model = reg.model_
+    post_train = [train[i] for i in reg.train_indices_]  # what the model trained on
+    # ForceUncertainty refuses elements its posterior never saw (by name): keep the calibration
+    # and test frames made of the elements of the frames the model trained on (the validation
+    # frames MLIPRegressor held out are not in the posterior); the JSON records what was dropped
+    known = {int(z) for a in post_train for z in a.numbers}
+    n_drawn = {"calibration": len(cal), **{t: len(v[0]) for t, v in tests.items()}}
+    cal = [a for a in cal if set(a.numbers) <= known]
+    tests = {t: ([a for a in v[0] if set(a.numbers) <= known], v[1]) for t, v in tests.items()}
+    tests = {t: v for t, v in tests.items() if len(v[0]) >= 10}  # else absent
+    names = list(tests)
+    frames = cal + [a for t in names for a in tests[t][0]]
+    parts, start = {}, len(cal)
+    for t in names:
+        parts[t] = slice(start, start + len(tests[t][0]))
+        start += len(tests[t][0])
     V = model.validate(frames)
     t0 = time.perf_counter()
     e_hat, f_hat = predict_energies_forces(model, V)
@@ -227,7 +236,6 @@ def run_piece(dataset, model_name, n_train, seed, size):
     true, residuals = _force_errors(f_hat, f_ref, free)
     mean_f = np.array([np.linalg.norm(f, axis=1)[m].mean() for f, m in zip(f_hat, free,
                                                                             strict=True)])
-    post_train = [train[i] for i in reg.train_indices_]  # what the model trained on
     scores = {"force": mean_f, "random": np.random.default_rng(seed + 7).random(len(V))}
     ntk = {"ntk_energy": ForceNTKTransformer(model, kind="energy", n_features=256,
                                              random_state=0),
@@ -279,7 +287,8 @@ def run_piece(dataset, model_name, n_train, seed, size):
     product = est.predict(frames[len(cal):])
     check = float(np.max(np.abs(product / default_pred[len(cal):] - 1)))
     return {"dataset": dataset, "model": model_name, "n_train": n_train, "seed": seed,
-            "sizes": size, "n_posterior": len(post_train), "test_sets": {
+            "sizes": size, "n_posterior": len(post_train), "n_calibration": len(cal),
+            "n_drawn": n_drawn, "test_sets": {
                 t: {"n": len(tests[t][0]), "in_distribution": tests[t][1]} for t in names},
             "best_epoch": int(reg.best_epoch_), "ef_seconds_per_structure": t_ef,
             "one_off_seconds": one_off, "default_check_max_rel_diff": check,
