@@ -200,21 +200,36 @@ def _index_targets(y, idx):
         return [y[i] for i in idx]
 
 
-def _atoms_labels(atoms, y):
+def _atoms_labels(atoms, y, *, required=True, name="X"):
     """``(energies, forces)`` of ``atoms``: ``y`` (eV) if given, else the stored labels; forces
-    from the stored labels (entries None where missing). ``None`` when there are no labels."""
+    from the stored labels (entries None where missing). Without ``y``, structures with no energy
+    label raise (``required``) or give ``None``; a non-finite label raises either way, naming the
+    structure, as a non-finite ``y`` does (a NaN would make the score NaN, silently)."""
     from skntk.io import get_labels
 
-    try:
-        energies, forces = get_labels(atoms)
-    except ValueError:
-        if y is None:
+    if y is None:
+        try:
+            get_labels(atoms, name=name, finite=False)
+        except ValueError:
+            if required:
+                raise
             return None
-        energies, forces = None, [None] * len(atoms)
-    if y is not None:
-        energies = np.asarray(y, dtype=np.float64).reshape(-1)
-        if energies.shape[0] != len(atoms):
-            raise ValueError(f"y has {energies.shape[0]} energies; X has {len(atoms)} structures.")
+        return get_labels(atoms, name=name)  # raises on a non-finite label, naming it
+    try:  # y replaces the stored energies; their forces are still used
+        forces = get_labels(atoms, name=name, finite=False)[1]
+    except ValueError:
+        forces = [None] * len(atoms)
+    for i, f in enumerate(forces):
+        if f is not None and not np.isfinite(f).all():
+            raise ValueError(f"{name}[{i}] ({atoms[i].get_chemical_formula()}) has "
+                             "non-finite forces; labels must be finite numbers.")
+    energies = np.asarray(y, dtype=np.float64).reshape(-1)
+    if energies.shape[0] != len(atoms):
+        raise ValueError(f"y has {energies.shape[0]} energies; X has {len(atoms)} structures.")
+    bad = np.flatnonzero(~np.isfinite(energies))
+    if bad.size:
+        raise ValueError(f"y[{bad[0]}] is {energies[bad[0]]}; energies must be finite "
+                         f"({bad.size} non-finite).")
     return energies, forces
 
 
@@ -556,14 +571,12 @@ class SelectionPipeline(Pipeline):
         from skntk.selection._scoring import linearised_finetune_score
 
         step = self._model_step()
-        pool_labels = _atoms_labels(atoms, y)
-        if pool_labels is None:
-            raise ValueError("SelectionPipeline.score needs energy labels for the pool "
-                             "structures (stored with the Atoms, or as y).")
+        pool_labels = _atoms_labels(atoms, y)  # no label: the error names the structure
         lab_atoms = self._labelled_atoms()
         lab_labels = lab_blocks = None
         if lab_atoms:
-            lab_labels = _atoms_labels(lab_atoms, self._labelled[1])
+            lab_labels = _atoms_labels(lab_atoms, self._labelled[1], required=False,
+                                       name="labelled")
             if lab_labels is not None:
                 lab_blocks = as_blocks(self._upstream_transform(lab_atoms))
 

@@ -227,3 +227,46 @@ def test_scoring_on_arrays_still_needs_y():
     pipe.fit(rng.normal(size=(10, 3)))
     with pytest.raises(ValueError, match="needs targets y"):
         pipe.score(rng.normal(size=(20, 3)))
+
+
+def _with_labels(frames, energy=None, forces_nan_at=None):
+    out = []
+    for i, a in enumerate(frames):
+        b = a.copy()
+        f = a.get_forces().copy()
+        if i == forces_nan_at:
+            f[0, 0] = np.nan
+        b.calc = SinglePointCalculator(b, energy=a.get_potential_energy(), forces=f)
+        out.append(b)
+    if energy is not None:
+        out[energy[0]].calc.results["energy"] = energy[1]
+    return out
+
+
+def test_score_refuses_a_non_finite_label_naming_it_never_returns_nan(frames, model):
+    train = frames[:10]
+    pipe = make_pipe(model).fit(train)
+    with pytest.raises(ValueError, match=r"X\[5\] \(C2H6O\) has a non-finite energy label"):
+        pipe.score(_with_labels(frames[10:30], energy=(5, np.nan)))
+    with pytest.raises(ValueError, match=r"X\[3\] \(C2H6O\) has non-finite forces"):
+        pipe.score(_with_labels(frames[10:30], forces_nan_at=3))
+    y = np.array([a.get_potential_energy() for a in frames[10:30]])
+    with pytest.raises(ValueError, match=r"X\[3\] \(C2H6O\) has non-finite forces"):
+        pipe.score(_with_labels(frames[10:30], forces_nan_at=3), y)
+    y = np.array([a.get_potential_energy() for a in frames[10:30]])
+    y[19] = np.inf
+    with pytest.raises(ValueError, match=r"y\[19\] is inf"):
+        pipe.score(frames[10:30], y)
+    # y replaces a non-finite stored energy, and the score is the one of the clean labels
+    y[19] = frames[29].get_potential_energy()
+    clean = pipe.score(frames[10:30])
+    assert np.isfinite(clean)
+    assert pipe.score(_with_labels(frames[10:30], energy=(19, np.nan)), y) == clean
+
+
+def test_score_names_the_pool_structure_without_a_label(frames, model):
+    pool = _with_labels(frames[10:30])
+    pool[2].calc = None
+    pipe = make_pipe(model).fit(frames[:10])
+    with pytest.raises(ValueError, match=r"X\[2\] \(C2H6O\) has no energy label"):
+        pipe.score(pool)
