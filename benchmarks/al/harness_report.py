@@ -27,8 +27,9 @@ def summarise(records, metric="force_mae"):
     for r in records:
         for h in r["rounds"]:
             for test, m in h["metrics"].items():
-                if metric not in m:  # a metric added after the run
-                    continue
+                if metric not in m or m[metric] is None or not np.isfinite(m[metric]):
+                    continue  # a metric added after the run, or none for this set (NaN:
+                    # force metrics of an energy-only test set)
                 cell = out.setdefault(test, {}).setdefault(r["method"], {"by_round": {},
                                                                          "final": {},
                                                                          "seconds": []})
@@ -36,7 +37,7 @@ def summarise(records, metric="force_mae"):
         for test in out:
             if r["method"] in out[test]:
                 last = r["rounds"][-1]
-                if metric in last["metrics"].get(test, {}):
+                if np.isfinite(last["metrics"].get(test, {}).get(metric, np.nan) or np.nan):
                     out[test][r["method"]]["final"][(r["split"], r["seed"])] = \
                         last["metrics"][test][metric]
                     out[test][r["method"]]["seconds"].append(r["seconds"])
