@@ -175,3 +175,20 @@ treshold = 0.05
     r = _skntk("learn", "--config", "otf_bad.toml", cwd=workdir)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "unknown key(s) ['treshold'] in [onthefly]" in r.stderr
+
+
+def test_model_file_resolved_against_the_config_folder_names_kept(workdir, tmp_path,
+                                                                   monkeypatch):
+    from skntk.al.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # another folder: "cu.pt" is not here
+    cfg = load_config(workdir / "run.toml")
+    assert cfg["model"]["name"] == str(workdir / "cu.pt")
+    assert len(load(cfg["model"]["name"], device="cpu").parameters("all")) > 0
+    other = tmp_path / "named.toml"
+    other.write_text((workdir / "run.toml").read_text()
+                     .replace('name = "cu.pt"', 'name = "SevenNet-0"')
+                     .replace('"train.extxyz"', f'"{workdir / "train.extxyz"}"')
+                     .replace('"pool.extxyz"', f'"{workdir / "pool.extxyz"}"')
+                     .replace('"test.extxyz"', f'"{workdir / "test.extxyz"}"'))
+    assert load_config(other)["model"]["name"] == "SevenNet-0"  # a name, not a file

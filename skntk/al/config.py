@@ -237,7 +237,12 @@ def load_config(path) -> dict:
         {k: resolve(v) for k, v in test.items()}
     cfg["data"] = data
     cfg["output"] = config_path(cfg.get("output", "al_out"), base)
-    cfg.setdefault("model", {}).setdefault("name", "sevennet-0")
+    from skntk.models import is_model_name
+
+    model = cfg.setdefault("model", {})
+    model.setdefault("name", "sevennet-0")
+    if isinstance(model["name"], str) and not is_model_name(model["name"]):
+        model["name"] = str(config_path(model["name"], base))  # a file, like the data files
     return cfg
 
 

@@ -34,7 +34,7 @@ from skntk.models._util import require as _require  # noqa: F401
 from skntk.models._util import resolve_device as _resolve_device
 from skntk.models.base import MLIP, BackendBatch
 
-__all__ = ["BackendBatch", "MLIP", "load", "resolve_model"]
+__all__ = ["BackendBatch", "MLIP", "is_model_name", "load", "resolve_model"]
 
 _SEVENNET_NAMES = {"sevennet-0": "7net-0", "7net-0": "7net-0", "sevennet": "7net-0"}
 _CHGNET_NAMES = {"chgnet-0.3.0": "0.3.0", "chgnet": "0.3.0", "chgnet-0.2.0": "0.2.0"}
@@ -95,6 +95,16 @@ def load(name_or_model, *, device="auto", dtype=None) -> MLIP:
         f"load() takes a model name, a path, an MLIP or a torch.nn.Module; "
         f"got {type(name_or_model).__name__}."
     )
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` is a pretrained model :func:`load` knows by name (``"sevennet-0"``,
+    ``"chgnet-0.3.0"``, ...), not a file.
+
+    >>> is_model_name("SevenNet-0"), is_model_name("runs/model.pth")
+    (True, False)
+    """
+    return name.lower() in _SEVENNET_NAMES or name.lower() in _CHGNET_NAMES
 
 
 def _load_spec(key: str, device, dtype) -> MLIP:
