@@ -1,6 +1,7 @@
-"""On-the-fly learning in MD, prospective: uncertainty-triggered against periodic and random labels.
+r"""On-the-fly learning in MD, prospective: uncertainty-triggered vs periodic and random labels.
 
-    python benchmarks/bench_onthefly.py run --system cu_emt --strategy triggered --seed 0 [--fast]
+    python benchmarks/bench_onthefly.py run --system cu_emt --strategy triggered --seed 0 \
+        --preset medium
     python benchmarks/bench_onthefly.py report
 
 A real oracle labels frames of the model's own MD: SevenNet-0 (trained on PBE) learns GFN2-xTB
@@ -43,6 +44,17 @@ RESULTS = ROOT / "benchmarks" / "results" / "onthefly"
 DATA = SHARED_DATA / "molecules"
 SYSTEMS = ("acac_300", "acac_900", "cu_emt")
 STRATEGIES = ("triggered", "periodic", "committee", "random")
+#: run sizes: oracle calls, fine-tuning epochs, MD steps, labels between refits, MD steps between
+#: periodic labels, reference frames, steps of the stability MD. ``fast`` checks the script;
+#: ``medium`` is the comparison a 2-core CPU runs in ~10 min per (system, strategy, seed).
+PRESETS = {
+    "fast": dict(budget=6, epochs=3, n_steps=400, refit_every=2, periodic_every=40,
+                 n_reference=8, stability_steps=500),
+    "medium": dict(budget=20, epochs=10, n_steps=1000, refit_every=5, periodic_every=50,
+                   n_reference=30, stability_steps=2000),
+    "full": dict(budget=40, epochs=20, n_steps=2000, refit_every=5, periodic_every=50,
+                 n_reference=30, stability_steps=4000),
+}
 
 
 def committee_uncertainty(regressor, n_members=4):
@@ -136,7 +148,9 @@ def reference(name, n_frames, stride, seed=12345):
         f.get_forces()
         frames.append(f)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    ase.io.write(path, frames, format="extxyz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs side by side: whole or absent
+    ase.io.write(tmp, frames, format="extxyz")
+    os.replace(tmp, path)
     return ase.io.read(path, ":")
 
 
@@ -185,11 +199,13 @@ def run(args):
     from skntk import CalculatorOracle, MLIPRegressor, OnTheFlyLearner, evaluate, load
 
     torch.set_num_threads(args.threads)
-    fast = args.fast
-    budget, epochs = (6, 3) if fast else (40, 20)
-    n_steps = 400 if fast else 2000
-    test = reference(args.system, 8 if fast else 30, 50 if args.system.startswith("acac") else 20)
-    out = RESULTS / f"{args.system}-{args.strategy}-{args.seed}{'-fast' if fast else ''}.json"
+    preset = "fast" if args.fast else args.preset
+    size = PRESETS[preset]
+    budget, epochs, n_steps = size["budget"], size["epochs"], size["n_steps"]
+    test = reference(args.system, size["n_reference"],
+                     50 if args.system.startswith("acac") else 20)
+    tag = "" if preset == "full" else f"-{preset}"
+    out = RESULTS / f"{args.system}-{args.strategy}-{args.seed}{tag}.json"
     if out.exists():
         print(f"skip {out.name}")
         return 0
@@ -198,11 +214,12 @@ def run(args):
     reg = MLIPRegressor(model, epochs=epochs, progress_bar=False)
     t0 = time.perf_counter()
     ck = RESULTS / ".ckpt" / out.stem
-    common = dict(budget=budget, refit_every=2, temperature_K=temp, timestep_fs=dt,
+    common = dict(budget=budget, refit_every=size["refit_every"], temperature_K=temp,
+                  timestep_fs=dt,
                   regressor=reg, test_sets={"reference": test}, random_state=args.seed,
                   progress_bar=False)
     record = {"system": args.system, "strategy": args.strategy, "seed": args.seed,
-              "fast": fast, "budget": budget, "epochs": epochs, "n_steps": n_steps,
+              "fast": preset == "fast", "preset": preset, **size,
               "machine": f"{platform.machine()} {os.cpu_count()} cores", "threads": args.threads,
               "pretrained": evaluate(model, test)}
     if args.strategy in ("triggered", "periodic", "committee"):
@@ -213,7 +230,7 @@ def run(args):
                                       uncertainty=unc, **common)
         else:
             learner = OnTheFlyLearner(model, CalculatorOracle(calc()), threshold=1e-9,
-                                      every=40, checkpoint_dir=ck, **common)
+                                      every=size["periodic_every"], checkpoint_dir=ck, **common)
         res = learner.run(start, n_steps)
         record.update(history=res.history, checks=res.checks, stop_reason=res.stop_reason,
                       n_labels=len(res.labelled), failed=res.failed)
@@ -230,7 +247,7 @@ def run(args):
         labelled = CalculatorOracle(calc()).label([frames[i] for i in order[:budget]])
         labelled = [r.atoms for r in labelled if r.error is None]
         history = []
-        for n in range(2, len(labelled) + 1, 2):
+        for n in range(size["refit_every"], len(labelled) + 1, size["refit_every"]):
             r = MLIPRegressor(model, epochs=epochs, progress_bar=False,
                               random_state=args.seed).fit(labelled[:n])
             m = evaluate(r.model_, test)
@@ -238,7 +255,7 @@ def run(args):
                             "true": {"reference": m["force_mae"]}})
         record.update(history=history, n_labels=len(labelled))
         final = r.model_
-    record["stability"] = stability(final, args.system, 500 if fast else 4000, args.seed)
+    record["stability"] = stability(final, args.system, size["stability_steps"], args.seed)
     record["seconds"] = time.perf_counter() - t0
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -278,7 +295,9 @@ def main(argv=None):
     r.add_argument("--system", choices=SYSTEMS, required=True)
     r.add_argument("--strategy", choices=STRATEGIES, required=True)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--fast", action="store_true", help="a smoke-sized run (6 labels)")
+    r.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="run size (PRESETS): fast (6 labels, a smoke test), medium (20), full (40)")
+    r.add_argument("--fast", action="store_true", help="the same as --preset fast")
     r.add_argument("--threads", type=int, default=1)
     sub.add_parser("report")
     args = ap.parse_args(argv)
