@@ -265,11 +265,53 @@ def run(args):
     return 0
 
 
+def _final_mae(r):
+    return r["history"][-1]["true"]["reference"] if r.get("history") else float("nan")
+
+
+def _mean_curve(runs):
+    """``[(labels, mean force MAE, n seeds)]`` at the label counts every run reached."""
+    by = {}
+    for r in runs:
+        for h in r["history"]:
+            by.setdefault(h["n_labels"], []).append(h["true"]["reference"])
+    return [(n, float(np.mean(v)), len(v)) for n, v in sorted(by.items()) if len(v) == len(runs)]
+
+
+def _labels_to_reach(curve, value):
+    """Labels at which the monotone (running-minimum) ``curve`` first reaches ``value``,
+    interpolated linearly; None when it never does."""
+    best, prev = np.inf, None
+    for n, v, _ in curve:
+        v = min(v, best)
+        if v <= value:
+            if prev is None or prev[1] == v:
+                return float(n)
+            return float(prev[0] + (prev[1] - value) / (prev[1] - v) * (n - prev[0]))
+        best, prev = v, (n, v)
+    return None
+
+
+def _paired(a_runs, b_runs):
+    """Mean paired Δ % (a vs b, same seed) of the final force MAE, its 95 % t half-width, n,
+    and how many seeds a is ahead."""
+    from scipy import stats
+
+    b = {r["seed"]: _final_mae(r) for r in b_runs}
+    d = np.array([100 * (_final_mae(r) / b[r["seed"]] - 1) for r in a_runs if r["seed"] in b])
+    if d.size == 0:
+        return None
+    half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)) \
+        if d.size > 1 else float("nan")
+    return float(d.mean()), half, int(d.size), int(np.sum(d < 0))
+
+
 def report(args):
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    lines = ["| system | strategy | seed | labels | force MAE (eV/Å) by labels | final q95 | "
-             "MD / unc. / oracle / refit s | stable (model vs oracle) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["Per run:", "",
+             "| system | preset | strategy | seed | labels | force MAE (eV/Å) by labels | "
+             "final q95 | MD / unc. / oracle / refit s | MD steps | stable (model vs oracle) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         curve = ", ".join(f"{h['n_labels']}: {h['true']['reference']:.3f}" for h in r["history"])
         last = r["history"][-1] if r["history"] else {}
@@ -280,8 +322,46 @@ def report(args):
         st = r.get("stability", {})
         stable = ", ".join(f"{k}: {v.get('bond_graph_changed', v.get('error'))}"
                            for k, v in st.items())
-        lines.append(f"| {r['system']} | {r['strategy']} | {r['seed']} | {r['n_labels']} | "
-                     f"{curve} | {q95:.3f} | {split} | {stable} |")
+        preset = r.get("preset", "fast" if r.get("fast") else "full")
+        lines.append(f"| {r['system']} | {preset} | {r['strategy']} | {r['seed']} | "
+                     f"{r['n_labels']} | {curve} | {q95:.3f} | {split} | "
+                     f"{last.get('md_steps', '')} | {stable} |")
+    groups = {}
+    for r in rows:
+        preset = r.get("preset", "fast" if r.get("fast") else "full")
+        if preset != "fast":
+            groups.setdefault((r["system"], preset), {}).setdefault(r["strategy"], []).append(r)
+    for (system_, preset), by in sorted(groups.items()):
+        lines += ["", f"**{system_}, preset {preset}** (seed means; Δ: paired by seed, final "
+                  "force MAE on the reference frames, 95 % t-interval):", "",
+                  "| strategy | seeds | force MAE by labels | final Δ vs periodic | "
+                  "final Δ vs random | refit s | check s / MD s |", "|---|---|---|---|---|---|---|"]
+        for strat in STRATEGIES:
+            runs = by.get(strat)
+            if not runs:
+                continue
+            curve = ", ".join(f"{n}: {v:.4f}" for n, v, _ in _mean_curve(runs))
+            cells = []
+            for other in ("periodic", "random"):
+                p = _paired(runs, by.get(other, [])) if strat != other else None
+                cells.append("—" if p is None else
+                             f"{p[0]:+.1f} % [{p[0] - p[1]:+.1f}, {p[0] + p[1]:+.1f}], "
+                             f"{p[3]}/{p[2]} ahead")
+            secs = [r["history"][-1].get("seconds", {}) for r in runs if r["history"]]
+            refit = np.mean([s_.get("refit", np.nan) for s_ in secs]) if secs else np.nan
+            check = np.mean([s_.get("uncertainty", np.nan) / s_.get("md", np.nan)
+                             for s_ in secs]) if secs else np.nan
+            lines.append(f"| {strat} | {len(runs)} | {curve} | {cells[0]} | {cells[1]} | "
+                         f"{refit:.0f} | {check:.3f} |")
+        trig, per = by.get("triggered"), by.get("periodic")
+        if trig and per:
+            target = float(np.mean([_final_mae(r) for r in per]))
+            n_per = int(np.mean([r["n_labels"] for r in per]))
+            need = _labels_to_reach(_mean_curve(trig), target)
+            lines += ["", f"Labels the triggered runs need to reach periodic's final mean error "
+                      f"({target:.4f} eV/Å at {n_per} labels): "
+                      + ("not reached" if need is None else
+                         f"{need:.1f} ({need / n_per:.2f} of periodic's; target ≤ 0.67)") + "."]
     text = "\n".join(lines)
     (RESULTS / "report.md").write_text(text + "\n")
     print(text)
