@@ -98,17 +98,19 @@ def run(args, read, check_output, load_model) -> int:
             read(args.train, "--train"), read(args.calibration, "--calibration"))
         if args.save:
             joblib.dump(est, args.save)
+    from skntk.io import free_atoms
+    from skntk.models.predict import predict_energies_forces
     from skntk.uncertainty import conformal_quantile
 
-    frames = est._checked(read(args.structures, "--structures"))
-    inputs = est._inputs(frames)  # the model and the featuriser run once per structure
-    pred = est._predict_from(inputs)
+    frames = est.model_.validate(read(args.structures, "--structures"))
+    energies, forces = predict_energies_forces(est.model_, frames, batch_size=est.batch_size)
+    pred = est.predict(frames, forces=forces, energies=energies)  # the model runs once
     q = conformal_quantile(est.calibration_scores_, args.coverage)
     if not np.isfinite(q):
         print(f"warning: --coverage {args.coverage} needs more than the {est.n_calibration_} "
               f"calibration structures: the upper bounds are infinite", file=sys.stderr)
     upper = q * pred
-    true = _true_errors(frames, inputs["forces"], inputs["free"])
+    true = _true_errors(frames, forces, [free_atoms(a) for a in frames])
     for a, p, u, t in zip(frames, pred, upper, true, strict=True):
         a.info["force_uncertainty"] = float(p)
         a.info[f"force_uncertainty_upper_{round(100 * args.coverage)}"] = float(u)

@@ -565,7 +565,7 @@ class ForceUncertainty(BaseEstimator):
         return [flat[ptr[i]:ptr[i + 1]] for i in range(len(ptr) - 1)]
 
     # -- prediction ----------------------------------------------------------------------------
-    def predict(self, atoms, return_atoms=False):
+    def predict(self, atoms, return_atoms=False, *, forces=None, energies=None):
         """Expected force MAE of the model on each structure, in eV/Å.
 
         Parameters
@@ -574,6 +574,12 @@ class ForceUncertainty(BaseEstimator):
         return_atoms : bool, default=False
             Also return the expected error of each atom (mean absolute force component error,
             eV/Å); needs per-atom rows (see the class docstring), else a ``ValueError``.
+        forces : list of ndarray of shape (n_atoms_i, 3), optional
+            The model's own forces on ``atoms`` (eV/Å) when already computed (an MD step's,
+            from :func:`~skntk.finetune.predict_energies_forces`): the model is not run again.
+            Given together with ``energies``.
+        energies : array-like of shape (n_structures,), optional
+            The model's own energies (eV), with ``forces``.
 
         Returns
         -------
@@ -589,7 +595,20 @@ class ForceUncertainty(BaseEstimator):
             formula and element), or ``return_atoms=True`` without per-atom rows.
         """
         X = self._checked(atoms, return_atoms)
-        inputs = self._inputs(X)
+        if (forces is None) != (energies is None):
+            raise ValueError("predict needs forces and energies together (the model's own), "
+                             "or neither.")
+        if forces is not None:
+            if len(forces) != len(X) or len(energies) != len(X):
+                raise ValueError(f"{len(forces)} forces and {len(energies)} energies given "
+                                 f"for {len(X)} structures.")
+            for i, (a, f) in enumerate(zip(X, forces, strict=True)):
+                if np.shape(f) != (len(a), 3):
+                    raise ValueError(f"forces[{i}] has shape {np.shape(f)}; structure {i} "
+                                     f"({a.get_chemical_formula()}) needs ({len(a)}, 3).")
+            forces = [np.asarray(f, dtype=np.float64) for f in forces]
+            energies = np.asarray(energies, dtype=np.float64)
+        inputs = self._inputs(X, forces=forces, energies=energies)
         err = self._predict_from(inputs)
         return (err, self._predict_atoms_from(inputs)) if return_atoms else err
 

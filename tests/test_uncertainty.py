@@ -276,6 +276,28 @@ def test_per_atom_errors(fitted_atoms, data):
     np.testing.assert_allclose(err, fitted_atoms.predict(test))
 
 
+def test_predict_reuses_the_models_forces_when_given(fitted_atoms, model, data):
+    from skntk.finetune import predict_energies_forces
+
+    test = data["test"]
+    e, f = predict_energies_forces(model, test)
+    err, atoms_err = fitted_atoms.predict(test, return_atoms=True)
+    err2, atoms_err2 = fitted_atoms.predict(test, return_atoms=True, forces=f, energies=e)
+    np.testing.assert_array_equal(err2, err)  # the same numbers, without running the model
+    for a, b in zip(atoms_err2, atoms_err, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # other forces give another error bar: they are used, not recomputed
+    assert not np.array_equal(fitted_atoms.predict(test, forces=[3 * x for x in f], energies=e),
+                              err)
+    with pytest.raises(ValueError, match="forces and energies together"):
+        fitted_atoms.predict(test, forces=f)
+    with pytest.raises(ValueError, match="3 forces and 4 energies given for 4 structures"):
+        fitted_atoms.predict(test, forces=f[:3], energies=e)
+    with pytest.raises(ValueError, match=r"forces\[1\] has shape \(5, 3\); structure 1 "
+                                         r"\(CH4O\) needs \(6, 3\)"):
+        fitted_atoms.predict(test, forces=[f[0], f[1][:5]] + f[2:], energies=e)
+
+
 def test_joint_exact_rows_are_per_atom(model, data):
     feat = ForceNTKTransformer(model, kind="joint", force_rows="exact", n_features=16,
                                random_state=0)

@@ -610,7 +610,8 @@ def _error_bars(template, reg, train, tests):
     when the regressor's validation split is too small to calibrate it."""
     from scipy.stats import spearmanr
 
-    from skntk.io import get_labels
+    from skntk.io import free_atoms, get_labels
+    from skntk.models.predict import predict_energies_forces
     from skntk.uncertainty import ForceUncertainty
 
     params = {k: v for k, v in clone(template).get_params(deep=False).items() if k != "model"}
@@ -624,11 +625,11 @@ def _error_bars(template, reg, train, tests):
         keep = [i for i, f in enumerate(forces) if f is not None]
         if len(keep) < 2:
             continue
-        X = est._checked([atoms[i] for i in keep])
-        inputs = est._inputs(X)  # the model's forces and the features, computed once
-        pred = est._predict_from(inputs)
-        true = np.array([np.abs(f_hat - forces[i])[free].mean() for i, f_hat, free in
-                         zip(keep, inputs["forces"], inputs["free"], strict=True)])
+        X = est.model_.validate([atoms[i] for i in keep])
+        e_hat, f_hat = predict_energies_forces(est.model_, X, batch_size=est.batch_size)
+        pred = est.predict(X, forces=f_hat, energies=e_hat)
+        true = np.array([np.abs(f - forces[i])[free_atoms(a)].mean() for i, a, f in
+                         zip(keep, X, f_hat, strict=True)])
         out[name] = {"predicted": float(pred.mean()), "true": float(true.mean()),
                      "spearman": float(spearmanr(pred, true).statistic)}
     return out
