@@ -462,7 +462,10 @@ class _Run:
         est = self.est
         if est.target_fraction is None:
             return float(est.threshold)
-        recent = [c["predicted"] for c in self.checks if not c["cold"]][-est.window:]
+        # the predictions of calibrated checks, whether they labelled or not (a check is "cold"
+        # while this threshold is undefined: filtering on cold would never leave the cold start)
+        recent = [c["predicted"] for c in self.checks
+                  if np.isfinite(c["predicted"])][-est.window:]
         if len(recent) < 5:
             return float("nan")  # too few calibrated checks: label (see target_fraction)
         return float(np.quantile(recent, 1 - est.target_fraction))

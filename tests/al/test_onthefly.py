@@ -103,6 +103,24 @@ def test_calibrated_checks_follow_the_threshold(model, one_torch_thread):
     assert trigger(0.31, 0.3, cold=False) and not trigger(0.3, 0.3, cold=False)
 
 
+def test_target_fraction_threshold_leaves_the_cold_start(model, one_torch_thread):
+    """``target_fraction``: once 5 checks have a calibrated prediction, the threshold is the
+    ``1 - f`` quantile of the last ``window`` of them (written plainly here), and checks below
+    it are not labelled — the run no longer labels every check."""
+    res = learner(model, threshold=None, target_fraction=0.25, window=8, budget=14,
+                  every=2).run(start(), 200)
+    preds = []
+    for c in res.checks:
+        ref = np.quantile(preds[-8:], 0.75) if len(preds[-8:]) >= 5 else np.nan
+        np.testing.assert_equal(c["threshold"], ref)
+        if np.isfinite(c["predicted"]):
+            preds.append(c["predicted"])
+    warm = [c for c in res.checks if not c["cold"]]
+    assert warm, "the run never left the cold start"
+    assert any(not c["labelled"] for c in warm) and any(c["labelled"] for c in warm)
+    assert [c["labelled"] for c in res.checks] == reference_labels(res.checks, 14)
+
+
 def test_same_seed_same_run(model, one_torch_thread):
     a = learner(model, budget=4).run(start(), 100)
     b = learner(model, budget=4).run(start(), 100)
