@@ -124,7 +124,8 @@ class OnTheFlyLearner(BaseEstimator):
     budget : int, default=20
         Oracle calls at most (failed ones count); the run stops when it is spent.
     refit_every : int, default=2
-        Fine-tune after this many new labels.
+        Fine-tune after this many new labels, and once more when the run stops at the budget or
+        the step count with labels not yet fitted (the result's model has trained on them all).
     temperature_K : float, default=300.0
         Langevin temperature (and initial Maxwell-Boltzmann velocities).
     timestep_fs : float, default=0.5
@@ -622,12 +623,12 @@ class _Run:
                     self._refit()
             self._commit()
             if self.n_oracle >= est.budget:
-                return "budget"
+                return self._last_refit("budget")
             if self.consecutive_failures >= est.max_failures:
                 return (f"{self.consecutive_failures} labels failed in a row (last: "
                         f"{self.failed[-1]['error']})")
             if self.step >= n_steps:
-                return "n_steps"
+                return self._last_refit("n_steps")
             n = min(est.every, n_steps - self.step)
             t0 = time.perf_counter()
             self.dyn.run(n)
@@ -639,6 +640,14 @@ class _Run:
                 self._commit()
                 return f"stopped at MD step {self.step}: {problem}"
             self._step_check(bar)
+
+    def _last_refit(self, reason):
+        """At the budget or the step count: one more refit when labels came in since the last,
+        so that the result's model has trained on every label."""
+        if self.since_refit > 0 and len(self.labelled) >= self.est.n_initial:
+            self._refit()
+            self._commit()
+        return reason
 
     def _step_check(self, bar):
         c = self._check()

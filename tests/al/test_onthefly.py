@@ -121,6 +121,17 @@ def test_target_fraction_threshold_leaves_the_cold_start(model, one_torch_thread
     assert [c["labelled"] for c in res.checks] == reference_labels(res.checks, 14)
 
 
+def test_the_last_labels_are_fitted_when_the_run_stops(model, one_torch_thread):
+    """A budget that is not a multiple of refit_every: the run ends with one more refit, so the
+    result's model has trained on every label."""
+    res = learner(model, budget=5, refit_every=2).run(start(), 400)
+    assert res.stop_reason == "budget" and len(res.labelled) == 5
+    assert [h["n_labels"] for h in res.history] == [2, 4, 5]
+    res = learner(model, budget=6, refit_every=4).run(start(), 12)  # stops at n_steps: 4 checks
+    assert res.stop_reason == "n_steps" and len(res.labelled) == 4
+    assert [h["n_labels"] for h in res.history] == [2, 4]
+
+
 def test_same_seed_same_run(model, one_torch_thread):
     a = learner(model, budget=4).run(start(), 100)
     b = learner(model, budget=4).run(start(), 100)
