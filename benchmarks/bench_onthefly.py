@@ -353,13 +353,16 @@ def report(args):
                              for s_ in secs]) if secs else np.nan
             lines.append(f"| {strat} | {len(runs)} | {curve} | {cells[0]} | {cells[1]} | "
                          f"{refit:.0f} | {check:.3f} |")
-        trig, per = by.get("triggered"), by.get("periodic")
+        trig, per = by.get("triggered", []), by.get("periodic", [])
+        both = {r["seed"] for r in trig} & {r["seed"] for r in per}  # the same seeds in both
+        trig = [r for r in trig if r["seed"] in both]
+        per = [r for r in per if r["seed"] in both]
         if trig and per:
             target = float(np.mean([_final_mae(r) for r in per]))
             n_per = int(np.mean([r["n_labels"] for r in per]))
             need = _labels_to_reach(_mean_curve(trig), target)
             lines += ["", f"Labels the triggered runs need to reach periodic's final mean error "
-                      f"({target:.4f} eV/Å at {n_per} labels): "
+                      f"(seeds {sorted(both)}; {target:.4f} eV/Å at {n_per} labels): "
                       + ("not reached" if need is None else
                          f"{need:.1f} ({need / n_per:.2f} of periodic's; target ≤ 0.67)") + "."]
     text = "\n".join(lines)
