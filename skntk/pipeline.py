@@ -579,6 +579,10 @@ class SelectionPipeline(Pipeline):
                                        name="labelled")
             if lab_labels is not None:
                 lab_blocks = as_blocks(self._upstream_transform(lab_atoms))
+            else:
+                warnings.warn(f"score: the {len(lab_atoms)} structures given to fit have no energy "
+                              "labels; the yardstick is fitted on the selected structures only.",
+                              UserWarning, stacklevel=3)
 
         def predict(structures):
             if step is None or structures is None:

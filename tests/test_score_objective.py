@@ -270,3 +270,11 @@ def test_score_names_the_pool_structure_without_a_label(frames, model):
     pipe = make_pipe(model).fit(frames[:10])
     with pytest.raises(ValueError, match=r"X\[2\] \(C2H6O\) has no energy label"):
         pipe.score(pool)
+
+
+def test_score_warns_when_the_fit_structures_have_no_labels(frames, model):
+    unlabelled = [a.copy() for a in frames[:10]]  # copies carry no calculator: no labels
+    pipe = make_pipe(model).fit(unlabelled)
+    with pytest.warns(UserWarning, match="the 10 structures given to fit have no energy labels"):
+        got = pipe.score(frames[10:30])
+    assert np.isfinite(got)
