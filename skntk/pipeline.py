@@ -203,33 +203,30 @@ def _index_targets(y, idx):
 def _atoms_labels(atoms, y, *, required=True, name="X"):
     """``(energies, forces)`` of ``atoms``: ``y`` (eV) if given, else the stored labels; forces
     from the stored labels (entries None where missing). Without ``y``, structures with no energy
-    label raise (``required``) or give ``None``; a non-finite label raises either way, naming the
-    structure, as a non-finite ``y`` does (a NaN would make the score NaN, silently)."""
-    from skntk.io import get_labels
+    label raise (``required``) or give ``None``. A non-finite label, stored or in ``y``, raises
+    naming the structure (a NaN would make the score NaN, silently)."""
+    from skntk.io import get_labels, label_problem
 
-    if y is None:
-        try:
-            get_labels(atoms, name=name, finite=False)
-        except ValueError:
+    try:
+        energies, forces = get_labels(atoms, name=name, finite=False)
+    except ValueError:  # a structure without a label
+        if y is None:
             if required:
                 raise
             return None
-        return get_labels(atoms, name=name)  # raises on a non-finite label, naming it
-    try:  # y replaces the stored energies; their forces are still used
-        forces = get_labels(atoms, name=name, finite=False)[1]
-    except ValueError:
-        forces = [None] * len(atoms)
-    for i, f in enumerate(forces):
-        if f is not None and not np.isfinite(f).all():
-            raise ValueError(f"{name}[{i}] ({atoms[i].get_chemical_formula()}) has "
-                             "non-finite forces; labels must be finite numbers.")
-    energies = np.asarray(y, dtype=np.float64).reshape(-1)
-    if energies.shape[0] != len(atoms):
-        raise ValueError(f"y has {energies.shape[0]} energies; X has {len(atoms)} structures.")
-    bad = np.flatnonzero(~np.isfinite(energies))
-    if bad.size:
-        raise ValueError(f"y[{bad[0]}] is {energies[bad[0]]}; energies must be finite "
-                         f"({bad.size} non-finite).")
+        energies, forces = None, [None] * len(atoms)
+    if y is not None:  # y replaces the stored energies; their forces are still used
+        energies = np.asarray(y, dtype=np.float64).reshape(-1)
+        if energies.shape[0] != len(atoms):
+            raise ValueError(f"y has {energies.shape[0]} energies; X has {len(atoms)} structures.")
+        bad = np.flatnonzero(~np.isfinite(energies))
+        if bad.size:
+            raise ValueError(f"y[{bad[0]}] is {energies[bad[0]]}; energies must be finite "
+                             f"({bad.size} non-finite).")
+    for i, (a, e, f) in enumerate(zip(atoms, energies, forces, strict=True)):
+        problem = label_problem(a, e, f)  # the check every label passes (io)
+        if problem is not None:
+            raise ValueError(f"{name}[{i}] ({a.get_chemical_formula()}) {problem}.")
     return energies, forces
 
 

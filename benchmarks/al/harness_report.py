@@ -20,6 +20,13 @@ def load_results(directory):
     return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("*.json"))]
 
 
+def _has(metrics, metric):
+    """Whether ``metrics`` holds a finite ``metric`` (absent: added after the run; NaN: none for
+    that set, such as force metrics of an energy-only test set)."""
+    v = metrics.get(metric)
+    return v is not None and bool(np.isfinite(v))
+
+
 def summarise(records, metric="force_mae"):
     """``{test_set: {method: {"rounds": [(n_labelled, mean, std, n)], "final": {seed: value},
     "seconds": mean}}}``."""
@@ -27,9 +34,8 @@ def summarise(records, metric="force_mae"):
     for r in records:
         for h in r["rounds"]:
             for test, m in h["metrics"].items():
-                if metric not in m or m[metric] is None or not np.isfinite(m[metric]):
-                    continue  # a metric added after the run, or none for this set (NaN:
-                    # force metrics of an energy-only test set)
+                if not _has(m, metric):
+                    continue
                 cell = out.setdefault(test, {}).setdefault(r["method"], {"by_round": {},
                                                                          "final": {},
                                                                          "seconds": []})
@@ -37,7 +43,7 @@ def summarise(records, metric="force_mae"):
         for test in out:
             if r["method"] in out[test]:
                 last = r["rounds"][-1]
-                if np.isfinite(last["metrics"].get(test, {}).get(metric, np.nan) or np.nan):
+                if _has(last["metrics"].get(test, {}), metric):
                     out[test][r["method"]]["final"][(r["split"], r["seed"])] = \
                         last["metrics"][test][metric]
                     out[test][r["method"]]["seconds"].append(r["seconds"])
