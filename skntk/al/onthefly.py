@@ -64,7 +64,10 @@ class OnTheFlyResult:
         ``seconds`` (``md``, ``uncertainty``, ``oracle``, ``refit`` so far).
     checks : list of dict
         Every check: ``step``, ``predicted`` (eV/Å; NaN during the cold start), ``threshold``,
-        ``labelled`` (bool), ``cold`` (bool), ``generation``.
+        ``labelled`` (bool), ``cold`` (bool), ``generation``; a labelled check after the first
+        fine-tuning also has ``true``, the force MAE (eV/Å, free atoms) of the model that ran the
+        MD on that frame against its new label: ``predicted`` against ``true`` over these checks is
+        a prospective calibration check on the frames the MD visits.
     labelled : list of ase.Atoms
         The labelled frames (with ``info["md_step"]``), in labelling order.
     failed : list of dict
@@ -502,6 +505,8 @@ class _Run:
             self.trusted = (self.atoms.get_positions(), self.atoms.get_momenta(), self.step)
         if label:
             check["labelled"] = self._label(frame, inputs)
+            if check["labelled"] and inputs is not None:
+                check["true"] = self.pairs["error"][-1]  # the pair _label just added
         self.checks.append(check)
         if self.ckpt is not None:
             self.frames.append(frame)

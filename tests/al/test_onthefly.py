@@ -132,6 +132,27 @@ def test_the_last_labels_are_fitted_when_the_run_stops(model, one_torch_thread):
     assert [h["n_labels"] for h in res.history] == [2, 4]
 
 
+def test_true_error_of_labelled_checks(model, one_torch_thread, tmp_path):
+    """A labelled check after the first fine-tuning records ``true``: the force MAE of the model
+    that ran the MD there (reloaded here from the checkpoint of its generation) against the
+    frame's label, written plainly; cold-start labels of the pretrained model have none."""
+    import torch
+
+    res = learner(model, budget=6, checkpoint_dir=tmp_path).run(start(), 400)
+    labelled = [c for c in res.checks if c["labelled"]]
+    assert [("true" in c) for c in labelled] == [c["generation"] >= 1 for c in labelled]
+    by_step = {a.info["md_step"]: a for a in res.labelled}
+    for c in labelled[2:]:
+        gen = model.copy()
+        gen.module.load_state_dict(torch.load(tmp_path / f"model-{c['generation']}.pt",
+                                              weights_only=True))
+        frame = by_step[c["step"]]
+        x = frame.copy()
+        x.calc = gen.calculator()
+        err = np.abs(x.get_forces() - frame.get_forces()).mean()
+        assert c["true"] == pytest.approx(err, rel=1e-6)
+
+
 def test_same_seed_same_run(model, one_torch_thread):
     a = learner(model, budget=4).run(start(), 100)
     b = learner(model, budget=4).run(start(), 100)
