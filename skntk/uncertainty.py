@@ -595,6 +595,54 @@ class ForceUncertainty(BaseEstimator):
             formula and element), or ``return_atoms=True`` without per-atom rows.
         """
         X = self._checked(atoms, return_atoms)
+        return self.predict_from_inputs(self._given_inputs(X, forces, energies), return_atoms)
+
+    def map_inputs(self, atoms, *, forces=None, energies=None):
+        """What the calibrated map reads, per structure and per atom (the first half of
+        :meth:`predict`): for a caller that also needs the model's predictions, such as an MD
+        driver that records calibration pairs (:meth:`calibrate_pairs`).
+
+        Parameters
+        ----------
+        atoms : list of ase.Atoms of length n_structures, ase.Atoms or a path
+        forces, energies : optional
+            The model's own forces and energies, as in :meth:`predict`.
+
+        Returns
+        -------
+        inputs : dict
+            ``log_pv`` (n_structures,) log posterior variance (None for ``inputs="force"``),
+            ``log_f`` (n_structures,) log mean predicted force norm over free atoms (eV/Å),
+            ``atom_log_pv`` (None without per-atom rows) and ``atom_log_f`` (n_atoms_total,),
+            ``forces`` (list of (n_atoms_i, 3), eV/Å), ``energies`` (n_structures,), ``free``
+            (list of boolean masks).
+        """
+        check_is_fitted(self, "model_")
+        X = self.model_.validate(atoms)
+        self._check_elements(X)
+        return self._given_inputs(X, forces, energies)
+
+    def predict_from_inputs(self, inputs, return_atoms=False):
+        """The second half of :meth:`predict`: the calibrated map applied to :meth:`map_inputs`.
+
+        Returns
+        -------
+        error : ndarray of shape (n_structures,)
+            Expected force MAE over the free atoms of each structure (eV/Å).
+        atom_errors : list of ndarray of shape (n_atoms_i,)
+            Only with ``return_atoms=True`` (per-atom rows only, else a ``ValueError``).
+        """
+        check_is_fitted(self, "coef_")
+        if return_atoms and (self.atom_coef_ is None or inputs.get("atom_log_pv") is None):
+            raise ValueError(
+                "return_atoms=True needs per-atom rows and a per-atom calibration; this "
+                f"estimator has {self._rows_description()}"
+                + ("" if self.per_atom_ else ", which have no per-atom layout") + ".")
+        err = self._predict_from(inputs)
+        return (err, self._predict_atoms_from(inputs)) if return_atoms else err
+
+    def _given_inputs(self, X, forces, energies):
+        """:meth:`_inputs` of validated ``X``, with the caller's forces and energies checked."""
         if (forces is None) != (energies is None):
             raise ValueError("predict needs forces and energies together (the model's own), "
                              "or neither.")
@@ -608,9 +656,7 @@ class ForceUncertainty(BaseEstimator):
                                      f"({a.get_chemical_formula()}) needs ({len(a)}, 3).")
             forces = [np.asarray(f, dtype=np.float64) for f in forces]
             energies = np.asarray(energies, dtype=np.float64)
-        inputs = self._inputs(X, forces=forces, energies=energies)
-        err = self._predict_from(inputs)
-        return (err, self._predict_atoms_from(inputs)) if return_atoms else err
+        return self._inputs(X, forces=forces, energies=energies)
 
     def predict_interval(self, atoms, coverage=0.9):
         """Upper bound of each structure's force MAE with the given coverage, in eV/Å.

@@ -298,6 +298,30 @@ def test_predict_reuses_the_models_forces_when_given(fitted_atoms, model, data):
         fitted_atoms.predict(test, forces=[f[0], f[1][:5]] + f[2:], energies=e)
 
 
+def test_map_inputs_then_predict_from_inputs_is_predict(fitted_atoms, fitted, model, data):
+    """predict's two public halves: the inputs (log PV from the reference posterior formula,
+    log mean |F̂| over free atoms written plainly), then the map; per-atom output refused where
+    the rows have no per-atom layout, and unseen elements refused by map_inputs too."""
+    test = data["test"]
+    inputs = fitted_atoms.map_inputs(test)
+    err, atoms_err = fitted_atoms.predict_from_inputs(inputs, return_atoms=True)
+    ref_err, ref_atoms = fitted_atoms.predict(test, return_atoms=True)
+    np.testing.assert_array_equal(err, ref_err)
+    for a, b in zip(atoms_err, ref_atoms, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _, f = predict_energies_forces(model, test)
+    np.testing.assert_allclose(inputs["log_f"],
+                               np.log([np.linalg.norm(x, axis=1).mean() for x in f]), rtol=1e-10)
+    pv = reference_pv(fitted_atoms.featurizer_, data["train"], test)
+    np.testing.assert_allclose(np.exp(inputs["log_pv"]), pv, rtol=1e-5)
+    with pytest.raises(ValueError, match="return_atoms=True needs per-atom rows.*rows of kind "
+                                         "'energy', which have no per-atom layout"):
+        fitted.predict_from_inputs(fitted.map_inputs(test), return_atoms=True)
+    with pytest.raises(ValueError, match=r"X\[0\] \(H3N\) contains N \(Z=7\), which the "
+                       r"posterior never saw"):
+        fitted.map_inputs([molecule("NH3")])
+
+
 def test_joint_exact_rows_are_per_atom(model, data):
     feat = ForceNTKTransformer(model, kind="joint", force_rows="exact", n_features=16,
                                random_state=0)

@@ -476,16 +476,14 @@ class _Run:
 
     def _inputs(self):
         """Map inputs of the current frame under the current error bar (model forces reused)."""
-        X = self.unc.model_.validate([self.atoms])
-        self.unc._check_elements(X)
         e = float(self.atoms.get_potential_energy())
         f = np.asarray(self.atoms.get_forces(), dtype=np.float64)
-        return self.unc._inputs(X, forces=[f], energies=np.array([e]))
+        return self.unc.map_inputs([self.atoms], forces=[f], energies=[e])
 
     def _predict(self, inputs):
         if self.est.reduction == "max_atom":
-            return float(self.unc._predict_atoms_from(inputs)[0].max())
-        return float(self.unc._predict_from(inputs)[0])
+            return float(self.unc.predict_from_inputs(inputs, return_atoms=True)[1][0].max())
+        return float(self.unc.predict_from_inputs(inputs)[0])
 
     def _check(self):
         calibrated = self.unc is not None and hasattr(self.unc, "coef_")

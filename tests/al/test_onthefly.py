@@ -291,7 +291,7 @@ def test_calibrate_pairs_equals_fit_on_the_same_structures(model, one_torch_thre
     est = ForceUncertainty(model=model).fit_posterior(train)
     with pytest.raises(Exception, match="not fitted|coef_"):
         est.predict(cal)  # no map yet
-    inputs = est._inputs(cal)
+    inputs = est.map_inputs(cal)
     _, forces = get_labels(cal)
     errors = [np.abs(f_hat - f)[free_atoms(a)].mean()
               for a, f, f_hat in zip(cal, forces, inputs["forces"], strict=True)]
