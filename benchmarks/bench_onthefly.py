@@ -317,7 +317,8 @@ def _paired(a_runs, b_runs):
 def _calibration_table(by):
     """Predicted against true force MAE (seed means, eV/Å) by the generation of the model that
     ran the MD: on the frames it flagged and labelled (prospective: new to it) and on the
-    reference frames (after that generation's fine-tuning)."""
+    reference frames (after that generation's fine-tuning); the calibrated map's slopes, and how
+    far its predictions over the generation's checks spread (how much it tells frames apart)."""
     lines = []
     for strat in ("triggered", "committee"):
         runs = [r for r in by.get(strat, []) if any("true" in c for c in r.get("checks", []))]
@@ -326,7 +327,9 @@ def _calibration_table(by):
         lines += ["", f"Calibration of the {strat} runs (seeds {sorted(r['seed'] for r in runs)}; "
                   "means over seeds of per-run means, eV/Å; ratio = predicted / true):", "",
                   "| model generation | labelled frames: predicted / true (ratio) | "
-                  "reference frames: predicted / true (ratio) |", "|---|---|---|"]
+                  "reference frames: predicted / true (ratio) | map slopes b (log PV), "
+                  "c (log \\|F̂\\|) | predicted q90 / q10 over its checks |",
+                  "|---|---|---|---|---|"]
         gens = sorted({c["generation"] for r in runs for c in r["checks"] if "true" in c}
                       | {h["generation"] for r in runs for h in r["history"]})
         for g in gens:
@@ -340,7 +343,15 @@ def _calibration_table(by):
                 p, t = (a.mean(axis=0) if a.size else (np.nan, np.nan))
                 cells.append(f"{p:.3f} / {t:.3f} ({p / t:.2f})" if np.isfinite(p) else
                              f"— / {t:.3f} (uncalibrated)" if np.isfinite(t) else "—")
-            lines.append(f"| {g} | {cells[0]} | {cells[1]} |")
+            coefs = [h["map"]["coef"] for r in runs for h in r["history"]
+                     if h["generation"] == g and h.get("map")]
+            cells.append(", ".join(f"{v:.2f}" for v in np.mean(coefs, axis=0)[1:])
+                         if coefs else "—")
+            spread = [np.quantile(p, 0.9) / np.quantile(p, 0.1) for r in runs
+                      if len(p := [c["predicted"] for c in r["checks"] if c["generation"] == g
+                                   and np.isfinite(c["predicted"])]) >= 2]
+            cells.append(f"{np.mean(spread):.2f}" if spread else "—")
+            lines.append("| " + " | ".join([str(g)] + cells) + " |")
     return lines
 
 
@@ -348,6 +359,8 @@ def backfill(args):
     """Add ``true`` to the labelled checks of runs written before the driver recorded it, from
     their checkpoints' calibration pairs (the same numbers, in the same order)."""
     import pickle
+
+    from skntk.uncertainty import _apply_log_map, _design, _fit_log_map
 
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
@@ -359,13 +372,33 @@ def backfill(args):
             print(f"no checkpoint for {path.name}")
             continue
         with open(state, "rb") as fh:
-            errors = pickle.load(fh)["pairs"]["error"]
+            pairs = pickle.load(fh)["pairs"]
+        errors = pairs["error"]
         labelled = [c for c in r["checks"] if c["labelled"] and c["generation"] >= 1]
         if len(labelled) != len(errors):
             raise SystemExit(f"{path.name}: {len(labelled)} labelled checks after the first "
                              f"fine-tuning but {len(errors)} pairs in {state}")
         for c, e in zip(labelled, errors, strict=True):
             c["true"] = float(e)
+        for h in r["history"]:  # each refit's map: the first n_calibration pairs, refitted
+            n = h["n_calibration"]
+            h["map"] = None
+            if n >= 4 and np.isfinite(h["predicted"]["reference"]):
+                D = _design(np.array(pairs["log_pv"][:n]), np.array(pairs["log_f"][:n]),
+                            "pv+force")
+                coef, s2 = _fit_log_map(D, np.array(errors[:n]))
+                h["map"] = {"coef": coef.tolist(), "residual_var": float(s2)}
+        maps = {h["generation"]: h["map"] for h in r["history"]}
+        for k, c in enumerate(labelled):  # the refitted maps give the run's own predictions
+            m = maps.get(c["generation"])
+            if m is not None:
+                D = _design(np.array(pairs["log_pv"][k:k + 1]),
+                            np.array(pairs["log_f"][k:k + 1]), "pv+force")
+                p = _apply_log_map(D, np.array(m["coef"]), m["residual_var"])[0]
+                if not np.isclose(p, c["predicted"], rtol=1e-6):
+                    raise SystemExit(f"{path.name}: the refitted map of generation "
+                                     f"{c['generation']} predicts {p} at step {c['step']}, "
+                                     f"the run {c['predicted']}")
         r["true_from_checkpoint"] = True
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(r, indent=1, default=float))

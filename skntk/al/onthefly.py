@@ -58,7 +58,10 @@ class OnTheFlyResult:
     ----------
     history : list of dict
         One entry per fine-tuning (``generation`` 1, 2, ...): ``n_labels``, ``md_steps``,
-        ``threshold`` (eV/Å), ``n_calibration`` (pairs), ``predicted`` / ``true``
+        ``threshold`` (eV/Å), ``n_calibration`` (pairs), ``map`` (the calibrated map's
+        ``coef`` ``[a, b, c]`` of ``log e = a + b log PV + c log |F̂|`` as
+        :class:`~skntk.ForceUncertainty` orders them, and ``residual_var``; None before
+        ``min_calibration`` pairs), ``predicted`` / ``true``
         (``{test_set: mean predicted / true force MAE}`` with ``test_sets``, eV/Å), ``metrics``
         (``{test_set: evaluate(...) dict}``),
         ``seconds`` (``md``, ``uncertainty``, ``oracle``, ``refit`` so far).
@@ -598,6 +601,9 @@ class _Run:
         entry = {"generation": self.generation, "n_labels": len(self.labelled),
                  "md_steps": self.step, "n_oracle": self.n_oracle,
                  "threshold": self._threshold(), "n_calibration": len(self.pairs["error"]),
+                 "map": ({"coef": self.unc.coef_.tolist(),
+                          "residual_var": float(self.unc.residual_var_)}
+                         if hasattr(self.unc, "coef_") else None),
                  "seconds": dict(self.seconds)}
         if self.tests:
             from skntk.metrics import evaluate

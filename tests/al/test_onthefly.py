@@ -91,6 +91,8 @@ def test_end_to_end_labels_refits_and_stops_at_the_budget(model, one_torch_threa
     assert [h["n_labels"] for h in res.history] == [2, 4, 6]
     assert all(set(h["true"]) == {"md"} for h in res.history)
     assert res.model is not model and res.uncertainty.n_calibration_ == 4
+    assert [h["map"] is None for h in res.history] == [True, True, False]
+    np.testing.assert_array_equal(res.history[-1]["map"]["coef"], res.uncertainty.coef_)
 
 
 def test_calibrated_checks_follow_the_threshold(model, one_torch_thread):
