@@ -82,6 +82,34 @@ def refit_reference_energies(model: MLIP, atoms, energies, *, predicted=None,
     return {z: float(d) for z, d in zip(elements, delta, strict=True)}
 
 
+def _composition_span(atoms, tol=1e-8):
+    """``(elements, basis, formulas)``: an orthonormal basis (rank, n_elements) of the span of
+    the element counts of ``atoms``, and up to three of their distinct formulas."""
+    elements = sorted({int(z) for a in atoms for z in a.numbers})
+    C = composition_matrix(atoms, elements)
+    _, sv, vt = np.linalg.svd(C, full_matrices=False)
+    basis = vt[:int(np.sum(sv > tol * sv[0]))]
+    formulas = list(dict.fromkeys(a.get_chemical_formula() for a in atoms))
+    return elements, basis, formulas[:3] + (["..."] if len(formulas) > 3 else [])
+
+
+def _outside_span(atoms, span, tol=1e-6):
+    """Indices of ``atoms`` made of the span's elements whose element counts lie outside it (the
+    refitted references do not determine their energies)."""
+    if span is None:
+        return []
+    elements, basis, _ = span
+    known = set(elements)
+    out = []
+    for i, a in enumerate(atoms):
+        if not set(a.numbers.tolist()) <= known:
+            continue  # an unlabelled element: warned about on its own
+        c = composition_matrix([a], elements)[0]
+        if np.linalg.norm(c - basis.T @ (basis @ c)) > tol * np.linalg.norm(c):
+            out.append(i)
+    return out
+
+
 def _labels(atoms):
     energies, forces = get_labels(atoms)
     return energies, forces, [free_atoms(a) for a in atoms]
@@ -142,6 +170,12 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         Change of each element's reference energy (eV/atom); empty without ``refit_shifts``.
     elements_ : frozenset of int
         Elements of the training structures.
+    compositions_ : tuple or None
+        ``(elements, basis, formulas)``: the span of the element counts the references were
+        refitted on (None without ``refit_shifts``). ``predict`` warns for a
+        structure whose counts lie outside it (one molecule's labels fix the sum of its
+        elements' references, not each one: another molecule's energy is then off by a
+        constant; forces are unaffected).
     train_indices_ : ndarray of int of shape (n_train,)
         Indices into ``X`` of the structures trained on (sorted).
     validation_indices_ : ndarray of int of shape (n_validation,)
@@ -256,9 +290,11 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         _check_copy(base, model, X[:1])
         self.elements_ = frozenset(int(z) for a in X for z in a.numbers)
         self.reference_shifts_ = {}
+        self.compositions_ = None
         if self.refit_shifts:
             tr_atoms = [X[i] for i in tr_idx]
             self.reference_shifts_ = refit_reference_energies(model, tr_atoms, energies[tr_idx])
+            self.compositions_ = _composition_span(tr_atoms)
 
         names = {n for n, _ in model.parameters(self.parameters)}
         params = dict(model.module.named_parameters())
@@ -368,7 +404,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         return history, best_epoch
 
     # -- prediction ----------------------------------------------------------------------------
-    def _checked(self, X):
+    def _checked(self, X, energies=True):
         check_is_fitted(self, "model_")
         X = self.model_.validate(X)
         if self.refit_shifts:
@@ -379,6 +415,17 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
                 warnings.warn(
                     f"elements {[chemical_symbols[z] for z in unseen]} had no label in fit: they "
                     f"keep the pretrained model's reference energies.", UserWarning, stacklevel=3)
+            outside = _outside_span(X, getattr(self, "compositions_", None)) if energies else []
+            if outside:
+                i = outside[0]
+                more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+                warnings.warn(
+                    f"X[{i}] ({X[i].get_chemical_formula()}){more}: a composition that is not a "
+                    f"combination of the compositions fit refitted the reference energies on "
+                    f"({', '.join(self.compositions_[2])}); its energy carries a per-element "
+                    f"offset the labels did not determine (forces do not). Label a few such "
+                    f"structures, or compare energies with the offset removed "
+                    f"(energy_mae_centered).", UserWarning, stacklevel=3)
         return X
 
     def predict(self, X, return_forces=False):
@@ -412,7 +459,7 @@ class MLIPRegressor(RegressorMixin, BaseEstimator):
         """
         from skntk.metrics import evaluate
 
-        return -evaluate(self, self._checked(X))["force_mae"]
+        return -evaluate(self, self._checked(X, energies=False))["force_mae"]
 
 
 def _check_copy(base: MLIP, copy: MLIP, atoms) -> None:

@@ -279,6 +279,34 @@ def test_unlabelled_elements_keep_reference_and_warn():
         plain.predict(mixed)
 
 
+def test_energies_of_compositions_the_labels_do_not_fix_warn():
+    """Labels of one composition fix the sum of its elements' references, not each one: predict
+    warns for a structure whose element counts are not a combination of the labelled ones (a
+    plain rank test written here), and is silent for those that are; score (forces) is silent."""
+    model = small_model((PT, CU))
+    reg = MLIPRegressor(model, epochs=1, random_state=0).fit(cupt_slabs(5, 3, n_pt=2))
+    elements, basis, formulas = reg.compositions_
+    assert elements == [CU, PT] and basis.shape == (1, 2) and formulas == ["Cu6Pt2"]
+    other = cupt_slabs(3, 7, n_pt=3)  # Cu5Pt3: outside the span of (6, 2)
+    same = cupt_slabs(2, 8, n_pt=2)
+    for frames, outside in ((other, True), (same, False), (same + other, True)):
+        C = np.vstack([counts(cupt_slabs(1, 3, n_pt=2), elements), counts(frames, elements)])
+        assert (np.linalg.matrix_rank(C) > 1) == outside  # the reference test
+    with pytest.warns(UserWarning, match=r"X\[2\] \(Cu5Pt3\) and 2 more: a composition that is "
+                      r"not a combination of the compositions .*\(Cu6Pt2\)"):
+        reg.predict(same + other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.predict(same)
+        reg.score(same + other)
+    two = MLIPRegressor(model, epochs=1, random_state=0).fit(
+        cupt_slabs(3, 3, n_pt=2) + cupt_slabs(3, 4, n_pt=3))  # rank 2: every Cu/Pt composition
+    assert two.compositions_[1].shape == (2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two.predict(cupt_slabs(2, 9, n_pt=1))
+
+
 # -- fixed atoms ----------------------------------------------------------------------------------
 def _with_fixed(frames, garbage, how="array"):
     out = []

@@ -324,7 +324,7 @@ class OnTheFlyLearner(BaseEstimator):
 
 #: What a checkpoint holds of a run besides the labels, the models and the MD state.
 _STATE = ("step", "generation", "n_oracle", "failed", "checks", "history", "pairs", "seconds",
-          "since_refit", "consecutive_failures", "trusted", "written")
+          "since_refit", "consecutive_failures", "trusted", "written", "fitted")
 
 
 class _Run:
@@ -344,6 +344,8 @@ class _Run:
                       "atom_log_f": [], "atom_error": []}
         self.seconds = dict.fromkeys(("md", "uncertainty", "oracle", "refit"), 0.0)
         self.since_refit, self.consecutive_failures = 0, 0
+        # what the current error bar was fitted on: labels, calibration pairs, per-atom pairs
+        self.fitted = (0, 0, 0)
         self.model, self.unc = pretrained, None
         self.atoms = start.copy()
         self.atoms.calc = None
@@ -574,9 +576,12 @@ class _Run:
             p["atom_error"].extend(err.mean(axis=1).tolist())
 
     def _fit_uncertainty(self):
+        """The error bar of the current model, from the labels and pairs of its refit
+        (``self.fitted``: a resumed run must not add labels or pairs that came later)."""
+        n_labels, n_pairs, n_atoms = self.fitted
         unc = clone(self.unc_t).set_params(model=self.model)
-        unc.fit_posterior(self.labelled)
-        p = self.pairs
+        unc.fit_posterior(self.labelled[:n_labels])
+        p = {k: v[:n_atoms if k.startswith("atom_") else n_pairs] for k, v in self.pairs.items()}
         if len(p["error"]) >= self.est.min_calibration:
             atoms = None
             if p["atom_error"]:
@@ -596,6 +601,8 @@ class _Run:
         self.model = reg.model_
         self.since_refit = 0
         self._save_model(self.generation)
+        self.fitted = (len(self.labelled), len(self.pairs["error"]),
+                       len(self.pairs["atom_error"]))
         self.unc = self._fit_uncertainty()
         self.seconds["refit"] += time.perf_counter() - t0
         entry = {"generation": self.generation, "n_labels": len(self.labelled),
