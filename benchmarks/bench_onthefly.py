@@ -375,6 +375,7 @@ def backfill(args):
             pairs = pickle.load(fh)["pairs"]
         errors = pairs["error"]
         labelled = [c for c in r["checks"] if c["labelled"] and c["generation"] >= 1]
+        inputs = "pv" if r["strategy"] == "committee" else "pv+force"  # as the run's maps
         if len(labelled) != len(errors):
             raise SystemExit(f"{path.name}: {len(labelled)} labelled checks after the first "
                              f"fine-tuning but {len(errors)} pairs in {state}")
@@ -385,7 +386,7 @@ def backfill(args):
             h["map"] = None
             if n >= 4 and np.isfinite(h["predicted"]["reference"]):
                 D = _design(np.array(pairs["log_pv"][:n]), np.array(pairs["log_f"][:n]),
-                            "pv+force")
+                            inputs)
                 coef, s2 = _fit_log_map(D, np.array(errors[:n]))
                 h["map"] = {"coef": coef.tolist(), "residual_var": float(s2)}
         maps = {h["generation"]: h["map"] for h in r["history"]}
@@ -393,7 +394,7 @@ def backfill(args):
             m = maps.get(c["generation"])
             if m is not None:
                 D = _design(np.array(pairs["log_pv"][k:k + 1]),
-                            np.array(pairs["log_f"][k:k + 1]), "pv+force")
+                            np.array(pairs["log_f"][k:k + 1]), inputs)
                 p = _apply_log_map(D, np.array(m["coef"]), m["residual_var"])[0]
                 if not np.isclose(p, c["predicted"], rtol=1e-6):
                     raise SystemExit(f"{path.name}: the refitted map of generation "
