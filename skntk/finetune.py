@@ -100,14 +100,13 @@ def _outside_span(atoms, span, tol=1e-6):
         return []
     elements, basis, _ = span
     known = set(elements)
-    out = []
-    for i, a in enumerate(atoms):
-        if not set(a.numbers.tolist()) <= known:
-            continue  # an unlabelled element: warned about on its own
-        c = composition_matrix([a], elements)[0]
-        if np.linalg.norm(c - basis.T @ (basis @ c)) > tol * np.linalg.norm(c):
-            out.append(i)
-    return out
+    idx = [i for i, a in enumerate(atoms) if set(a.numbers.tolist()) <= known]
+    if not idx:  # atoms with an unlabelled element are warned about on their own
+        return []
+    C = composition_matrix([atoms[i] for i in idx], elements)
+    resid = np.linalg.norm(C - (C @ basis.T) @ basis, axis=1)
+    return [i for i, r, n in zip(idx, resid, np.linalg.norm(C, axis=1), strict=True)
+            if r > tol * n]
 
 
 def _labels(atoms):

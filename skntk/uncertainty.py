@@ -533,8 +533,10 @@ class ForceUncertainty(BaseEstimator):
             out["atom_log_pv"] = np.log(np.maximum(np.concatenate(atom_pv), _PV_FLOOR))
         return out
 
-    def _checked(self, atoms, return_atoms=False):
-        check_is_fitted(self, "coef_")
+    def _checked(self, atoms, return_atoms=False, fitted="coef_"):
+        """Validated ``atoms``, refused when not fitted (``fitted``: the attribute that must
+        exist), when an element is unseen or when per-atom output has no per-atom rows."""
+        check_is_fitted(self, fitted)
         if return_atoms and not self.per_atom_:
             raise ValueError(
                 "return_atoms=True needs per-atom rows: a featuriser with kind='force' or "
@@ -617,9 +619,7 @@ class ForceUncertainty(BaseEstimator):
             ``forces`` (list of (n_atoms_i, 3), eV/Å), ``energies`` (n_structures,), ``free``
             (list of boolean masks).
         """
-        check_is_fitted(self, "model_")
-        X = self.model_.validate(atoms)
-        self._check_elements(X)
+        X = self._checked(atoms, fitted="model_")
         return self._given_inputs(X, forces, energies)
 
     def predict_from_inputs(self, inputs, return_atoms=False):
