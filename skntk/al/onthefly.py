@@ -9,7 +9,8 @@ frame twice.
 
 **Cold start.** Until the model has been fine-tuned on ``n_initial`` labels and its error bar has
 ``min_calibration`` calibration pairs, every check labels its frame (the first check is the
-starting frame). **Calibration.** Each frame labelled after the first fine-tuning gives one pair
+starting frame); with ``target_fraction``, the 5 calibrated checks that follow record their
+predictions without labelling, to define the quantile threshold. **Calibration.** Each frame labelled after the first fine-tuning gives one pair
 (the map inputs of the model of that moment, its true force error there): the frame was new to
 that model, so the pairs are out-of-sample errors, collected at no extra oracle cost. The map is
 refitted on all pairs at every refit. The cold-start pairs are frames taken as MD produced them;
@@ -145,7 +146,8 @@ class OnTheFlyLearner(BaseEstimator):
     target_fraction : float or None, default=None
         Instead of a fixed ``threshold``: label about this fraction of the checks, with the
         threshold at the ``1 - target_fraction`` quantile of the predicted errors of the last
-        ``window`` calibrated checks (labels every check until 5 of them exist).
+        ``window`` calibrated checks (the first 5 calibrated checks only record their predictions:
+        the cold start does not spend labels on defining the quantile).
     window : int, default=20
         Checks the ``target_fraction`` threshold looks back on.
     n_initial : int, default=2
@@ -471,12 +473,11 @@ class _Run:
         est = self.est
         if est.target_fraction is None:
             return float(est.threshold)
-        # the predictions of calibrated checks, whether they labelled or not (a check is "cold"
-        # while this threshold is undefined: filtering on cold would never leave the cold start)
+        # the predictions of calibrated checks, whether they labelled or not
         recent = [c["predicted"] for c in self.checks
                   if np.isfinite(c["predicted"])][-est.window:]
         if len(recent) < 5:
-            return float("nan")  # too few calibrated checks: label (see target_fraction)
+            return float("nan")  # too few calibrated checks: no threshold yet, no label
         return float(np.quantile(recent, 1 - est.target_fraction))
 
     def _inputs(self):
@@ -497,14 +498,16 @@ class _Run:
         predicted = self._predict(inputs) if calibrated else float("nan")
         self.seconds["uncertainty"] += time.perf_counter() - t0
         threshold = self._threshold()
-        cold = not calibrated or not np.isfinite(threshold)
+        # the cold start ends with the calibration; a check before the target_fraction
+        # threshold exists is recorded, not labelled (predicted > NaN is False)
+        cold = not calibrated
         label = trigger(predicted, threshold, cold=cold) and self.n_oracle < self.est.budget
         frame = self.atoms.copy()
         frame.calc = None
         frame.info["md_step"] = self.step
         check = {"step": self.step, "predicted": predicted, "threshold": threshold,
                  "labelled": False, "cold": cold, "generation": self.generation}
-        if not label and not cold:
+        if not label and not cold and np.isfinite(threshold):
             self.trusted = (self.atoms.get_positions(), self.atoms.get_momenta(), self.step)
         if label:
             check["labelled"] = self._label(frame, inputs)

@@ -121,6 +121,9 @@ def test_target_fraction_threshold_leaves_the_cold_start(model, one_torch_thread
     assert warm, "the run never left the cold start"
     assert any(not c["labelled"] for c in warm) and any(c["labelled"] for c in warm)
     assert [c["labelled"] for c in res.checks] == reference_labels(res.checks, 14)
+    # the 5 calibrated checks that define the quantile record their predictions, no label
+    defining = [c for c in warm if not np.isfinite(c["threshold"])]
+    assert len(defining) == 5 and not any(c["labelled"] for c in defining)
 
 
 def test_the_last_labels_are_fitted_when_the_run_stops(model, one_torch_thread):
