@@ -9,7 +9,10 @@ frame twice.
 
 **Cold start.** Until the model has been fine-tuned on ``n_initial`` labels and its error bar has
 ``min_calibration`` calibration pairs, every check labels its frame (the first check is the
-starting frame). **Calibration.** Each frame labelled after the first fine-tuning gives one pair
+starting frame); with ``target_fraction``, the 5 calibrated checks that follow record their
+predictions without labelling, to define the quantile threshold; checks predicted exactly at
+the threshold (a flat map ties them all) label in the share that keeps the target fraction.
+**Calibration.** Each frame labelled after the first fine-tuning gives one pair
 (the map inputs of the model of that moment, its true force error there): the frame was new to
 that model, so the pairs are out-of-sample errors, collected at no extra oracle cost. The map is
 refitted on all pairs at every refit. The cold-start pairs are frames taken as MD produced them;
@@ -37,7 +40,7 @@ from skntk.al.loop import _atomic_json, _atomic_text, _content_hash, _describe
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnTheFlyLearner", "OnTheFlyResult", "trigger"]
+__all__ = ["OnTheFlyLearner", "OnTheFlyResult", "quantile_threshold", "trigger"]
 
 
 def trigger(predicted, threshold, *, cold):
@@ -48,6 +51,29 @@ def trigger(predicted, threshold, *, cold):
     (True, False, True)
     """
     return bool(cold or predicted > threshold)
+
+
+def quantile_threshold(recent, target_fraction):
+    """The ``target_fraction`` threshold of the last checks' predicted errors ``recent`` (eV/Å)
+    and the share of checks predicted exactly at it that should label: ``(f - above) / tied``
+    of the window, clipped to [0, 1], so that about ``f`` of the checks label even when
+    predictions tie (a flat map predicts one value for every frame: without the share, no check
+    would ever exceed the threshold again). ``(nan, 0.0)`` below 5 predictions.
+
+    >>> quantile_threshold([0.2] * 6, 0.25)
+    (0.2, 0.25)
+    >>> thr, share = quantile_threshold([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 0.25)
+    >>> round(thr, 6), share
+    (0.475, 0.0)
+    """
+    recent = np.asarray(recent, dtype=float)
+    if len(recent) < 5:
+        return float("nan"), 0.0
+    thr = float(np.quantile(recent, 1 - target_fraction))
+    tied = np.isclose(recent, thr, rtol=1e-12, atol=0.0)
+    above = float(np.mean((recent > thr) & ~tied))
+    share = (target_fraction - above) / float(np.mean(tied)) if tied.any() else 0.0
+    return thr, float(min(max(share, 0.0), 1.0))
 
 
 @dataclass
@@ -145,7 +171,10 @@ class OnTheFlyLearner(BaseEstimator):
     target_fraction : float or None, default=None
         Instead of a fixed ``threshold``: label about this fraction of the checks, with the
         threshold at the ``1 - target_fraction`` quantile of the predicted errors of the last
-        ``window`` calibrated checks (labels every check until 5 of them exist).
+        ``window`` calibrated checks (the first 5 calibrated checks only record their predictions:
+        the cold start does not spend labels on defining the quantile); checks predicted exactly
+        at the threshold (a flat map ties them all) label in the share that keeps the fraction
+        (:func:`quantile_threshold`).
     window : int, default=20
         Checks the ``target_fraction`` threshold looks back on.
     n_initial : int, default=2
@@ -324,7 +353,7 @@ class OnTheFlyLearner(BaseEstimator):
 
 #: What a checkpoint holds of a run besides the labels, the models and the MD state.
 _STATE = ("step", "generation", "n_oracle", "failed", "checks", "history", "pairs", "seconds",
-          "since_refit", "consecutive_failures", "trusted", "written", "fitted")
+          "since_refit", "consecutive_failures", "trusted", "written", "fitted", "tie_credit")
 
 
 class _Run:
@@ -350,6 +379,7 @@ class _Run:
         self.atoms = start.copy()
         self.atoms.calc = None
         self.trusted = None
+        self.tie_credit = 0.0
         self.rng = np.random.RandomState(self.seed_md % (2 ** 32))
         state = self._open(est._config(start, tests))
         if state is None:
@@ -471,13 +501,15 @@ class _Run:
         est = self.est
         if est.target_fraction is None:
             return float(est.threshold)
-        # the predictions of calibrated checks, whether they labelled or not (a check is "cold"
-        # while this threshold is undefined: filtering on cold would never leave the cold start)
+        return self._quantile()[0]
+
+    def _quantile(self):
+        """:func:`quantile_threshold` of the predictions of the last ``window`` calibrated checks,
+        whether they labelled or not (NaN below 5: no threshold yet, no label)."""
+        est = self.est
         recent = [c["predicted"] for c in self.checks
                   if np.isfinite(c["predicted"])][-est.window:]
-        if len(recent) < 5:
-            return float("nan")  # too few calibrated checks: label (see target_fraction)
-        return float(np.quantile(recent, 1 - est.target_fraction))
+        return quantile_threshold(recent, est.target_fraction)
 
     def _inputs(self):
         """Map inputs of the current frame under the current error bar (model forces reused)."""
@@ -497,14 +529,23 @@ class _Run:
         predicted = self._predict(inputs) if calibrated else float("nan")
         self.seconds["uncertainty"] += time.perf_counter() - t0
         threshold = self._threshold()
-        cold = not calibrated or not np.isfinite(threshold)
-        label = trigger(predicted, threshold, cold=cold) and self.n_oracle < self.est.budget
+        # the cold start ends with the calibration; a check before the target_fraction
+        # threshold exists is recorded, not labelled (predicted > NaN is False)
+        cold = not calibrated
+        label = trigger(predicted, threshold, cold=cold)
+        if (not label and not cold and self.est.target_fraction is not None
+                and np.isclose(predicted, threshold, rtol=1e-12, atol=0.0)):
+            # a tie with the quantile: label the window's share of tied checks (credit carried)
+            self.tie_credit += self._quantile()[1]
+            if self.tie_credit >= 1.0 - 1e-9:
+                label, self.tie_credit = True, self.tie_credit - 1.0
+        label = label and self.n_oracle < self.est.budget
         frame = self.atoms.copy()
         frame.calc = None
         frame.info["md_step"] = self.step
         check = {"step": self.step, "predicted": predicted, "threshold": threshold,
                  "labelled": False, "cold": cold, "generation": self.generation}
-        if not label and not cold:
+        if not label and not cold and np.isfinite(threshold):
             self.trusted = (self.atoms.get_positions(), self.atoms.get_momenta(), self.step)
         if label:
             check["labelled"] = self._label(frame, inputs)

@@ -121,6 +121,9 @@ def test_target_fraction_threshold_leaves_the_cold_start(model, one_torch_thread
     assert warm, "the run never left the cold start"
     assert any(not c["labelled"] for c in warm) and any(c["labelled"] for c in warm)
     assert [c["labelled"] for c in res.checks] == reference_labels(res.checks, 14)
+    # the 5 calibrated checks that define the quantile record their predictions, no label
+    defining = [c for c in warm if not np.isfinite(c["threshold"])]
+    assert len(defining) == 5 and not any(c["labelled"] for c in defining)
 
 
 def test_the_last_labels_are_fitted_when_the_run_stops(model, one_torch_thread):
@@ -303,3 +306,38 @@ def test_calibrate_pairs_equals_fit_on_the_same_structures(model, one_torch_thre
     np.testing.assert_allclose(est.predict(train), ref.predict(train), rtol=1e-10)
     with pytest.raises(ValueError, match="min_calibration=10"):
         est.calibrate_pairs(inputs["log_pv"][:3], inputs["log_f"][:3], errors[:3])
+
+
+def test_quantile_threshold_keeps_the_fraction_when_predictions_tie():
+    """A flat map predicts one value for every check: the quantile equals it, no check exceeds
+    it, and the tie share (written plainly here) labels the target fraction of them."""
+    from skntk.al.onthefly import quantile_threshold
+
+    rng = np.random.default_rng(0)
+    for f in (0.1, 0.25, 0.5):
+        for recent in (np.full(20, 0.3), rng.uniform(0.1, 0.5, 20), np.r_[np.full(10, 0.2),
+                                                                          np.full(10, 0.4)]):
+            thr, share = quantile_threshold(recent, f)
+            assert thr == pytest.approx(np.quantile(recent, 1 - f))
+            tied = np.isclose(recent, thr, rtol=1e-12, atol=0)
+            above = np.mean((recent > thr) & ~tied)
+            want = min(max((f - above) / tied.mean(), 0), 1) if tied.any() else 0.0
+            assert share == pytest.approx(want)
+            if tied.any():  # strictly above, plus the tied share of the ties: the fraction
+                assert above + share * tied.mean() == pytest.approx(f)
+    assert quantile_threshold(np.full(20, 0.3), 0.25) == (0.3, 0.25)
+    assert np.isnan(quantile_threshold([0.3] * 4, 0.25)[0])
+
+
+def test_flat_map_still_labels_the_target_fraction(model, one_torch_thread, monkeypatch):
+    """With every prediction equal (a flat map), the run goes on labelling about
+    ``target_fraction`` of its checks instead of stopping for good."""
+    from skntk.al import onthefly
+
+    monkeypatch.setattr(onthefly._Run, "_predict", lambda self, inputs: 0.3)
+    res = learner(model, threshold=None, target_fraction=0.25, window=8, budget=30,
+                  every=2).run(start(), 200)
+    warm = [c for c in res.checks if not c["cold"] and np.isfinite(c["threshold"])]
+    assert len(warm) >= 20
+    frac = np.mean([c["labelled"] for c in warm])
+    assert 0.2 <= frac <= 0.3, frac
