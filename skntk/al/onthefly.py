@@ -498,15 +498,12 @@ class _Run:
 
     # -- checks, labels, refits ----------------------------------------------------------------
     def _threshold(self):
+        """The threshold (eV/Å) and the share of checks tied with it that label: the fixed
+        ``threshold`` (no share), or :func:`quantile_threshold` of the predictions of the last
+        ``window`` calibrated checks, whether they labelled or not (NaN below 5: no label)."""
         est = self.est
         if est.target_fraction is None:
-            return float(est.threshold)
-        return self._quantile()[0]
-
-    def _quantile(self):
-        """:func:`quantile_threshold` of the predictions of the last ``window`` calibrated checks,
-        whether they labelled or not (NaN below 5: no threshold yet, no label)."""
-        est = self.est
+            return float(est.threshold), 0.0
         recent = [c["predicted"] for c in self.checks
                   if np.isfinite(c["predicted"])][-est.window:]
         return quantile_threshold(recent, est.target_fraction)
@@ -528,15 +525,15 @@ class _Run:
         inputs = self._inputs() if self.unc is not None else None
         predicted = self._predict(inputs) if calibrated else float("nan")
         self.seconds["uncertainty"] += time.perf_counter() - t0
-        threshold = self._threshold()
+        threshold, share = self._threshold()
         # the cold start ends with the calibration; a check before the target_fraction
         # threshold exists is recorded, not labelled (predicted > NaN is False)
         cold = not calibrated
         label = trigger(predicted, threshold, cold=cold)
-        if (not label and not cold and self.est.target_fraction is not None
+        if (not label and not cold and share > 0.0
                 and np.isclose(predicted, threshold, rtol=1e-12, atol=0.0)):
             # a tie with the quantile: label the window's share of tied checks (credit carried)
-            self.tie_credit += self._quantile()[1]
+            self.tie_credit += share
             if self.tie_credit >= 1.0 - 1e-9:
                 label, self.tie_credit = True, self.tie_credit - 1.0
         label = label and self.n_oracle < self.est.budget
@@ -648,7 +645,7 @@ class _Run:
         self.seconds["refit"] += time.perf_counter() - t0
         entry = {"generation": self.generation, "n_labels": len(self.labelled),
                  "md_steps": self.step, "n_oracle": self.n_oracle,
-                 "threshold": self._threshold(), "n_calibration": len(self.pairs["error"]),
+                 "threshold": self._threshold()[0], "n_calibration": len(self.pairs["error"]),
                  "map": ({"coef": self.unc.coef_.tolist(),
                           "residual_var": float(self.unc.residual_var_)}
                          if hasattr(self.unc, "coef_") else None),
