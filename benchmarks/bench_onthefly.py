@@ -424,6 +424,49 @@ def backfill(args):
     return 0
 
 
+def plot(system_, preset, by, path):
+    """Force MAE and q95 of |ΔF_i| on the reference frames against labels (seed mean, with each
+    seed's curve faint), and the predicted error along the first triggered run's trajectory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skntk.al.onthefly import OnTheFlyResult
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, strat in enumerate(k for k in by if by[k] and by[k][0]["history"]):
+        colour = f"C{i}"
+        for ax, key in zip(axes[:2], ("force_mae", "force_q95"), strict=True):
+            curves = [[(h["n_labels"], h["metrics"]["reference"][key]) for h in r["history"]]
+                      for r in by[strat]]
+            for c in curves:
+                ax.plot(*zip(*c, strict=True), color=colour, alpha=0.25, lw=0.8)
+            mean = {}
+            for c in curves:
+                for n, v in c:
+                    mean.setdefault(n, []).append(v)
+            n_all = sorted(n for n, v in mean.items() if len(v) == len(curves))
+            ax.plot(n_all, [np.mean(mean[n]) for n in n_all], "o-", color=colour,
+                    label=f"{strat} ({len(curves)} seeds)")
+    for ax, title in zip(axes[:2], ("force MAE", "95th percentile of |ΔF_i|"), strict=True):
+        ax.set_xlabel("oracle labels")
+        ax.set_ylabel(f"{title} (eV/Å)")
+        ax.set_title(f"{system_} ({preset}): {title} on the reference frames", fontsize=9)
+        ax.legend(fontsize=7)
+    trig = sorted((r for k in ("triggered", "triggered (rule 1)") for r in by.get(k, [])),
+                  key=lambda r: (_strategy(r) != "triggered", r["seed"]))  # rule 2 first
+    if trig:
+        r = trig[0]
+        OnTheFlyResult(r["history"], r["checks"], [], [], None, None).plot(axes[2])
+        axes[2].set_title(f"{_strategy(r)}, seed {r['seed']}: checks along the MD", fontsize=9)
+    else:
+        axes[2].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(args):
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     lines = ["Per run:", "",
@@ -484,6 +527,9 @@ def report(args):
                              f"{need:.1f} ({need / n_per:.2f} of periodic's; target ≤ 0.67)")
                           + "."]
         lines += _calibration_table(by)
+        png = f"curves_{system_}_{preset}.png"
+        plot(system_, preset, by, RESULTS / png)
+        lines += ["", f"![{system_} {preset}]({png})"]
     text = "\n".join(lines)
     (RESULTS / "report.md").write_text(text + "\n")
     print(text)
