@@ -526,6 +526,18 @@ def report(args):
                           + ("not reached" if need is None else
                              f"{need:.1f} ({need / n_per:.2f} of periodic's; target ≤ 0.67)")
                           + "."]
+        for rule in ("", " (rule 1)"):
+            trig, com = by.get("triggered" + rule, []), by.get("committee" + rule, [])
+            p = _paired(trig, com)
+            if p is not None:
+                seeds = sorted({r["seed"] for r in trig} & {r["seed"] for r in com})
+                cost = [r["history"][-1]["seconds"]["refit"] for r in trig if r["seed"] in seeds]
+                cost_c = [r["history"][-1]["seconds"]["refit"] for r in com if r["seed"] in seeds]
+                lines += ["", f"Triggered{rule} against the committee{rule} (seeds {seeds}): "
+                          f"final force MAE {p[0]:+.1f} % [{p[0] - p[1]:+.1f}, {p[0] + p[1]:+.1f}] "
+                          f"({p[3]}/{p[2]} seeds lower; target: within 5 %), at "
+                          f"{np.mean(cost) / np.mean(cost_c):.2f} of its refit time "
+                          "(target ≤ 0.25)."]
         lines += _calibration_table(by)
         png = f"curves_{system_}_{preset}.png"
         plot(system_, preset, by, RESULTS / png)
