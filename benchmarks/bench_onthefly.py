@@ -292,12 +292,13 @@ def _final_mae(r):
     return r["history"][-1]["true"]["reference"] if r.get("history") else float("nan")
 
 
-def _mean_curve(runs):
-    """``[(labels, mean force MAE, n seeds)]`` at the label counts every run reached."""
+def _mean_curve(runs, key="force_mae"):
+    """``[(labels, mean of the reference frames' metric key, n seeds)]`` at the label counts
+    every run reached."""
     by = {}
     for r in runs:
         for h in r["history"]:
-            by.setdefault(h["n_labels"], []).append(h["true"]["reference"])
+            by.setdefault(h["n_labels"], []).append(h["metrics"]["reference"][key])
     return [(n, float(np.mean(v)), len(v)) for n, v in sorted(by.items()) if len(v) == len(runs)]
 
 
@@ -442,13 +443,8 @@ def plot(system_, preset, by, path):
                       for r in by[strat]]
             for c in curves:
                 ax.plot(*zip(*c, strict=True), color=colour, alpha=0.25, lw=0.8)
-            mean = {}
-            for c in curves:
-                for n, v in c:
-                    mean.setdefault(n, []).append(v)
-            n_all = sorted(n for n, v in mean.items() if len(v) == len(curves))
-            ax.plot(n_all, [np.mean(mean[n]) for n in n_all], "o-", color=colour,
-                    label=f"{strat} ({len(curves)} seeds)")
+            n_all, mean, _ = zip(*_mean_curve(by[strat], key), strict=True)
+            ax.plot(n_all, mean, "o-", color=colour, label=f"{strat} ({len(curves)} seeds)")
     for ax, title in zip(axes[:2], ("force MAE", "95th percentile of |ΔF_i|"), strict=True):
         ax.set_xlabel("oracle labels")
         ax.set_ylabel(f"{title} (eV/Å)")

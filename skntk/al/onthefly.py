@@ -53,6 +53,11 @@ def trigger(predicted, threshold, *, cold):
     return bool(cold or predicted > threshold)
 
 
+def _tied(predicted, threshold):
+    """Predictions equal to the threshold (up to round-off): the ties of a flat map."""
+    return np.isclose(predicted, threshold, rtol=1e-12, atol=0.0)
+
+
 def quantile_threshold(recent, target_fraction):
     """The ``target_fraction`` threshold of the last checks' predicted errors ``recent`` (eV/Å)
     and the share of checks predicted exactly at it that should label: ``(f - above) / tied``
@@ -70,7 +75,7 @@ def quantile_threshold(recent, target_fraction):
     if len(recent) < 5:
         return float("nan"), 0.0
     thr = float(np.quantile(recent, 1 - target_fraction))
-    tied = np.isclose(recent, thr, rtol=1e-12, atol=0.0)
+    tied = _tied(recent, thr)
     above = float(np.mean((recent > thr) & ~tied))
     share = (target_fraction - above) / float(np.mean(tied)) if tied.any() else 0.0
     return thr, float(min(max(share, 0.0), 1.0))
@@ -530,8 +535,7 @@ class _Run:
         # threshold exists is recorded, not labelled (predicted > NaN is False)
         cold = not calibrated
         label = trigger(predicted, threshold, cold=cold)
-        if (not label and not cold and share > 0.0
-                and np.isclose(predicted, threshold, rtol=1e-12, atol=0.0)):
+        if not label and not cold and share > 0.0 and _tied(predicted, threshold):
             # a tie with the quantile: label the window's share of tied checks (credit carried)
             self.tie_credit += share
             if self.tie_credit >= 1.0 - 1e-9:
